@@ -31,3 +31,10 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"reference fixtures not found at {REFERENCE}; set JAXMAMBA_SHARED")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    if not DATASETS.is_dir():
+        pytest.fail(f"shared datasets not found at {DATASETS}; set JAXMAMBA_SHARED")
+    return DATASETS
