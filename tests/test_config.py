@@ -1,0 +1,69 @@
+"""Config schema: YAML + `base` + overrides, and errors that name the key."""
+
+import pytest
+import yaml
+
+from jaxmamba.config import ConfigError, load_config, save_config
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_yaml_base_and_overrides(tmp_path):
+    _write(tmp_path / "base.yaml", "data:\n  raw_dir: /data/X\n  plan_overrides:\n"
+           "    batch_size: 4\noptim:\n  recipe: radam_cosine\n  lr: 1e-3\n")
+    cfg_path = _write(tmp_path / "run.yaml", "base: base.yaml\nname: r1\ndata:\n"
+                      "  plan_overrides:\n    patch_size: [16, 32, 32]\ntrain:\n  epochs: 3\n")
+    cfg = load_config(cfg_path, ["optim.weight_decay=0", "train.resume=true",
+                                 "optim.onecycle_beta1=[0.8, 0.9]", "model.precision=bf16"])
+    assert cfg.name == "r1" and cfg.data.raw_dir == "/data/X"
+    assert cfg.data.plan_overrides == {"batch_size": 4, "patch_size": [16, 32, 32]}
+    assert cfg.optim.recipe == "radam_cosine"
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads a string
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.optim.onecycle_beta1 == (0.8, 0.9)
+    assert cfg.train.epochs == 3 and cfg.train.resume is True
+    assert cfg.model.precision == "bf16"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["data.raw_dir=/x", "optim.lr=0.5", "data.plans=p.json"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.5
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    (["optim.lrr=1"], "unknown key optim.lrr"),
+    (["trian.epochs=1"], "unknown key trian"),
+    (["optim.lr=fast"], "optim.lr = 'fast': expected float or null"),
+    (["train.epochs=1.5"], "train.epochs = 1.5: expected int"),
+    (["train.epochs=true"], "train.epochs = True: expected int"),
+    (["model.variant=unet"], "model.variant = 'unet': expected one of 'resencunet'"),
+    (["optim.recipe=adam"], "optim.recipe = 'adam': expected one of"),
+    (["optim.onecycle_beta1=[0.9]"], "optim.onecycle_beta1 = \\[0.9\\]: expected 2 entries"),
+    (["train=3"], "train must be a mapping"),
+    (["train.epochs=0"], "train.epochs = 0: must be > 0"),
+    (["mesh.data=0"], "mesh.data = 0"),
+    (["data.raw_dir="], "data.raw_dir is required"),
+    (["epochs"], "expected KEY=VALUE"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.raw_dir=/x", *override])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = _write(tmp_path / "bad.yaml", "data:\n  raw_dir: /x\n  fold: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    typo = _write(tmp_path / "typo.yaml", "data:\n  raw_dir: /x\n  flod: 1\n")
+    with pytest.raises(ConfigError, match="typo.yaml: unknown key data.flod"):
+        load_config(typo)
+    loop = _write(tmp_path / "loop.yaml", "base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
