@@ -1,23 +1,30 @@
-"""Inference and evaluation (DESIGN §8): sliding-window prediction, metrics, evaluation, previews.
+"""Inference and evaluation (DESIGN §8).
 
-Stable API: `predict_logits` (sliding window + mirroring over any `apply_fn`), the metric functions
-of `jaxmamba.infer.metrics`, and `evaluate_folder`.
+- `jaxmamba.infer.sliding_window`: `predict_logits` (sliding windows, Gaussian weighting, mirror
+  test-time augmentation, sharded over devices) for any `apply_fn`.
+- `jaxmamba.infer.metrics`: Dice, HD95, NSD per class or region (numpy/scipy).
+- `jaxmamba.infer.evaluate`: `jaxmamba evaluate` (folders of NIfTI label maps -> summary).
+- `jaxmamba.infer.preview`: preview PNGs.
+
+Submodules are imported on first use, so evaluation does not import JAX.
 """
 
-from jaxmamba.infer.sliding_window import (
-    compute_steps,
-    data_mesh,
-    gaussian_importance_map,
-    mirror_combinations,
-    pad_to_patch,
-    predict_logits,
-)
+import importlib
 
-__all__ = [
-    "compute_steps",
-    "data_mesh",
-    "gaussian_importance_map",
-    "mirror_combinations",
-    "pad_to_patch",
-    "predict_logits",
-]
+_EXPORTS = {
+    "predict_logits": "sliding_window",
+    "compute_steps": "sliding_window",
+    "gaussian_importance_map": "sliding_window",
+    "data_mesh": "sliding_window",
+    "evaluate_case": "metrics",
+    "evaluate_folder": "evaluate",
+    "save_preview": "preview",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"jaxmamba.infer.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'jaxmamba.infer' has no attribute {name!r}")
