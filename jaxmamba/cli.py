@@ -11,7 +11,13 @@ import importlib
 import sys
 
 #: name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("jaxmamba.data.dataset", "validate an nnU-Net raw dataset folder"),
+    "plan": ("jaxmamba.data.planner", "fingerprint a dataset, write a 3d_fullres plan"),
+    "preprocess": ("jaxmamba.data.prepare", "preprocess a dataset into a cache"),
+    "dataset": ("jaxmamba.datasets", "build the offline real-MRI demo dataset"),
+    "evaluate": ("jaxmamba.infer.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

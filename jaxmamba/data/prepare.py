@@ -1,0 +1,106 @@
+"""Whole-dataset preprocessing: raw folder → plan → cache → splits (`jaxmamba preprocess`).
+
+The plan is, in order of preference: the one given (a `Plan` or an `nnUNetPlans.json`, used
+unchanged), the one already in the cache folder, or a new one from the fingerprint. Cases run in
+parallel with a progress bar; finished cases are skipped, so re-running resumes after a crash.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jaxmamba.data.dataset import RawDataset
+from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
+from jaxmamba.data.io import DataError, write_json
+from jaxmamba.data.planner import default_output, plan_from_fingerprint
+from jaxmamba.data.preprocess import is_done, plan_key, preprocess_to_cache
+from jaxmamba.data.splits import load_or_create_splits
+from jaxmamba.plans import Plan
+
+PLANS_FILE = "nnUNetPlans.json"
+
+
+def resolve_plan(dataset: RawDataset, cache: Path, plan: Plan | str | Path | None = None, *,
+                 num_workers: int = 0, progress: bool = True) -> Plan:
+    """The plan to preprocess with (see module docstring); saved to `cache/nnUNetPlans.json`."""
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    elif plan is None and (cache / PLANS_FILE).is_file():
+        plan = Plan.load(cache / PLANS_FILE)
+    elif plan is None:
+        fp = extract_fingerprint(dataset, num_workers=num_workers, progress=progress)
+        write_json(fingerprint_path(cache), fp)
+        plan = plan_from_fingerprint(fp, dataset.meta, name=dataset.root.resolve().name)
+    if plan.channel_names != dataset.channel_names:
+        raise DataError(f"{plan.source}: channels {list(plan.channel_names)} differ from "
+                        f"{dataset.root / 'dataset.json'} {list(dataset.channel_names)}")
+    if dict(plan.labels) != dataset.labels:
+        raise DataError(f"{plan.source}: labels {dict(plan.labels)} differ from "
+                        f"{dataset.root / 'dataset.json'} {dataset.labels}")
+    plan.save(cache / PLANS_FILE)
+    return plan
+
+
+def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Path | None = None,
+                       *, num_workers: int = 0, progress: bool = True,
+                       case_ids: list[str] | None = None) -> tuple[Plan, list[str]]:
+    """Preprocess every (or the listed) training case of `raw` into `cache`.
+
+    Returns `(plan, errors)`; `errors` names each case that failed (the others are complete).
+    Writes `splits_final.json` (5 folds, nnU-Net's seed) unless one exists. Stable API.
+    """
+    dataset = RawDataset.open(raw)
+    cache = Path(cache)
+    cases = list(dataset.cases)
+    if case_ids is not None:
+        cases = [dataset.case(c) for c in case_ids]
+    plan = resolve_plan(dataset, cache, plan, num_workers=num_workers, progress=progress)
+    key = plan_key(plan)
+    todo = [c for c in cases if not is_done(cache, c.case_id, key)]
+    errors = [p for p in dataset.problems]
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case",
+               disable=not progress)
+    if num_workers > 0 and len(todo) > 1:
+        with ProcessPoolExecutor(num_workers) as pool:
+            for err in pool.map(preprocess_to_cache, todo, [plan] * len(todo), [cache] * len(todo)):
+                errors += [err] if err else []
+                bar.update()
+    else:
+        for case in todo:
+            err = preprocess_to_cache(case, plan, cache)
+            errors += [err] if err else []
+            bar.update()
+    bar.close()
+    done = [c.case_id for c in dataset.cases if is_done(cache, c.case_id, key)]
+    if len(done) >= 5:
+        load_or_create_splits(cache, done)
+    return plan, errors
+
+
+# ---------------------------------------------------------------------- `jaxmamba preprocess`
+def add_arguments(parser) -> None:
+    parser.add_argument("dataset", help="nnU-Net raw dataset folder")
+    parser.add_argument("-o", "--output", help="cache folder (default: ./preprocessed/<dataset "
+                        "name>); holds nnUNetPlans.json, splits_final.json and 3d_fullres/")
+    parser.add_argument("-p", "--plans", help="an nnUNetPlans.json to use unchanged (default: the "
+                        "one in the output folder, else plan now as `jaxmamba plan` does)")
+    parser.add_argument("-j", "--workers", type=int, default=4,
+                        help="parallel processes (default 4; 0 runs in this process)")
+
+
+def run(args) -> int:
+    out = Path(args.output) if args.output else default_output(args.dataset)
+    plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers)
+    for e in errors:
+        print(f"error: {e}")
+    if errors:
+        print(f"{len(errors)} case(s) failed; the others are in {out}. Run `jaxmamba check "
+              f"{args.dataset}`, fix the files and run this command again (finished cases are "
+              f"skipped).")
+        return 1
+    print(f"preprocessed into {out} (patch {list(plan.patch_size)}, spacing "
+          f"{[round(s, 4) for s in plan.spacing]}). Next: train with data.cache={out}.")
+    return 0
