@@ -18,8 +18,10 @@ from typing import Any
 CONFIGURATION = "3d_fullres"
 
 _DEFAULT_RESAMPLING = {
-    "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-    "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_data_kwargs": {
+        "is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_seg_kwargs": {
+        "is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
     "resampling_fn_probabilities_kwargs": {
         "is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None
     },
@@ -38,7 +40,7 @@ class Plan:
     patch_size: tuple[int, ...]
     batch_size: int
     spacing: tuple[float, ...]
-    normalization_schemes: tuple[str, ...]  # per channel, e.g. "CTNormalization", "ZScoreNormalization"
+    normalization_schemes: tuple[str, ...]  # per channel: "CTNormalization", "ZScoreNormalization"
     use_mask_for_norm: tuple[bool, ...]
     strides: tuple[tuple[int, ...], ...]  # nnU-Net "pool_op_kernel_sizes", one per stage
     kernel_sizes: tuple[tuple[int, ...], ...]  # nnU-Net "conv_kernel_sizes", one per stage
@@ -85,7 +87,7 @@ class Plan:
 
     @property
     def deep_supervision_scales(self) -> tuple[tuple[float, ...], ...]:
-        """Scale of each decoder output relative to the patch, full resolution first (paper_spec §4.1)."""
+        """Each decoder output's scale relative to the patch, full resolution first (spec §4.1)."""
         scales, cum = [], [1] * len(self.patch_size)
         for stride in self.strides[:-1]:
             cum = [c * s for c, s in zip(cum, stride, strict=True)]
@@ -168,7 +170,8 @@ class Plan:
             spacing=tuple(float(v) for v in need(cfg, "spacing", where)),
             normalization_schemes=tuple(need(cfg, "normalization_schemes", where)),
             use_mask_for_norm=tuple(bool(v) for v in need(cfg, "use_mask_for_norm", where)),
-            strides=tuple(tuple(int(x) for x in s) for s in need(cfg, "pool_op_kernel_sizes", where)),
+            strides=tuple(tuple(int(x) for x in s)
+                          for s in need(cfg, "pool_op_kernel_sizes", where)),
             kernel_sizes=tuple(tuple(int(x) for x in k)
                                for k in need(cfg, "conv_kernel_sizes", where)),
             n_blocks_encoder=tuple(int(v) for v in need(cfg, "n_conv_per_stage_encoder", where)),

@@ -1,4 +1,4 @@
-"""PyTorch default initialisers, so fresh jaxmamba layers start from the reference's distributions."""
+"""PyTorch default initialisers: fresh layers start from the reference's distributions."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class DepthwiseConv1d(nnx.Module):
 
 
 def dt_bias_init(key, dim: int, dt_min: float, dt_max: float, dt_init_floor: float) -> jax.Array:
-    """Inverse softplus of `dt ~ exp(U[ln dt_min, ln dt_max])` clamped at the floor (paper_spec §2.1)."""
+    """Inverse softplus of `dt ~ exp(U[ln dt_min, ln dt_max])`, floored (paper_spec §2.1)."""
     dt = jnp.exp(jax.random.uniform(key, (dim,)) * (math.log(dt_max) - math.log(dt_min))
                  + math.log(dt_min))
     dt = jnp.maximum(dt, dt_init_floor)
@@ -63,7 +63,8 @@ class Mamba(nnx.Module):
         self.dt_proj.bias = nnx.Param(
             dt_bias_init(rngs.params(), d_inner, dt_min, dt_max, dt_init_floor))
         a = jnp.arange(1, d_state + 1, dtype=jnp.float32)
-        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(a[None, :], (d_inner, d_state))))  # S4D-real
+        # S4D-real: A = -(1..N) for every channel
+        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(a[None, :], (d_inner, d_state))))
         self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32))
         self.out_proj = torch_linear(d_inner, d_model, use_bias=bias, rngs=rngs)
 

@@ -13,7 +13,7 @@ from jax import lax
 
 
 def softplus(x: jax.Array) -> jax.Array:
-    """PyTorch's softplus with threshold 20 (also mamba_ssm's CUDA kernel): `x if x > 20 else log1p(e^x)`."""
+    """PyTorch's (and mamba_ssm's) softplus with threshold 20: `x if x > 20 else log1p(e^x)`."""
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
@@ -43,7 +43,7 @@ def selective_scan_reference(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
     *, reverse=False, initial_state=None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sequential scan `h_t = exp(δ_t A) h_{t-1} + δ_t u_t B_t`, `y_t = <C_t, h_t> + D u_t`, gated by z.
+    """Sequential `h_t = exp(δ_t A) h_{t-1} + δ_t u_t B_t`, `y_t = <C_t, h_t> + D u_t`, gated by z.
 
     Returns `(y (B, L, D) in u.dtype, final state (B, D, N) in the compute dtype)`. With
     `reverse=True` the recurrence runs from the last token to the first.

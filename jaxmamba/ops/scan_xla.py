@@ -1,8 +1,9 @@
 """The portable selective scan: `lax.scan` over chunks, `lax.associative_scan` inside each chunk.
 
 Each chunk's body is rematerialised (`jax.checkpoint`), so a forward+backward keeps only the inputs,
-the outputs and one state `(B, D, N)` per chunk: memory O(B·L·D + B·(L/T)·D·N) plus the work arrays of
-a single chunk, O(B·T·D·N). No `(B, L, D, N)` tensor is ever allocated (jax_mamba_anchors §5.2).
+the outputs and one state `(B, D, N)` per chunk: memory O(B·L·D + B·(L/T)·D·N) plus the work
+arrays of a single chunk, O(B·T·D·N). No `(B, L, D, N)` tensor is ever allocated
+(jax_mamba_anchors §5.2).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def selective_scan_xla(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
     *, reverse=False, initial_state=None, chunk_size: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Same contract as `selective_scan_reference`; `chunk_size` T defaults to `default_chunk_size`."""
+    """Contract of `selective_scan_reference`; `chunk_size` T defaults to `default_chunk_size`."""
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
     state = A.shape[1]

@@ -1,0 +1,236 @@
+"""One test class for every selective-scan implementation, against mamba_ssm's float64 fixtures
+and the sequential reference; plus the XLA path's chunking and memory, and the op's input checks."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmamba.ops import selective_scan
+from jaxmamba.ops.scan_xla import selective_scan_xla
+
+#: Every implementation runs the shared class below.
+IMPLEMENTATIONS = ["reference", "xla"]
+
+#: ‖out − ref‖ / ‖ref‖ bounds (DESIGN §4).
+F64_TOL = 1e-10
+F32_OUT_TOL = 1e-5
+F32_GRAD_TOL = 1e-4
+
+ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+def load_cases(reference_dir):
+    """Fixture cases in jaxmamba's channels-last layout (mamba_ssm stores (B, D, L))."""
+    data = np.load(reference_dir / "selective_scan_cases.npz")
+    names = sorted({k.split("/")[0] for k in data.files})
+    to_cl = {"u", "delta", "z", "B", "C"}
+    cases = []
+    for name in names:
+        def get(key, cl, name=name):
+            v = data.get(f"{name}/{key}")
+            return None if v is None else (np.swapaxes(v, 1, 2) if cl else v)
+
+        inputs = {a: get(f"in_{a}", a in to_cl) for a in ARG_NAMES}
+        grads = {a: get(f"grad_{a}", a in to_cl) for a in ARG_NAMES}
+        cases.append(dict(name=name, inputs=inputs, grads=grads,
+                          softplus=bool(data[f"{name}/delta_softplus"]),
+                          y=get("y", True), last_state=get("last_state", False),
+                          grad_y=get("grad_y", True)))
+    return cases
+
+
+def run_with_grads(impl, inputs, softplus, grad_y, dtype):
+    """Output, final state and the gradients of sum(y · grad_y) for every present input."""
+    present = {k: jnp.asarray(v, dtype) for k, v in inputs.items() if v is not None}
+
+    def loss(args):
+        y, h = selective_scan(**args, delta_softplus=softplus, return_final_state=True,
+                              implementation=impl)
+        return jnp.sum(y * jnp.asarray(grad_y, dtype)), (y, h)
+
+    grads, (y, h) = jax.grad(loss, has_aux=True)(present)
+    return y, h, grads
+
+
+def random_inputs(key, b, l, d, n, *, dtype=jnp.float32, with_optional=True, dt_scale=1.0):
+    k = jax.random.split(key, 8)
+    out = dict(
+        u=jax.random.normal(k[0], (b, l, d), dtype),
+        delta=dt_scale * jax.random.normal(k[1], (b, l, d), dtype) - 1.0,
+        A=-jnp.exp(jax.random.normal(k[2], (d, n), dtype)),
+        B=jax.random.normal(k[3], (b, l, n), dtype),
+        C=jax.random.normal(k[4], (b, l, n), dtype),
+    )
+    if with_optional:
+        out.update(D=jax.random.normal(k[5], (d,), dtype),
+                   z=jax.random.normal(k[6], (b, l, d), dtype),
+                   delta_bias=0.5 * jax.random.normal(k[7], (d,), dtype))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+class TestSelectiveScan:
+    """The contract every implementation meets."""
+
+    def test_fixtures_float64(self, impl, reference_dir):
+        with jax.enable_x64(True):
+            for case in load_cases(reference_dir):
+                y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
+                                             case["grad_y"], jnp.float64)
+                assert rel_err(y, case["y"]) <= F64_TOL, case["name"]
+                assert rel_err(h, case["last_state"]) <= F64_TOL, case["name"]
+                for name, g in grads.items():
+                    assert rel_err(g, case["grads"][name]) <= F64_TOL, (case["name"], name)
+
+    def test_fixtures_float32(self, impl, reference_dir):
+        for case in load_cases(reference_dir):
+            y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
+                                         case["grad_y"], jnp.float32)
+            assert y.dtype == jnp.float32
+            assert rel_err(y, case["y"]) <= F32_OUT_TOL, case["name"]
+            assert rel_err(h, case["last_state"]) <= F32_OUT_TOL, case["name"]
+            for name, g in grads.items():
+                assert rel_err(g, case["grads"][name]) <= F32_GRAD_TOL, (case["name"], name)
+
+    @pytest.mark.parametrize("b,l,d,n", [(2, 37, 8, 16), (1, 1, 4, 1), (2, 20, 6, 48)])
+    @pytest.mark.parametrize("reverse", [False, True])
+    def test_matches_reference(self, impl, key, b, l, d, n, reverse):
+        kx, kh, kg = jax.random.split(key, 3)
+        args = random_inputs(kx, b, l, d, n)
+        h0 = jax.random.normal(kh, (b, d, n))
+        g = jax.random.normal(kg, (b, l, d))
+
+        def outputs(which):
+            def loss(a, h0):
+                y, h = selective_scan(**a, reverse=reverse, initial_state=h0,
+                                      return_final_state=True, implementation=which)
+                return jnp.sum(y * g) + jnp.sum(h), (y, h)
+
+            (_, (y, h)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(args, h0)
+            return y, h, grads
+
+        y, h, grads = outputs(impl)
+        y_ref, h_ref, grads_ref = outputs("reference")
+        assert rel_err(y, y_ref) <= F32_OUT_TOL
+        assert rel_err(h, h_ref) <= F32_OUT_TOL
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+            assert rel_err(got, want) <= F32_GRAD_TOL
+
+    def test_reverse_is_flip(self, impl, key):
+        args = random_inputs(key, 2, 19, 4, 8)
+        flip = {k: (v[:, ::-1] if v.ndim == 3 else v) for k, v in args.items()}
+        y_rev = selective_scan(**args, reverse=True, implementation=impl)
+        y_flip = selective_scan(**flip, implementation=impl)[:, ::-1]
+        assert rel_err(y_rev, y_flip) <= F32_OUT_TOL
+
+    @pytest.mark.parametrize("dt_scale,offset", [(1.0, 30.0), (1e-3, -40.0)])
+    def test_extreme_delta(self, impl, key, dt_scale, offset):
+        """Large δ·|A| (exp underflows to 0) and tiny δ: finite outputs and gradients."""
+        args = random_inputs(key, 1, 33, 4, 16, dt_scale=dt_scale)
+        args["delta"] = args["delta"] + offset
+
+        def loss(a):
+            return jnp.sum(selective_scan(**a, implementation=impl))
+
+        y = selective_scan(**args, implementation=impl)
+        grads = jax.grad(loss)(args)
+        assert np.isfinite(np.asarray(y)).all()
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+        y_ref = selective_scan(**args, implementation="reference")
+        assert rel_err(y, y_ref) <= F32_OUT_TOL
+
+    def test_without_optional_inputs(self, impl, key):
+        args = random_inputs(key, 2, 12, 4, 3, with_optional=False)
+        args["delta"] = jnp.abs(args["delta"])  # without softplus, δ must be positive
+        y = selective_scan(**args, delta_softplus=False, implementation=impl)
+        y_ref = selective_scan(**args, delta_softplus=False, implementation="reference")
+        assert rel_err(y, y_ref) <= F32_OUT_TOL
+
+
+@pytest.mark.parametrize("l,chunk", [(37, 16), (64, 16), (5, 8), (100, 7)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_xla_chunking(key, l, chunk, reverse):
+    """L not a multiple of the chunk, one short chunk, many chunks; state carried across chunks."""
+    kx, kh = jax.random.split(key)
+    args = random_inputs(kx, 2, l, 4, 8)
+    h0 = jax.random.normal(kh, (2, 4, 8))
+    run = functools.partial(selective_scan_xla, reverse=reverse, initial_state=h0)
+    y, h = run(**args, chunk_size=chunk)
+    y_ref, h_ref = selective_scan(**args, reverse=reverse, initial_state=h0,
+                                  return_final_state=True, implementation="reference")
+    assert rel_err(y, y_ref) <= F32_OUT_TOL
+    assert rel_err(h, h_ref) <= F32_OUT_TOL
+
+
+def test_xla_memory_is_linear_in_length():
+    """Compiled fwd+bwd at (1, 2^20, 16, 16) allocates nothing of size B·L·D·N (1 GiB)."""
+    b, l, d, n = 1, 2**20, 16, 16
+    f32 = jax.ShapeDtypeStruct
+    shapes = dict(u=f32((b, l, d), jnp.float32), delta=f32((b, l, d), jnp.float32),
+                  A=f32((d, n), jnp.float32), B=f32((b, l, n), jnp.float32),
+                  C=f32((b, l, n), jnp.float32), D=f32((d,), jnp.float32),
+                  z=f32((b, l, d), jnp.float32), delta_bias=f32((d,), jnp.float32))
+
+    def loss(args):
+        return jnp.sum(selective_scan(**args, implementation="xla"))
+
+    compiled = jax.jit(jax.grad(loss)).lower(shapes).compile()
+    bldn = b * l * d * n
+    largest = max(
+        int(np.prod([int(s) for s in dims.split(",") if s]))
+        for dims in re.findall(r"(?:f32|f64|bf16|pred|s32)\[([\d,]*)\]", compiled.as_text())
+    )
+    assert largest <= bldn // 16, f"an array of {largest} elements (B·L·D·N = {bldn})"
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < bldn * 4, f"temp {temp / 2**20:.0f} MiB vs one BLDN {bldn * 4 / 2**20:.0f} MiB"
+
+
+class TestBadInput:
+    def base(self, key):
+        return random_inputs(key, 2, 10, 4, 3)
+
+    @pytest.mark.parametrize("name,shape", [
+        ("delta", (2, 10, 5)), ("A", (5, 3)), ("B", (2, 9, 3)), ("C", (1, 10, 3)),
+        ("D", (5,)), ("z", (2, 10, 3)), ("delta_bias", (4, 1)),
+    ])
+    def test_mismatched_shapes_name_the_argument(self, key, name, shape):
+        args = self.base(key)
+        args[name] = jnp.ones(shape)
+        with pytest.raises(ValueError, match=rf"{name} has shape \({shape[0]},.*expected"):
+            selective_scan(**args)
+
+    def test_wrong_rank(self, key):
+        args = self.base(key)
+        args["u"] = jnp.ones((10, 4))
+        with pytest.raises(ValueError, match=r"u has shape \(10, 4\), expected \(batch"):
+            selective_scan(**args)
+
+    def test_initial_state_shape(self, key):
+        with pytest.raises(ValueError, match=r"initial_state has shape \(2, 4\), expected"):
+            selective_scan(**self.base(key), initial_state=jnp.ones((2, 4)))
+
+    def test_integer_dtype(self, key):
+        args = self.base(key)
+        args["u"] = jnp.ones((2, 10, 4), jnp.int32)
+        with pytest.raises(ValueError, match="u has dtype int32, expected a floating dtype"):
+            selective_scan(**args)
+
+    def test_positive_A_when_validating(self, key):
+        args = self.base(key)
+        args["A"] = -args["A"]
+        selective_scan(**args)  # values are not checked unless asked
+        with pytest.raises(ValueError, match=r"A of shape \(4, 3\) has 12 positive entries"):
+            selective_scan(**args, validate=True)
+
+    def test_unknown_implementation(self, key):
+        with pytest.raises(ValueError, match="unknown implementation='cuda'"):
+            selective_scan(**self.base(key), implementation="cuda")
