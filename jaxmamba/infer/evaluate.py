@@ -1,0 +1,289 @@
+"""`jaxmamba evaluate`: metrics of a folder of predictions against the ground truth (DESIGN §8).
+
+Cases are paired by file name (`CASE<file_ending>` in both folders), never by sorted order. Per
+case and per class (or region), Dice, HD95 and optionally NSD (`jaxmamba.infer.metrics` says
+exactly how each is defined); means over cases per class, and the mean over classes, as the
+reference reports them (paper_spec §5.2). Writes `summary.json` (nnU-Net-like layout: settings,
+`metric_per_case`, `mean`) and `summary.csv`, prints the per-case table, and with `--preview`
+draws a PNG per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxmamba.data.io import load_volume, read_json, write_json
+from jaxmamba.infer.metrics import (
+    BRATS_REGIONS,
+    evaluate_case,
+    mean_metrics,
+    parse_regions,
+    regions_from_labels,
+)
+from jaxmamba.infer.preview import save_preview
+
+
+class EvaluationError(ValueError):
+    """Predictions and ground truth that cannot be compared; the message names the case."""
+
+
+def pair_cases(pred_dir: Path, gt_dir: Path, file_ending: str, *,
+               partial: bool = False) -> list[tuple[str, Path, Path]]:
+    """`(case_id, prediction, ground truth)` for every prediction, matched by file name."""
+    def listing(d: Path) -> dict[str, Path]:
+        if not d.is_dir():
+            raise EvaluationError(f"{d}: folder not found")
+        return {f.name[: -len(file_ending)]: f for f in sorted(d.iterdir())
+                if f.name.endswith(file_ending) and not f.name.startswith(".")}
+
+    preds, gts = listing(pred_dir), listing(gt_dir)
+    if not preds:
+        raise EvaluationError(f"{pred_dir}: no prediction files ending in {file_ending}")
+    orphans = sorted(set(preds) - set(gts))
+    if orphans:
+        raise EvaluationError(f"{len(orphans)} prediction(s) have no ground truth in {gt_dir}: "
+                              f"{', '.join(orphans[:10])}")
+    unpredicted = sorted(set(gts) - set(preds))
+    if unpredicted and not partial:
+        raise EvaluationError(f"{len(unpredicted)} ground-truth case(s) in {gt_dir} have no "
+                              f"prediction in {pred_dir}: {', '.join(unpredicted[:10])}; predict "
+                              f"them, or pass --partial to evaluate only the predicted cases")
+    return [(c, preds[c], gts[c]) for c in sorted(preds)]
+
+
+def evaluate_pair(case_id: str, pred_file: Path, gt_file: Path, regions: Mapping[str, tuple],
+                  valid_labels: set[int], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Read one prediction and its ground truth, check they match, and compute the metrics."""
+    pred, _ = _read_labels(case_id, pred_file, valid_labels)
+    gt, geometry = _read_labels(case_id, gt_file, valid_labels)
+    if pred.shape != gt.shape:
+        raise EvaluationError(f"case {case_id}: prediction {pred_file} has shape {list(pred.shape)}"
+                              f" but the ground truth {gt_file} has {list(gt.shape)}")
+    metrics = evaluate_case(pred, gt, regions, spacing=geometry["spacing"], **options)
+    return {"case": case_id, "prediction_file": str(pred_file), "reference_file": str(gt_file),
+            "spacing": geometry["spacing"], "metrics": metrics}
+
+
+def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str | Path, *,
+                    regions: Mapping[str, tuple[int, ...]] | None = None,
+                    hd95_in_mm: bool = False, nsd_tolerance: float | None = None,
+                    empty_dice: float = math.nan, empty_hd95: float = math.nan,
+                    partial: bool = False, workers: int = 1,
+                    progress: bool = False) -> dict[str, Any]:
+    """Evaluate every prediction in `pred_dir`; returns the summary (see the module docstring).
+
+    `regions` default to the classes of `dataset_json` (or its regions, for a region-based one).
+    """
+    dataset = read_json(dataset_json)
+    if "labels" not in dataset:
+        raise EvaluationError(f"{dataset_json}: no 'labels' key")
+    file_ending = str(dataset.get("file_ending", ".nii.gz"))
+    label_regions = regions_from_labels(dataset["labels"])
+    valid = {0} | {v for values in label_regions.values() for v in values}
+    regions = dict(regions) if regions else label_regions
+    unknown = sorted({v for values in regions.values() for v in values} - valid)
+    if unknown:
+        raise EvaluationError(f"regions {dict(regions)} use label value(s) {unknown} that "
+                              f"{dataset_json} does not define ({sorted(valid)})")
+    pairs = pair_cases(Path(pred_dir), Path(gt_dir), file_ending, partial=partial)
+    options = {"hd95_in_mm": hd95_in_mm, "nsd_tolerance": nsd_tolerance,
+               "empty_dice": empty_dice, "empty_hd95": empty_hd95}
+    jobs = [(c, p, g, regions, valid, options) for c, p, g in pairs]
+    bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            per_case = list(tqdm(pool.map(evaluate_pair, *zip(*jobs, strict=True)), **bar))
+    else:
+        per_case = [evaluate_pair(*job) for job in tqdm(jobs, **bar)]
+    return {
+        "settings": {"prediction_folder": str(pred_dir), "ground_truth_folder": str(gt_dir),
+                     "dataset_json": str(dataset_json), "regions": {k: list(v) for k, v in
+                                                                    regions.items()},
+                     "hd95_unit": "mm" if hd95_in_mm else "voxels",
+                     "nsd_tolerance_mm": nsd_tolerance,
+                     "empty_dice": _json_float(empty_dice), "empty_hd95": _json_float(empty_hd95)},
+        "metric_per_case": per_case,
+        "mean": mean_metrics([c["metrics"] for c in per_case]),
+    }
+
+
+def summary_csv(summary: Mapping[str, Any]) -> str:
+    """One row per case and one per mean: `case, <region>_<metric>...`."""
+    regions = list(summary["settings"]["regions"])
+    first = summary["metric_per_case"][0]["metrics"]
+    columns = [(r, m) for r in regions for m in first[r]]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["case", *(f"{r}_{m}" for r, m in columns)])
+    for case in summary["metric_per_case"]:
+        writer.writerow([case["case"], *(case["metrics"][r][m] for r, m in columns)])
+    writer.writerow(["mean", *(summary["mean"][r][m] for r, m in columns)])
+    return out.getvalue()
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The per-case table: Dice / HD95 (/ NSD) per region, then the means."""
+    regions = list(summary["settings"]["regions"])
+    keys = [k for k in ("Dice", "HD95", "NSD") if k in summary["mean"]["mean"]]
+    rows = [[c["case"], *(_cell(c["metrics"][r], keys) for r in regions),
+             _cell(_case_mean(c["metrics"], regions, keys), keys)]
+            for c in summary["metric_per_case"]]
+    rows.append(["mean", *(_cell(summary["mean"][r], keys) for r in regions),
+                 _cell(summary["mean"]["mean"], keys)])
+    header = ["case", *(r[:14] for r in regions), "mean"]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row):
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                         for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+
+    unit = summary["settings"]["hd95_unit"]
+    title = f"{' / '.join(keys)} per class (HD95 in {unit})"
+    return "\n".join([title, line(header), line(["-" * w for w in widths]),
+                      *map(line, rows[:-1]), line(["-" * w for w in widths]), line(rows[-1])])
+
+
+def write_summary(summary: Mapping[str, Any], output_dir: Path) -> tuple[Path, Path]:
+    """`summary.json` and `summary.csv` in `output_dir`, atomically."""
+    json_path, csv_path = output_dir / "summary.json", output_dir / "summary.csv"
+    write_json(json_path, _jsonable(summary))
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
+    tmp.write_text(summary_csv(summary))
+    tmp.replace(csv_path)
+    return json_path, csv_path
+
+
+def write_previews(summary: Mapping[str, Any], output_dir: Path, images_dir: Path | None,
+                   file_ending: str, *, progress: bool = False) -> None:
+    """A PNG per case: image (channel 0, if `images_dir` is given), prediction, ground truth."""
+    for case in tqdm(summary["metric_per_case"], desc="previews", unit="case",
+                     disable=not progress):
+        pred, _ = load_volume(case["prediction_file"], dtype=np.float32)
+        gt, geometry = load_volume(case["reference_file"], dtype=np.float32)
+        image = None
+        if images_dir is not None:
+            image, _ = load_volume(images_dir / f"{case['case']}_0000{file_ending}")
+        dice = case["metrics"]
+        title = f"{case['case']}  Dice " + ", ".join(f"{r} {m['Dice']:.3f}" for r, m in
+                                                     dice.items())
+        save_preview(output_dir / f"{case['case']}.png", pred.astype(np.int32), image=image,
+                     ground_truth=gt.astype(np.int32), spacing=geometry["spacing"], title=title)
+
+
+# ---------------------------------------------------------------------- `jaxmamba evaluate`
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--predictions", required=True, type=Path,
+                        help="folder of predicted label maps (CASE.nii.gz)")
+    parser.add_argument("-g", "--ground-truth", required=True, type=Path,
+                        help="folder of ground-truth label maps with the same file names")
+    parser.add_argument("-d", "--dataset-json", required=True, type=Path,
+                        help="the dataset's dataset.json (labels, file_ending)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="folder for summary.json, summary.csv and previews "
+                             "(default: the predictions folder)")
+    parser.add_argument("--regions", default=None,
+                        help="evaluate regions instead of classes, e.g. 'WT=1,2,3;TC=2,3;ET=3' "
+                             "(or 'brats' for exactly that)")
+    parser.add_argument("--spacing", action="store_true",
+                        help="HD95 in mm using each ground truth's voxel spacing (default: in "
+                             "voxels, as the reference's evaluation)")
+    parser.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
+                        help="also compute the normalised surface Dice at this tolerance in mm")
+    parser.add_argument("--paper-semantics", action="store_true",
+                        help="as the reference's scripts: Dice 1 when both masks are empty, HD95 0 "
+                             "when either is (default: NaN, left out of the means, as nnU-Net)")
+    parser.add_argument("--partial", action="store_true",
+                        help="evaluate only the predicted cases when some ground truths have no "
+                             "prediction")
+    parser.add_argument("--preview", action="store_true",
+                        help="write previews/CASE.png: three slices through the largest structure")
+    parser.add_argument("-i", "--images", type=Path, default=None,
+                        help="raw images folder (CASE_0000.nii.gz) to draw under the previews")
+    parser.add_argument("-j", "--workers", type=int, default=1,
+                        help="processes computing metrics in parallel (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxmamba.data.io import DataError
+
+    output = args.output or args.predictions
+    try:
+        regions = None
+        if args.regions:
+            regions = (BRATS_REGIONS if args.regions.lower() == "brats"
+                       else parse_regions(args.regions))
+        summary = evaluate_folder(
+            args.predictions, args.ground_truth, args.dataset_json, regions=regions,
+            hd95_in_mm=args.spacing, nsd_tolerance=args.nsd_tolerance,
+            empty_dice=1.0 if args.paper_semantics else math.nan,
+            empty_hd95=0.0 if args.paper_semantics else math.nan,
+            partial=args.partial, workers=args.workers, progress=True)
+        print(format_table(summary))
+        json_path, csv_path = write_summary(summary, output)
+        print(f"wrote {json_path} and {csv_path}")
+        if args.preview:
+            ending = str(read_json(args.dataset_json).get("file_ending", ".nii.gz"))
+            write_previews(summary, output / "previews", args.images, ending, progress=True)
+            print(f"previews in {output / 'previews'}")
+    except (EvaluationError, DataError, ValueError) as err:
+        print(f"error: {err}")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------- helpers
+def _read_labels(case_id: str, path: Path, valid: set[int]) -> tuple[np.ndarray, dict]:
+    data, geometry = load_volume(path, dtype=np.float32)
+    labels = np.rint(data)
+    if not np.array_equal(labels, data):
+        raise EvaluationError(f"case {case_id}: {path} holds non-integer values; expected a "
+                              f"label map")
+    labels = labels.astype(np.int32)
+    bad = sorted(set(np.unique(labels).tolist()) - valid)
+    if bad:
+        raise EvaluationError(f"case {case_id}: {path} has label value(s) {bad[:10]} not in "
+                              f"dataset.json labels {sorted(valid)}")
+    return labels, geometry
+
+
+def _case_mean(metrics: Mapping[str, Mapping[str, float]], regions: Sequence[str],
+               keys: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for k in keys:
+        values = [metrics[r][k] for r in regions if not math.isnan(metrics[r][k])]
+        out[k] = float(np.mean(values)) if values else math.nan
+    return out
+
+
+def _cell(metrics: Mapping[str, float], keys: Sequence[str]) -> str:
+    fmt = {"Dice": "{:.3f}", "HD95": "{:.2f}", "NSD": "{:.3f}"}
+    return "/".join("nan" if math.isnan(metrics[k]) else fmt[k].format(metrics[k]) for k in keys)
+
+
+def _json_float(v: float) -> float | None:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN becomes null (strict JSON), numpy scalars plain numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,31 @@
+"""A network as the `apply_fn` of sliding-window prediction (no data or NIfTI imports, so GPU
+benchmarks can use it without nibabel)."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmamba.infer.sliding_window import ApplyFn, data_mesh
+
+
+def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
+    """A jitted `windows (n, *patch, C) -> logits (n, *patch, K)` of an NNX U-Net.
+
+    Deep supervision is switched off (the full-resolution head only, as the reference predicts,
+    paper_spec §5.1) and the network's state is replicated over `mesh` (default: all devices) so
+    that windows sharded over its `data` axis run in parallel.
+    """
+    if hasattr(model, "set_deep_supervision"):
+        model.set_deep_supervision(False)
+    graphdef, state = nnx.split(model)
+    mesh = data_mesh() if mesh is None else mesh
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+    @jax.jit
+    def forward(state, windows):
+        out = nnx.merge(graphdef, state)(windows)
+        return out[0] if isinstance(out, tuple | list) else out
+
+    return lambda windows: forward(state, windows)

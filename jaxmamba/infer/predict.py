@@ -1,0 +1,158 @@
+"""Prediction of raw NIfTI cases with nnU-Net's pipeline (paper_spec §5.1, DESIGN §8).
+
+Per case: preprocess exactly as in training with the plan (`jaxmamba.data.preprocess_case`),
+sliding-window logits (Gaussian weights, mirroring; averaged over the networks of an ensemble, as
+nnU-Net averages the logits of its folds), logits resampled back to the cropped raw grid with the
+plan's probability resampling, softmax, argmax, un-crop (background outside the crop), and the
+label map written with the input's affine and header. Everything is written atomically.
+
+The pipeline takes plain `apply_fn`s and a `Plan`, so any network (or a test's identity network)
+fits; `jaxmamba.infer.network.network_apply_fn` turns an NNX U-Net into one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from jaxmamba.data.io import DataError, write_volume
+from jaxmamba.data.preprocess import preprocess_case, revert_to_raw
+from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
+from jaxmamba.plans import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class InputCase:
+    """One case to predict: its id and one file per channel, in channel order."""
+
+    case_id: str
+    files: tuple[Path, ...]
+
+
+def find_cases(inputs: Sequence[str | Path], num_channels: int,
+               file_ending: str = ".nii.gz") -> list[InputCase]:
+    """Cases from folders (nnU-Net naming `CASE_XXXX<ending>`) and single files.
+
+    A single file `CASE_0000<ending>` brings its sibling channels; with one channel, a file of any
+    name is a case of its own. Raises `DataError` naming the case when channels are missing or
+    extra.
+    """
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    channels: dict[str, dict[int, Path]] = {}
+
+    def add(f: Path, explicit: bool) -> None:
+        m = pattern.match(f.name)
+        if m:
+            channels.setdefault(m.group(1), {})[int(m.group(2))] = f
+            if explicit:  # a single channel file given: look for its siblings
+                for c in range(num_channels):
+                    sibling = f.with_name(f"{m.group(1)}_{c:04d}{file_ending}")
+                    if sibling.is_file():
+                        channels[m.group(1)][c] = sibling
+        elif num_channels == 1 and explicit and f.name.endswith(file_ending):
+            channels.setdefault(f.name[: -len(file_ending)], {})[0] = f
+        else:
+            raise DataError(f"{f}: name does not follow CASE_XXXX{file_ending} (XXXX = channel "
+                            f"number, 0000..{num_channels - 1:04d})")
+
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = [f for f in sorted(item.iterdir())
+                     if f.name.endswith(file_ending) and not f.name.startswith(".")]
+            if not files:
+                raise DataError(f"{item}: no {file_ending} files")
+            for f in files:
+                add(f, explicit=False)
+        elif item.is_file():
+            add(item, explicit=True)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    cases = []
+    for case_id in sorted(channels):
+        found = channels[case_id]
+        missing = [c for c in range(num_channels) if c not in found]
+        extra = sorted(c for c in found if c >= num_channels)
+        if missing or extra:
+            have = ", ".join(f.name for _, f in sorted(found.items()))
+            raise DataError(f"case {case_id}: the plan expects {num_channels} channel(s) "
+                            f"(_0000..._{num_channels - 1:04d}) but found {have}")
+        cases.append(InputCase(case_id, tuple(found[c] for c in range(num_channels))))
+    return cases
+
+
+def logits_to_outputs(logits: np.ndarray, properties: dict, plan: Plan
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed-space logits `(S0, S1, S2, K)` -> raw-grid `(labels (z, y, x) uint8/int16,
+    probabilities (K, z, y, x) float32)`, as nnU-Net's export (resample logits, softmax, argmax,
+    un-crop with background outside the crop)."""
+    logits = np.moveaxis(np.asarray(logits, np.float32), -1, 0)
+    raw = revert_to_raw(logits, properties, plan, probabilities=True)
+    raw -= raw.max(axis=0, keepdims=True)
+    probabilities = np.exp(raw, out=raw)
+    probabilities /= probabilities.sum(axis=0, keepdims=True)
+    inside = np.zeros(probabilities.shape[1:], bool)
+    inside[tuple(slice(lo, hi) for lo, hi in properties["bbox"])] = True
+    probabilities[:, ~inside] = 0.0
+    probabilities[0, ~inside] = 1.0
+    labels = probabilities.argmax(axis=0).astype(np.uint8 if plan.num_classes <= 256 else np.int16)
+    return labels, probabilities
+
+
+def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, output_dir: Path, *,
+                 save_probabilities: bool = False, mirror_axes: Sequence[int] | None = (0, 1, 2),
+                 step_size: float = 0.5, batch_size: int | None = None, mesh: Mesh | None = None,
+                 accumulate: Accumulate = "auto", progress: bool = False) -> Path:
+    """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
+    `probabilities (K, z, y, x)`); returns the label map's path."""
+    try:
+        data, _, properties = preprocess_case(case.files, plan)
+    except (DataError, ValueError, OSError) as err:
+        raise DataError(f"case {case.case_id}: {err}") from err
+    image = np.moveaxis(data, 0, -1)
+    logits = None
+    for i, fn in enumerate(apply_fns):
+        desc = case.case_id if len(apply_fns) == 1 else f"{case.case_id} [{i + 1}/{len(apply_fns)}]"
+        out = predict_logits(fn, image, plan.patch_size, num_classes=plan.num_classes,
+                             step_size=step_size, mirror_axes=mirror_axes, batch_size=batch_size,
+                             mesh=mesh, accumulate=accumulate, progress=desc if progress else False)
+        logits = out if logits is None else logits + out
+    labels, probabilities = logits_to_outputs(logits / len(apply_fns), properties, plan)
+    path = output_dir / f"{case.case_id}{plan.file_ending}"
+    if save_probabilities:
+        _save_npz(output_dir / f"{case.case_id}.npz", probabilities=probabilities)
+    write_volume(path, labels, properties["geometry"])  # last: marks the case done
+    return path
+
+
+def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[InputCase],
+                  output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+                  **options) -> tuple[list[Path], list[str]]:
+    """Predict every case not yet in `output_dir` (all with `overwrite`); `options` go to
+    `predict_case`. Returns `(written paths, skipped case ids)`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
+        done = (output_dir / f"{case.case_id}{plan.file_ending}").is_file()
+        if options.get("save_probabilities"):
+            done = done and (output_dir / f"{case.case_id}.npz").is_file()
+        if done and not overwrite:
+            skipped.append(case.case_id)
+            continue
+        written.append(predict_case(apply_fns, plan, case, output_dir, progress=progress,
+                                    **options))
+    return written, skipped
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    tmp.replace(path)
