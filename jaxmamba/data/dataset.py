@@ -171,7 +171,7 @@ def check_case(case: RawCase, label_values: set[int]) -> tuple[list[str], list[s
             errors.append(f"case {case.case_id}: {f} has {int((~np.isfinite(data)).sum())} "
                           f"non-finite voxel(s) (NaN or inf)")
         if f == case.label:
-            values = set(np.unique(data).tolist())
+            values = {int(v) if float(v).is_integer() else v for v in np.unique(data).tolist()}
             bad = sorted(v for v in values if v not in label_values)
             if bad:
                 errors.append(f"case {case.case_id}: {f} has label value(s) {bad[:10]} not in "

@@ -15,22 +15,29 @@ import numpy as np
 
 from jaxmamba.data.cropping import crop_to_nonzero
 from jaxmamba.data.dataset import RawCase, RawDataset
-from jaxmamba.data.io import load_volume
+from jaxmamba.data.io import DataError, load_volume
 
 _MAX_FG_SAMPLES = 10**8
 _SEED = 1234
 
 
 def load_case(case: RawCase) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """`(data (C, S0, S1, S2) float32, seg (S0, S1, S2) int16 or None, geometry of channel 0)`."""
+    """`(data (C, S0, S1, S2) float32, seg (S0, S1, S2) int16 or None, geometry of channel 0)`.
+
+    Raises `DataError` naming the file if shapes or affines disagree or voxels are not finite."""
     arrays, geometry = [], None
-    for f in case.images:
+    files = (*case.images, *((case.label,) if case.label is not None else ()))
+    for f in files:
         a, g = load_volume(f)
         geometry = geometry or g
+        if g["shape"] != geometry["shape"] or not np.allclose(g["affine"], geometry["affine"],
+                                                              rtol=1e-4, atol=1e-3):
+            raise DataError(f"case {case.case_id}: {f} has a shape or affine different from "
+                            f"{files[0]}")
+        if not np.isfinite(a).all():
+            raise DataError(f"case {case.case_id}: {f} has non-finite voxels (NaN or inf)")
         arrays.append(a)
-    seg = None
-    if case.label is not None:
-        seg = np.rint(load_volume(case.label)[0]).astype(np.int16)
+    seg = np.rint(arrays.pop()).astype(np.int16) if case.label is not None else None
     return np.stack(arrays), seg, geometry
 
 

@@ -141,6 +141,10 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
         data, seg, geometry = load_case(case)
         if seg is None:
             raise DataError(f"no label file for training case {case.case_id}")
+        bad = sorted(set(np.unique(seg).tolist()) - {v for _, v in plan.labels})
+        if bad:
+            raise DataError(f"{case.label}: label value(s) {bad} not in the plan's labels "
+                            f"{dict(plan.labels)}")
         data, seg, props = preprocess_arrays(data, seg, geometry, plan)
         seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
         table, index = class_locations(seg)
