@@ -109,6 +109,9 @@ def test_bad_input_names_the_case(folders, capsys):
     assert main(args) == 1
     assert "extra" in capsys.readouterr().out
     assert main([*args[:-2], "-d", str(root / "dataset.json"), "--regions", "WT=1,9"]) == 1
+    assert "[9]" in capsys.readouterr().out
+    assert main([*args[:-2], "-d", str(root / "missing.json")]) == 1
+    assert "missing.json: file not found" in capsys.readouterr().out
 
 
 def test_largest_structure_center():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxmamba.data.io import load_volume, read_json, write_json
+from jaxmamba.data import DataError, load_volume
 from jaxmamba.infer.metrics import (
     BRATS_REGIONS,
     evaluate_case,
@@ -86,10 +87,8 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str 
 
     `regions` default to the classes of `dataset_json` (or its regions, for a region-based one).
     """
-    dataset = read_json(dataset_json)
-    if "labels" not in dataset:
-        raise EvaluationError(f"{dataset_json}: no 'labels' key")
-    file_ending = str(dataset.get("file_ending", ".nii.gz"))
+    dataset = read_dataset_json(dataset_json)
+    file_ending = dataset["file_ending"]
     label_regions = regions_from_labels(dataset["labels"])
     valid = {0} | {v for values in label_regions.values() for v in values}
     regions = dict(regions) if regions else label_regions
@@ -158,10 +157,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
 def write_summary(summary: Mapping[str, Any], output_dir: Path) -> tuple[Path, Path]:
     """`summary.json` and `summary.csv` in `output_dir`, atomically."""
     json_path, csv_path = output_dir / "summary.json", output_dir / "summary.csv"
-    write_json(json_path, _jsonable(summary))
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
-    tmp.write_text(summary_csv(summary))
-    tmp.replace(csv_path)
+    _write_atomic(json_path, json.dumps(_jsonable(summary), indent=1) + "\n")
+    _write_atomic(csv_path, summary_csv(summary))
     return json_path, csv_path
 
 
@@ -216,8 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxmamba.data.io import DataError
-
     output = args.output or args.predictions
     try:
         regions = None
@@ -234,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         json_path, csv_path = write_summary(summary, output)
         print(f"wrote {json_path} and {csv_path}")
         if args.preview:
-            ending = str(read_json(args.dataset_json).get("file_ending", ".nii.gz"))
+            ending = read_dataset_json(args.dataset_json)["file_ending"]
             write_previews(summary, output / "previews", args.images, ending, progress=True)
             print(f"previews in {output / 'previews'}")
     except (EvaluationError, DataError, ValueError) as err:
@@ -244,6 +239,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- helpers
+def read_dataset_json(path: str | Path) -> dict[str, Any]:
+    """`dataset.json` with its `labels` checked and `file_ending` defaulted to `.nii.gz`."""
+    try:
+        dataset = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EvaluationError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise EvaluationError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("labels"), dict):
+        raise EvaluationError(f"{path}: expected an object with a 'labels' object (nnU-Net "
+                              f"dataset.json)")
+    return {**dataset, "file_ending": str(dataset.get("file_ending", ".nii.gz"))}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _read_labels(case_id: str, path: Path, valid: set[int]) -> tuple[np.ndarray, dict]:
     data, geometry = load_volume(path, dtype=np.float32)
     labels = np.rint(data)

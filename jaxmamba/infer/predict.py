@@ -22,8 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxmamba.data.io import DataError, write_volume
-from jaxmamba.data.preprocess import preprocess_case, revert_to_raw
+from jaxmamba.data import DataError, preprocess_case, revert_to_raw, write_volume
 from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
 from jaxmamba.plans import Plan
 
