@@ -87,7 +87,10 @@ def _seed(seed: int, shard_index: int) -> int:
 
 
 def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
-    it_ds = ds.to_iter_dataset()
+    # A few batches of read-ahead: grain's default (500 elements, 16 threads) would compute
+    # hundreds of augmented batches nobody asked for yet. Workers parallelise across processes.
+    read = grain.ReadOptions(num_threads=1 if num_workers else 2, prefetch_buffer_size=2)
+    it_ds = ds.to_iter_dataset(read)
     if num_workers > 0:
         from absl import flags
         if not flags.FLAGS.is_parsed():
