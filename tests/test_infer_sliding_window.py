@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.sliding_window import (
     compute_steps,
     data_mesh,
@@ -129,3 +131,30 @@ def test_wrong_output_shape_is_reported():
     with pytest.raises(ValueError, match="num_classes=3"):
         predict_logits(_identity(2), np.zeros((4, 8, 8, 1), np.float32), (4, 8, 8),
                        num_classes=3, mirror_axes=None)
+
+
+class _TinyUNet(nnx.Module):
+    """A per-voxel linear map with a deep-supervision switch, like the U-Nets' interface."""
+
+    def __init__(self, c, k, rngs):
+        self.head = nnx.Linear(c, k, rngs=rngs)
+        self.deep_supervision = True
+
+    def set_deep_supervision(self, enabled):
+        self.deep_supervision = enabled
+
+    def __call__(self, x):
+        y = self.head(x)
+        return (y, y[:, ::2, ::2, ::2]) if self.deep_supervision else (y,)
+
+
+def test_network_apply_fn_replicates_and_matches_direct_call(key):
+    k1, k2 = jax.random.split(key)
+    model = _TinyUNet(2, 3, nnx.Rngs(k1))
+    image = np.asarray(jax.random.normal(k2, (6, 9, 10, 2)))
+    fn = network_apply_fn(model)   # all 4 devices
+    assert not model.deep_supervision
+    got = predict_logits(fn, image, (4, 8, 8), num_classes=3, mirror_axes=(0, 2))
+    # a per-voxel linear map is equivariant and window-independent: logits = the map itself
+    want = np.asarray(model(jnp.asarray(image)[None])[0][0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

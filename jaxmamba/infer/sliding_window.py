@@ -151,6 +151,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
 
     bar = tqdm(total=len(starts), desc=progress if isinstance(progress, str) else "windows",
                unit="win", disable=not progress, leave=False)
+    pending = None  # the previous batch: waited for after the next is queued, for the bar
     for first in range(0, len(starts), batch_size):
         chunk = starts[first:first + batch_size]
         n_valid = len(chunk)
@@ -164,7 +165,10 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
             _accumulate_host(acc, np.asarray(logits)[:n_valid], gauss, chunk[:n_valid])
         for s in chunk[:n_valid]:
             weights[tuple(slice(a, a + p) for a, p in zip(s, patch, strict=True))] += gauss
-        bar.update(n_valid)
+        if pending is not None:
+            bar.update(_wait(*pending))
+        pending = (logits, n_valid)
+    bar.update(_wait(*pending))
     bar.close()
     logits = np.asarray(acc)[crop] / weights[crop][..., None]
     return logits.astype(np.float32, copy=False)
@@ -180,6 +184,11 @@ def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> b
         return True  # no memory accounting (CPU): the "device" is host memory anyway
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return nbytes < _DEVICE_MEMORY_FRACTION * free
+
+
+def _wait(logits: jax.Array, n: int) -> int:
+    logits.block_until_ready()
+    return n
 
 
 def _mirrored(apply_fn: ApplyFn, windows: jax.Array, flips: list[tuple[int, ...]],
