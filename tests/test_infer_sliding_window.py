@@ -158,3 +158,23 @@ def test_network_apply_fn_replicates_and_matches_direct_call(key):
     # a per-voxel linear map is equivariant and window-independent: logits = the map itself
     want = np.asarray(model(jnp.asarray(image)[None])[0][0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_the_host_when_the_device_runs_out_of_memory(key):
+    labels = np.asarray(jax.random.randint(key, (6, 20, 9), 0, 3))
+    calls = []
+
+    def flaky(w):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return _identity(3)(w)
+
+    with pytest.warns(UserWarning, match="on the host instead"):
+        logits = predict_logits(flaky, labels[..., None].astype(np.float32), (4, 8, 8),
+                                num_classes=3, mirror_axes=None)
+    np.testing.assert_array_equal(logits.argmax(-1), labels)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        predict_logits(flaky, labels[..., None].astype(np.float32), (4, 8, 8), num_classes=3,
+                       mirror_axes=None, accumulate="device")

@@ -9,7 +9,7 @@ Arrays are channels-last in nnU-Net axis order (DESIGN §3): an image is `(S0, S
 network is any `apply_fn(windows (n, *patch, C)) -> logits (n, *patch, K)`, the result is
 `(S0, S1, S2, K)` float32 logits. Windows are batched on the device and sharded over the `data` axis
 of a mesh when it has several devices; the accumulator lives on the first device when it fits there
-and on the host otherwise.
+and on the host otherwise (also, with `accumulate="auto"`, when the device runs out of memory).
 
 Deviation from nnU-Net, deliberately: accumulation is in float32 (nnU-Net uses float16 buffers).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -137,11 +138,31 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
     batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
     flips = mirror_combinations(mirror_axes or ())
 
+    acc_shape = (*padded.shape[:-1], num_classes)
+    on_device = _choose_device(accumulate, mesh.devices.flat[0], 4 * math.prod(acc_shape))
+    args = (apply_fn, padded, starts, gauss, flips, num_classes, mesh, batch_size, progress)
+    try:
+        acc, weights = _sum_windows(*args, on_device=on_device)
+    except Exception as err:  # XlaRuntimeError; its class moved between jax versions
+        if not (on_device and accumulate == "auto" and "RESOURCE_EXHAUSTED" in str(err)):
+            raise
+        warnings.warn(f"the device ran out of memory while predicting a volume of "
+                      f"{list(padded.shape[:-1])}; summing the windows on the host instead",
+                      stacklevel=2)
+        acc, weights = _sum_windows(*args, on_device=False)
+    logits = np.asarray(acc)[crop] / weights[crop][..., None]
+    return logits.astype(np.float32, copy=False)
+
+
+def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gauss: np.ndarray,
+                 flips: list[tuple[int, ...]], num_classes: int, mesh: Mesh, batch_size: int,
+                 progress: bool | str, *, on_device: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted sums of the windows' logits `(*S, K)` and of the weights `(*S,)`."""
+    patch = gauss.shape
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     acc_device = mesh.devices.flat[0]
     acc_shape = (*padded.shape[:-1], num_classes)
-    on_device = _choose_device(accumulate, acc_device, 4 * math.prod(acc_shape))
 
     image_dev = jax.device_put(padded, replicated)
     gauss_dev = jax.device_put(gauss, acc_device) if on_device else None
@@ -170,8 +191,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
         pending = (logits, n_valid)
     bar.update(_wait(*pending))
     bar.close()
-    logits = np.asarray(acc)[crop] / weights[crop][..., None]
-    return logits.astype(np.float32, copy=False)
+    return np.asarray(acc), weights
 
 
 def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> bool:
