@@ -214,19 +214,29 @@ def _wait(logits: jax.Array, n: int) -> int:
 def _mirrored(apply_fn: ApplyFn, windows: jax.Array, flips: list[tuple[int, ...]],
               num_classes: int) -> jax.Array:
     """Mean over mirrorings of `flip(apply_fn(flip(windows)))`, float32 `(n, *patch, K)`."""
-    total = None
-    for axes in flips:
-        batch_axes = tuple(a + 1 for a in axes)
-        x = jnp.flip(windows, batch_axes) if axes else windows
+    flips = tuple(flips)
+    outputs = []
+    for x in _flip_each(windows, flips):
         y = apply_fn(x)
         if y.shape != (*windows.shape[:-1], num_classes):
             raise ValueError(f"apply_fn returned shape {y.shape} for windows {windows.shape}; "
                              f"expected {(*windows.shape[:-1], num_classes)} (num_classes="
                              f"{num_classes})")
-        y = y.astype(jnp.float32)
-        y = jnp.flip(y, batch_axes) if axes else y
-        total = y if total is None else total + y
-    return total / len(flips)
+        outputs.append(y)
+    return _unflip_mean(tuple(outputs), flips)
+
+
+@jax.jit(static_argnums=1)
+def _flip_each(windows: jax.Array, flips: tuple[tuple[int, ...], ...]) -> tuple[jax.Array, ...]:
+    """`windows (n, *patch, C)` flipped along each combination of spatial axes (one program)."""
+    return tuple(jnp.flip(windows, tuple(a + 1 for a in axes)) for axes in flips)
+
+
+@jax.jit(static_argnums=1)
+def _unflip_mean(outputs: tuple[jax.Array, ...], flips: tuple[tuple[int, ...], ...]) -> jax.Array:
+    flipped = [jnp.flip(y.astype(jnp.float32), tuple(a + 1 for a in axes))
+               for y, axes in zip(outputs, flips, strict=True)]
+    return sum(flipped[1:], flipped[0]) / len(flipped)
 
 
 @jax.jit(static_argnums=2)
