@@ -112,8 +112,9 @@ def scale_by_torch_radam(b1: float | Schedule = 0.9, b2: float = 0.999, eps: flo
     rho_inf = 2 / (1 - b2) - 1
 
     def init_fn(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-        return RAdamState(jnp.zeros([], jnp.int32), zeros, zeros)
+        def zeros():  # two separate trees: a shared buffer could not be donated twice
+            return jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        return RAdamState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
     def update_fn(updates, state, params=None):
         del params

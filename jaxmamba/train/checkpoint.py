@@ -1,0 +1,134 @@
+"""Run directory and checkpoints (orbax `CheckpointManager`, async; DESIGN §7).
+
+```
+RUN_DIR/
+  config.yaml                 the resolved config of the run
+  nnUNetPlans.json            the plan, nnU-Net field names (jaxmamba.plans.Plan.load reads it)
+  dataset.json
+  checkpoints/latest/<epoch>/ params, train (optimizer state, step, non-parameter state),
+                              data (grain iterator state, one file per process), meta (JSON)
+  checkpoints/best/<epoch>/   params, meta: the epoch with the best EMA pseudo-Dice
+  metrics.jsonl, curves.png, tensorboard/
+```
+`<epoch>` counts completed epochs. `meta` holds the epoch, the step, the variant and the plan
+(checked on resume), and the logger's history. Orbax writes each checkpoint to a temporary
+directory and renames it when complete, and deletes the previous `latest` only after that, so an
+interrupted save keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+LATEST, BEST = "latest", "best"
+
+
+class CheckpointError(RuntimeError):
+    """A run directory whose checkpoints cannot be used; the message says what to do."""
+
+
+class IteratorSnapshot:
+    """The state of a data iterator captured at save time, for grain's orbax handler.
+
+    The handler may write after `save()` returns (async); the live iterator has moved on by then,
+    so it gets this frozen copy. The handler json-dumps `get_state()` per process.
+    """
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:  # called by grain's handler after a restore
+        pass
+
+
+class Checkpointer:
+    """`latest` every epoch and `best` by validation Dice, each keeping one checkpoint."""
+
+    def __init__(self, run_dir: str | Path, *, async_save: bool = True):
+        self.dir = Path(run_dir).absolute() / "checkpoints"
+        options = dict(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
+        self.managers = {
+            LATEST: ocp.CheckpointManager(self.dir / LATEST,
+                                          options=ocp.CheckpointManagerOptions(**options),
+                                          item_names=("params", "train", "data", "meta")),
+            BEST: ocp.CheckpointManager(self.dir / BEST,
+                                        options=ocp.CheckpointManagerOptions(**options),
+                                        item_names=("params", "meta")),
+        }
+
+    def latest_epoch(self, which: str = LATEST) -> int | None:
+        return self.managers[which].latest_step()
+
+    def save(self, epoch: int, *, params, train, data_state: Any, meta: dict,
+             best: bool) -> None:
+        """Start an async save of `latest` (and `best`) for `epoch` completed epochs."""
+        self.managers[LATEST].save(epoch, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+            data=grain_checkpoint.CheckpointSave(IteratorSnapshot(copy.deepcopy(data_state))),
+            meta=ocp.args.JsonSave(meta)))
+        if best:
+            self.managers[BEST].save(epoch, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
+    def read_meta(self, which: str = LATEST, epoch: int | None = None) -> dict:
+        epoch = self.latest_epoch(which) if epoch is None else epoch
+        if epoch is None:
+            raise CheckpointError(f"{self.dir / which}: no checkpoint")
+        out = self.managers[which].restore(epoch, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract_params, abstract_train, *, which: str = LATEST,
+                epoch: int | None = None, with_train: bool = True):
+        """Restore `(params, train or None, data_state or None, meta)`.
+
+        `abstract_*` are pytrees of `jax.ShapeDtypeStruct` (with shardings) or arrays giving
+        the structure, shapes, dtypes and placement to restore into.
+        """
+        epoch = self.latest_epoch(which) if epoch is None else epoch
+        if epoch is None:
+            raise CheckpointError(f"{self.dir / which}: no checkpoint to restore")
+        items = dict(params=ocp.args.StandardRestore(_abstract(abstract_params)),
+                     meta=ocp.args.JsonRestore())
+        if with_train and which == LATEST:
+            items.update(train=ocp.args.StandardRestore(_abstract(abstract_train)),
+                         data=grain_checkpoint.CheckpointRestore(IteratorSnapshot()))
+        out = self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
+        data = out["data"].state if "data" in items else None
+        train = _like(abstract_train, out["train"]) if "train" in items else None
+        return _like(abstract_params, out["params"]), train, data, dict(out["meta"])
+
+    def wait(self) -> None:
+        """Block until pending async saves are on disk."""
+        for m in self.managers.values():
+            m.wait_until_finished()
+
+    def close(self) -> None:
+        for m in self.managers.values():
+            m.close()
+
+
+def _like(target, restored):
+    """`restored` in the pytree structure of `target` (orbax returns NamedTuples as tuples)."""
+    return jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored))
+
+
+def _abstract(tree):
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(leaf, tree)

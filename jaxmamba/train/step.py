@@ -1,0 +1,92 @@
+"""The train state and the pure, jitted train and eval steps (big_vision style; DESIGN §7).
+
+The network is split once into a static graph and two pytrees: parameters (trained) and the rest
+(non-parameter variables, carried unchanged). The steps are pure functions of
+`(TrainState, batch)`; `compile_steps` jits them with the state replicated and the batch sharded
+over the `data` mesh axis, so one program serves 1..N devices. Batches are
+`{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution first}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxmamba.train import losses, sharding
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trained variables (nnx.Param)
+    rest: nnx.State  # other variables of the network, carried unchanged
+    opt_state: optax.OptState
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation,
+               ) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batch_dice: bool,
+               ) -> tuple[Callable, Callable]:
+    """`(train_step, eval_step)`, pure functions.
+
+    `train_step(state, batch) -> (state, metrics)`: one optimizer update on the DC+CE
+    deep-supervision loss (paper_spec §4.1); metrics hold `loss`, `grad_norm`, `param_norm`,
+    `update_norm` and the `(3, K-1)` confusion counts of the full-resolution output.
+    `eval_step(state, batch) -> metrics` with `loss` and `counts` (nnU-Net's online pseudo-Dice).
+    """
+
+    def forward(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        outputs = model(batch["image"])
+        loss = losses.deep_supervision_loss(outputs, batch["target"], batch_dice=batch_dice)
+        return loss, losses.confusion_counts(outputs[0], batch["target"][0])
+
+    def train_step(state: TrainState, batch: dict[str, Any]):
+        (loss, counts), grads = jax.value_and_grad(forward, has_aux=True)(
+            state.params, state.rest, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "counts": counts, "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params),
+                   "update_norm": optax.tree.norm(updates)}
+        return TrainState(state.step + 1, params, state.rest, opt_state), metrics
+
+    def eval_step(state: TrainState, batch: dict[str, Any]):
+        loss, counts = forward(state.params, state.rest, batch)
+        return {"loss": loss, "counts": counts}
+
+    return train_step, eval_step
+
+
+def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
+    """Jit with the state replicated (and donated) and the batch sharded over `data`."""
+    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    train = jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl),
+                    donate_argnums=(0,))
+    evaluate = jax.jit(eval_step, in_shardings=(repl, data), out_shardings=repl)
+    return train, evaluate
+
+
+def abstract(tree, mesh: Mesh | None = None):
+    """`jax.ShapeDtypeStruct`s of a pytree (replicated on `mesh` if given), for AOT compiles
+    and checkpoint restores."""
+    s = sharding.replicated(mesh) if mesh is not None else None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree)
+
+
+def abstract_batch(batch_size: int, patch_size, channels: int, target_shapes, mesh: Mesh):
+    """Shape/dtype/sharding of a global batch, without data (for the memory preflight)."""
+    s = sharding.batch_sharding(mesh)
+    return {"image": jax.ShapeDtypeStruct((batch_size, *patch_size, channels), jnp.float32,
+                                          sharding=s),
+            "target": tuple(jax.ShapeDtypeStruct((batch_size, *t), jnp.int32, sharding=s)
+                            for t in target_shapes)}
