@@ -10,6 +10,7 @@ never simulates low resolution along S0.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -99,7 +100,7 @@ def spatial(data: np.ndarray, seg: np.ndarray, rng: np.random.Generator, cfg: Au
             ) -> tuple[np.ndarray, np.ndarray]:
     """Rotation (p 0.2) and scaling (p 0.2) about the centre, then crop to `cfg.patch_size`.
 
-    Images: cubic, 0 outside; labels: per-label linear + 0.5 threshold, -1 outside."""
+    Images: cubic, 0 outside; labels: `linear_labels` (-1 outside the source)."""
     patch = cfg.patch_size
     rotate = rng.random() < cfg.p_rotation
     angles = [0.0, 0.0, 0.0]
@@ -110,30 +111,74 @@ def spatial(data: np.ndarray, seg: np.ndarray, rng: np.random.Generator, cfg: Au
     scale = _sample_factor(rng, *cfg.scale) if rng.random() < cfg.p_scale else 1.0
     if not rotate and scale == 1.0:
         return _center_crop(data, patch).copy(), _center_crop(seg, patch).copy()
-    grid = np.stack(np.meshgrid(*[np.arange(p, dtype=np.float32) - (p - 1) / 2 for p in patch],
-                                indexing="ij")).reshape(3, -1)
-    matrix = rotation_matrix(*angles).astype(np.float32)
+    matrix = rotation_matrix(*angles)
     if cfg.dummy_2d:  # in-plane only: S0 is neither rotated (angles) nor scaled
         matrix[1:, 1:] *= scale
     else:
         matrix *= scale
-    coords = (grid.T @ matrix).T
+    # coords[a] = sum_b grid_b · M[b, a] + centre_a, by broadcasting (row vectors: grid @ M)
+    axes = [np.arange(p, dtype=np.float32) - (p - 1) / 2 for p in patch]
+    coords = np.empty((3, *patch), np.float32)
     for a in range(3):
-        coords[a] += data.shape[a + 1] / 2 - 0.5
+        coords[a] = data.shape[a + 1] / 2 - 0.5
+        for b in range(3):
+            if matrix[b, a]:
+                coords[a] += (np.float32(matrix[b, a]) * axes[b]).reshape(
+                    [-1 if d == b else 1 for d in range(3)])
+    coords = coords.reshape(3, -1)
     out = np.empty((data.shape[0], *patch), np.float32)
-    for c in range(data.shape[0]):
-        out[c] = ndimage.map_coordinates(data[c], coords, order=3, mode="constant",
-                                         cval=0.0).reshape(patch)
-    out_seg = np.full(patch, -1, seg.dtype)
-    inside = ndimage.map_coordinates(np.ones(seg.shape, np.float32), coords, order=1,
-                                     mode="constant", cval=0.0).reshape(patch) >= 0.5
-    out_seg[inside] = 0
-    for value in np.unique(seg):
-        if value > 0:
-            m = ndimage.map_coordinates((seg == value).astype(np.float32), coords, order=1,
-                                        mode="constant", cval=0.0).reshape(patch)
-            out_seg[m >= 0.5] = value
-    return out, out_seg
+    if cfg.dummy_2d and data.shape[1] == patch[0]:  # S0 maps to itself: cubic in 2-D per slice
+        plane = coords[1:].reshape(2, patch[0], -1)[:, 0]
+        for c, k in np.ndindex(data.shape[0], patch[0]):
+            out[c, k] = ndimage.map_coordinates(data[c, k], plane, order=3, mode="constant",
+                                                cval=0.0).reshape(patch[1:])
+    else:
+        for c in range(data.shape[0]):
+            out[c] = ndimage.map_coordinates(data[c], coords, order=3, mode="constant",
+                                             cval=0.0).reshape(patch)
+    return out, linear_labels(seg, coords).reshape(patch)
+
+
+def linear_labels(seg: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Labels of `seg` at `coords (3, N)` by per-label linear interpolation and a 0.5 threshold
+    (batchgenerators' `is_seg` rule; no label >= 0.5 gives 0); outside the array counts as -1.
+
+    Gathers the corner labels once (skipping corners of zero weight, e.g. an exact S0 in dummy
+    2D); only voxels whose corners disagree are weighed."""
+    lo = np.floor(coords).astype(np.int64)
+    frac = (coords - lo).astype(np.float32)
+    strides = [int(np.prod(seg.shape[a + 1:])) for a in range(3)]
+    per_axis = []
+    for a in range(3):
+        options = []
+        for upper in (0, 1):
+            w = frac[a] if upper else 1 - frac[a]
+            if not w.any():
+                continue
+            i = lo[a] + upper
+            valid = (i >= 0) & (i < seg.shape[a])
+            options.append((np.clip(i, 0, seg.shape[a] - 1) * strides[a], w, valid))
+        per_axis.append(options)
+    flat = seg.ravel()
+    labels, weights = [], []
+    for (i0, w0, v0), (i1, w1, v1), (i2, w2, v2) in itertools.product(*per_axis):
+        lab = flat[i0 + i1 + i2].astype(np.int16)
+        lab[~(v0 & v1 & v2)] = -1
+        labels.append(lab)
+        weights.append(w0 * w1 * w2)
+    out = labels[0].astype(seg.dtype)
+    mixed = np.zeros(out.shape, bool)
+    for lab in labels[1:]:
+        mixed |= lab != labels[0]
+    mixed = np.flatnonzero(mixed)
+    if mixed.size:
+        lab = np.stack([x[mixed] for x in labels])
+        w = np.stack([x[mixed] for x in weights])
+        total = ((lab[:, None] == lab[None]) * w[None]).sum(axis=1)  # weight of each corner's label
+        best = total.argmax(axis=0)
+        cols = np.arange(mixed.size)
+        out[mixed] = np.where(total[best, cols] >= 0.5, lab[best, cols], 0)
+    return out
 
 
 def gaussian_noise(data: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
