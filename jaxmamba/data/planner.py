@@ -138,16 +138,54 @@ def plan_from_fingerprint(fingerprint: dict, dataset_meta: dict, *, name: str = 
         file_ending=str(dataset_meta.get("file_ending", ".nii.gz")), source=f"planner:{name}")
 
 
+def explain_plan(plan: Plan, fingerprint: dict, memory_gb: float = 8.0) -> list[str]:
+    """Human-readable reasons for each choice of `plan_from_fingerprint`."""
+    median_sp = np.median(np.asarray(fingerprint["spacings"], float), axis=0)
+    n = len(fingerprint["spacings"])
+    lines = [f"spacing {_fmt(plan.spacing)} mm: median of {n} cases ({_fmt(median_sp)})"
+             + ("" if np.allclose(median_sp, plan.spacing) else
+                "; the coarse axis takes its 10th percentile (nnU-Net's anisotropy rule)")]
+    inv = 1.0 / np.asarray(plan.spacing)
+    start = inv * (256**3 / np.prod(inv)) ** (1 / 3)
+    wanted = np.minimum(np.round(start), plan.median_image_size)
+    limited = "median shape" if (wanted < np.round(start)).any() else "256^3-voxel start"
+    lines.append(f"patch {list(plan.patch_size)}: {limited} {_fmt(wanted, 0)} at that spacing "
+                 f"(median case {_fmt(plan.median_image_size, 1)}), padded to the total stride "
+                 f"{list(plan.total_stride)}"
+                 + (", then shrunk to fit the memory budget"
+                    if (np.asarray(plan.patch_size) < wanted).any() else ""))
+    est = activation_estimate(plan.patch_size, plan.strides, plan.num_classes, REFERENCE_BATCH)
+    by_memory = round(REFERENCE_ESTIMATE_8GB * memory_gb / 8.0 / est * REFERENCE_BATCH)
+    lines.append(f"batch {plan.batch_size}: memory ({memory_gb:g} GB) allows {by_memory}, at most "
+                 f"5 % of the dataset's voxels per batch, at least 2")
+    rel = fingerprint["median_relative_size_after_cropping"]
+    for name, scheme, mask in zip(plan.channel_names, plan.normalization_schemes,
+                                  plan.use_mask_for_norm, strict=True):
+        why = ("channel name 'CT': dataset-wide foreground percentiles and mean/std"
+               if scheme == "CTNormalization" else
+               f"per case; {'inside' if mask else 'over'} the "
+               f"{'non-zero mask' if mask else 'whole image'} because cropping kept "
+               f"{100 * rel:.0f} % of the median case ({'<' if mask else '>='} 75 %)")
+        lines.append(f"channel {name!r}: {scheme}, {why}")
+    return lines
+
+
+def _fmt(values, digits: int = 3) -> list:
+    return [round(float(v), digits) if digits else int(v) for v in values]
+
+
 # ---------------------------------------------------------------------- `jaxmamba plan`
 def default_output(dataset: str | Path) -> Path:
-    """Where `plan` and `preprocess` write by default: `./preprocessed/<dataset folder name>`."""
-    return Path("preprocessed") / Path(dataset).resolve().name
+    """Where `plan` and `preprocess` write by default: `<dataset>_preprocessed` beside the raw
+    folder (the training config's default `data.preprocessed_dir` too)."""
+    raw = Path(dataset).resolve()
+    return raw.with_name(raw.name + "_preprocessed")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("dataset", help="nnU-Net raw dataset folder")
     parser.add_argument("-o", "--output", help="output folder for nnUNetPlans.json, dataset.json "
-                        "and dataset_fingerprint.json (default: ./preprocessed/<dataset name>)")
+                        "and dataset_fingerprint.json (default: <dataset>_preprocessed beside it)")
     parser.add_argument("--memory-gb", type=float, default=8.0,
                         help="GPU memory budget for patch and batch size, as nnU-Net's (default 8)")
     parser.add_argument("-j", "--workers", type=int, default=0,
@@ -166,8 +204,8 @@ def run(args) -> int:
     plan = plan_from_fingerprint(fp, ds.meta, name=Path(args.dataset).resolve().name,
                                  memory_gb=args.memory_gb)
     plan.save(out / "nnUNetPlans.json")
-    print(f"plan: patch {list(plan.patch_size)} at spacing {[round(s, 4) for s in plan.spacing]}, "
-          f"batch {plan.batch_size}, {plan.num_stages} stages, normalisation "
-          f"{list(plan.normalization_schemes)} (mask {list(plan.use_mask_for_norm)})")
+    print(f"plan: {plan.num_stages} stages, strides {[list(s) for s in plan.strides]}")
+    for line in explain_plan(plan, fp, args.memory_gb):
+        print(f"  {line}")
     print(f"wrote {out / 'nnUNetPlans.json'}. Next: `jaxmamba preprocess {args.dataset} -o {out}`.")
     return 0

@@ -83,8 +83,8 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
 # ---------------------------------------------------------------------- `jaxmamba preprocess`
 def add_arguments(parser) -> None:
     parser.add_argument("dataset", help="nnU-Net raw dataset folder")
-    parser.add_argument("-o", "--output", help="cache folder (default: ./preprocessed/<dataset "
-                        "name>); holds nnUNetPlans.json, splits_final.json and 3d_fullres/")
+    parser.add_argument("-o", "--output", help="cache folder (default: <dataset>_preprocessed "
+                        "beside it); holds nnUNetPlans.json, splits_final.json and 3d_fullres/")
     parser.add_argument("-p", "--plans", help="an nnUNetPlans.json to use unchanged (default: the "
                         "one in the output folder, else plan now as `jaxmamba plan` does)")
     parser.add_argument("-j", "--workers", type=int, default=4,
@@ -102,5 +102,6 @@ def run(args) -> int:
               f"skipped).")
         return 1
     print(f"preprocessed into {out} (patch {list(plan.patch_size)}, spacing "
-          f"{[round(s, 4) for s in plan.spacing]}). Next: train with data.cache={out}.")
+          f"{[round(s, 4) for s in plan.spacing]}). Next: `python train.py CONFIG "
+          f"data.raw_dir={args.dataset} data.preprocessed_dir={out}`.")
     return 0
