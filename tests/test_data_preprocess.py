@@ -130,7 +130,7 @@ def _write(path, array, affine=None):
 
 
 def test_bad_input_is_reported_per_case_and_file(tmp_path):
-    root = make_phantom_dataset(tmp_path / "bad", n_cases=8, seed=1, channel_names=("T1", "T2"))
+    root = make_phantom_dataset(tmp_path / "bad", n_cases=9, seed=1, channel_names=("T1", "T2"))
     it, lt = root / "imagesTr", root / "labelsTr"
     (it / "phantom_000_0001.nii.gz").unlink()  # missing channel file
     _write(lt / "orphan.nii.gz", np.zeros((4, 4, 4), np.uint8))  # label without image
@@ -149,13 +149,15 @@ def test_bad_input_is_reported_per_case_and_file(tmp_path):
     _write(lt / "phantom_006.nii.gz", np.zeros(im.shape, np.uint8), im.affine)  # empty: warning
     gz = (it / "phantom_007_0000.nii.gz").read_bytes()
     (it / "phantom_007_0000.nii.gz").write_bytes(gz[: len(gz) // 2])  # truncated
+    im = nib.load(it / "phantom_008_0001.nii.gz")
+    _write(it / "phantom_008_0001.nii.gz", np.stack([im.get_fdata()] * 2, -1), im.affine)  # 4-D
     errors, warnings = check_dataset(root)
     text = "\n".join(errors)
     for needle in ("missing channel file(s) " + str(it / "phantom_000_0001.nii.gz"),
                    "orphan.nii.gz has no image",
                    "phantom_001: ", "phantom_002: ", "label value(s) [7]", "non-finite",
                    "phantom_005.nii.gz: expected a 3-D volume", "phantom_007_0000.nii.gz",
-                   "numTraining is 8"):
+                   "phantom_008_0001.nii.gz: expected a 3-D volume", "numTraining is 9"):
         assert needle in text, (needle, text)
     assert len(warnings) == 1 and "phantom_006" in warnings[0]
 
@@ -167,7 +169,7 @@ def test_bad_input_is_reported_per_case_and_file(tmp_path):
         preprocess_dataset(root, cache, progress=False)  # planning refuses an unclean dataset
     _, errs = preprocess_dataset(root, cache, plan, progress=False)
     failed = {e.split(":")[0] for e in errs if e.startswith("case ")}
-    assert {f"case phantom_00{i}" for i in (1, 2, 3, 4, 7)} <= failed
+    assert {f"case phantom_00{i}" for i in (1, 2, 3, 4, 7, 8)} <= failed
     done = sorted(p.stem for p in (cache / "3d_fullres").glob("*.json"))
     assert "phantom_006" in done and "phantom_001" not in done and "phantom_007" not in done
 
