@@ -2,10 +2,11 @@
 
 Setting (issue 5): the Synapse plan (`../shared/reference/plans`, patch 48x192x192, dummy-2D
 augmentation, initial patch 48x225x225, 14 labels), CT-sized cached cases of 147x512x512
-(synthetic: smooth noise with 13 organ-like blobs; the cost of sampling and augmentation does not
-depend on the anatomy). Reports the mean time per patch in one process, the same with every
-random transform forced on (the worst case), the throughput of `train_iterator` with N worker
-processes, and the workers needed to feed a train step of `--step-ms` at batch 2.
+(synthetic: smooth noise with 13 organ-like blobs; the cost of sampling and augmentation does
+not depend on the anatomy; `--plans` and `--shape` measure other settings). Reports the mean
+time per patch in one process, the same with every random transform forced on (the worst case),
+the throughput of `train_iterator` with N worker processes, and the workers needed to feed a
+train step of `--step-ms` at batch 2.
 
     python benchmarks/data.py [--patches 40] [--workers 2] [--step-ms 550]
 """
@@ -28,19 +29,22 @@ PLANS = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "plans" 
          "Dataset090_SynapseAbdomen.nnUNetPlans.json")
 
 
-def write_case(cache: Path, case_id: str, rng: np.random.Generator) -> None:
+def write_case(cache: Path, case_id: str, rng: np.random.Generator, shape=SHAPE,
+               channels: int = 1) -> None:
     from jaxmamba.data.io import save_npy, write_json
     from jaxmamba.data.preprocess import case_paths, class_locations
     p = case_paths(cache, case_id)
     p["data"].parent.mkdir(parents=True, exist_ok=True)
-    coarse = rng.normal(size=(SHAPE[0] // 8 + 1, SHAPE[1] // 8 + 1, SHAPE[2] // 8 + 1))
-    data = ndimage.zoom(coarse, [s / c for s, c in zip(SHAPE, coarse.shape, strict=True)],
-                        order=1)[None].astype(np.float32)
-    seg = np.zeros(SHAPE, np.int8)
-    grid = np.ogrid[tuple(slice(0, s) for s in SHAPE)]
+    data = np.empty((channels, *shape), np.float32)
+    for c in range(channels):
+        coarse = rng.normal(size=[s // 8 + 1 for s in shape])
+        data[c] = ndimage.zoom(coarse, [s / n for s, n in zip(shape, coarse.shape, strict=True)],
+                               order=1)
+    seg = np.zeros(shape, np.int8)
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
     for label in range(1, 14):
-        centre = [rng.integers(s // 5, 4 * s // 5) for s in SHAPE]
-        radius = [rng.integers(5, s // 8) for s in SHAPE]
+        centre = [rng.integers(s // 5, 4 * s // 5) for s in shape]
+        radius = [rng.integers(5, s // 8) for s in shape]
         dist = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius, strict=True))
         seg[dist < 1] = label
     table, index = class_locations(seg)
@@ -70,6 +74,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--step-ms", type=float, default=550.0)
     parser.add_argument("--plans", default=str(PLANS))
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, help="case shape")
     args = parser.parse_args()
 
     plan = Plan.load(args.plans)
@@ -78,13 +83,13 @@ def main() -> None:
                                  p_contrast=1, p_lowres=1, p_gamma_inverted=1, p_gamma=1)
     print(f"CPU: {platform.processor() or platform.machine()}, plan {plan.dataset_name}, patch "
           f"{list(plan.patch_size)}, initial {list(cfg.initial_patch_size())}, dummy 2D "
-          f"{cfg.dummy_2d}, cases {list(SHAPE)}")
+          f"{cfg.dummy_2d}, cases {list(args.shape)}")
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         rng = np.random.default_rng(0)
         ids = ["case_0", "case_1"]
         for case_id in ids:
-            write_case(cache, case_id, rng)
+            write_case(cache, case_id, rng, tuple(args.shape), plan.num_input_channels)
         rows = []
         for name, c in (("nnU-Net probabilities", cfg), ("every transform on", always),
                         ("no augmentation", None)):

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from jaxmamba.data.augment import AugmentConfig, augment, finalize
+from jaxmamba.data.io import DataError
 from jaxmamba.data.preprocess import load_preprocessed
 from jaxmamba.data.sampling import OVERSAMPLE_FOREGROUND, is_forced_foreground, sample_patch
 from jaxmamba.plans import Plan
@@ -66,7 +67,12 @@ class PatchSampler(grain.transforms.RandomMap):
 
     def _case(self, case_id: str):
         if case_id not in self._open:
-            self._open[case_id] = load_preprocessed(self.cache, case_id)
+            arrays = load_preprocessed(self.cache, case_id)
+            if arrays[0].shape[0] != len(self.mask_channels):
+                raise DataError(f"{self.cache}: case {case_id} has {arrays[0].shape[0]} "
+                                f"channel(s), the plan {len(self.mask_channels)}; preprocess "
+                                f"again with this plan")
+            self._open[case_id] = arrays
         return self._open[case_id]
 
     def random_map(self, position: int, rng: np.random.Generator) -> dict:
