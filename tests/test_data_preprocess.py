@@ -217,3 +217,15 @@ def test_plan_cli_writes_nnunet_plans(phantom, tmp_path):
     cfg = plans["configurations"]["3d_fullres"]
     assert cfg["spacing"] == [3.0, 1.0, 1.0]
     assert Plan.load(tmp_path / "nnUNetPlans.json").patch_size == tuple(cfg["patch_size"])
+
+
+def test_parallel_preprocessing_equals_serial(phantom, tmp_path):
+    plan = _plan((3.0, 1.0, 1.0))
+    preprocess_dataset(phantom, tmp_path / "serial", plan, progress=False)
+    _, errors = preprocess_dataset(phantom, tmp_path / "parallel", plan, num_workers=2,
+                                   progress=False)
+    assert errors == []
+    for case in ("phantom_000", "phantom_005"):
+        for a, b in zip(load_preprocessed(tmp_path / "serial", case),
+                        load_preprocessed(tmp_path / "parallel", case), strict=True):
+            np.testing.assert_array_equal(a, b)

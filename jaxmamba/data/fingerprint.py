@@ -9,6 +9,7 @@ result is written as `dataset_fingerprint.json` with nnU-Net's key names.
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,7 @@ def extract_fingerprint(dataset: RawDataset, *, num_workers: int = 0,
         raise ValueError(f"{dataset.root}: no training cases")
     per_case = _MAX_FG_SAMPLES // len(cases)
     if num_workers > 0:
-        with ProcessPoolExecutor(num_workers) as pool:
+        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
             it = pool.map(case_fingerprint, cases, [per_case] * len(cases))
             results = list(_progress(it, len(cases), "fingerprint", progress))
     else:

@@ -8,6 +8,7 @@ parallel with a progress bar; finished cases are skipped, so re-running resumes 
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
@@ -64,7 +65,8 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case",
                disable=not progress)
     if num_workers > 0 and len(todo) > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
+        # spawn, not fork: the caller may hold JAX threads (fork would copy them mid-flight)
+        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
             for err in pool.map(preprocess_to_cache, todo, [plan] * len(todo), [cache] * len(todo)):
                 errors += [err] if err else []
                 bar.update()
