@@ -182,8 +182,10 @@ def linear_labels(seg: np.ndarray, coords: np.ndarray) -> np.ndarray:
 
 
 def gaussian_noise(data: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Additive noise. As batchgenerators does, the value drawn from `noise_variance` is used as
+    the standard deviation (not its square root)."""
     if rng.random() < cfg.p_noise:
-        std = math.sqrt(rng.uniform(*cfg.noise_variance))
+        std = rng.uniform(*cfg.noise_variance)
         data = data + rng.normal(0.0, std, data.shape).astype(np.float32)
     return data
 
