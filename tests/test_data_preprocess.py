@@ -229,3 +229,14 @@ def test_parallel_preprocessing_equals_serial(phantom, tmp_path):
         for a, b in zip(load_preprocessed(tmp_path / "serial", case),
                         load_preprocessed(tmp_path / "parallel", case), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_transposed_nnunet_plans_are_refused(phantom, reference_dir, tmp_path):
+    plans = json.loads((reference_dir / "plans/Dataset090_SynapseAbdomen.nnUNetPlans.json")
+                       .read_text())
+    plans["transpose_forward"] = [2, 0, 1]
+    (tmp_path / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (tmp_path / "dataset.json").write_text((phantom / "dataset.json").read_text())
+    with pytest.raises(DataError, match="transpose_forward"):
+        preprocess_dataset(phantom, tmp_path / "cache", tmp_path / "nnUNetPlans.json",
+                           progress=False)

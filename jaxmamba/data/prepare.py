@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
-from jaxmamba.data.io import DataError, write_json
+from jaxmamba.data.io import DataError, read_json, write_json
 from jaxmamba.data.planner import default_output, plan_from_fingerprint
 from jaxmamba.data.preprocess import is_done, plan_key, preprocess_to_cache
 from jaxmamba.data.splits import load_or_create_splits
@@ -28,6 +28,7 @@ def resolve_plan(dataset: RawDataset, cache: Path, plan: Plan | str | Path | Non
                  num_workers: int = 0, progress: bool = True) -> Plan:
     """The plan to preprocess with (see module docstring); saved to `cache/nnUNetPlans.json`."""
     if isinstance(plan, (str, Path)):
+        _require_identity_transpose(Path(plan))
         plan = Plan.load(plan)
     elif plan is None and (cache / PLANS_FILE).is_file():
         plan = Plan.load(cache / PLANS_FILE)
@@ -43,6 +44,15 @@ def resolve_plan(dataset: RawDataset, cache: Path, plan: Plan | str | Path | Non
                         f"{dataset.root / 'dataset.json'} {dataset.labels}")
     plan.save(cache / PLANS_FILE)
     return plan
+
+
+def _require_identity_transpose(plans_file: Path) -> None:
+    """nnU-Net may plan in a transposed axis order (`transpose_forward`); `Plan` does not carry
+    it, so such a plans file would be misread: refuse it."""
+    transpose = read_json(plans_file).get("transpose_forward", [0, 1, 2])
+    if list(transpose) != [0, 1, 2]:
+        raise DataError(f"{plans_file}: transpose_forward {transpose} is not supported (only "
+                        f"[0, 1, 2]); re-plan with `jaxmamba plan`")
 
 
 def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Path | None = None,
