@@ -1,9 +1,12 @@
 """Config schema: YAML + `base` + overrides, and errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from jaxmamba.config import ConfigError, load_config, save_config
+from jaxmamba.train.optim import build_recipe
 
 
 def _write(path, text):
@@ -67,3 +70,23 @@ def test_file_errors(tmp_path):
     loop = _write(tmp_path / "loop.yaml", "base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(loop)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "base.yaml"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_load_and_build_their_recipe(path):
+    cfg = load_config(path, ["data.raw_dir=/data/X"])
+    recipe = build_recipe(cfg.optim, epochs=cfg.train.epochs,
+                          iters_per_epoch=cfg.train.iters_per_epoch)
+    assert float(recipe.lr(0)) > 0
+    reference = {"segmamba": ("radam_cosine", 1000), "bisegmamba": ("radam_cosine", 300),
+                 "segmambaskip": ("radam_cosine", 1000), "multisegmamba": ("radam_onecycle", 300),
+                 "resencunet": ("nnunet", 1000)}
+    if path.parent.name in ("synapse", "brats", "acdc"):  # the reference's recipes, §4.2
+        want = ("nnunet", 1000) if path.stem.endswith("_nnunet") else reference[path.stem]
+        assert (cfg.optim.recipe, cfg.train.epochs) == want
+        assert cfg.model.variant == path.stem.removesuffix("_nnunet")
+        assert cfg.train.iters_per_epoch == 250
