@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import platform
 import tempfile
 import time
@@ -54,14 +55,15 @@ def write_case(cache: Path, case_id: str, rng: np.random.Generator, shape=SHAPE,
     write_json(p["props"], {"case_id": case_id, "class_locations": index})
 
 
-def time_sampler(sampler, n: int) -> float:
-    """Seconds per patch over `n` patches (positions alternate 0, 1 as in a batch of 2)."""
+def time_sampler(sampler, n: int) -> tuple[float, float]:
+    """`(wall, CPU)` seconds per patch over `n` patches (positions alternate 0, 1 as in a batch of
+    2). CPU time is what one dedicated core needs; wall time grows when cores are shared."""
     rng = np.random.default_rng(0)
     sampler.random_map(0, rng)  # open the memory maps
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         sampler.random_map(i % 2, rng)
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
 
 def main() -> None:
@@ -81,9 +83,10 @@ def main() -> None:
     cfg = AugmentConfig.for_plan(plan)
     always = dataclasses.replace(cfg, p_rotation=1, p_scale=1, p_noise=1, p_blur=1, p_brightness=1,
                                  p_contrast=1, p_lowres=1, p_gamma_inverted=1, p_gamma=1)
-    print(f"CPU: {platform.processor() or platform.machine()}, plan {plan.dataset_name}, patch "
-          f"{list(plan.patch_size)}, initial {list(cfg.initial_patch_size())}, dummy 2D "
-          f"{cfg.dummy_2d}, cases {list(args.shape)}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{os.cpu_count()} cores ({platform.machine()}), load average {load}; plan "
+          f"{plan.dataset_name}, patch {list(plan.patch_size)}, initial "
+          f"{list(cfg.initial_patch_size())}, dummy 2D {cfg.dummy_2d}, cases {list(args.shape)}")
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         rng = np.random.default_rng(0)
@@ -93,13 +96,14 @@ def main() -> None:
         rows = []
         for name, c in (("nnU-Net probabilities", cfg), ("every transform on", always),
                         ("no augmentation", None)):
-            s = time_sampler(PatchSampler(cache, ids, plan, 2, c), args.patches)
-            rows.append((name, s))
-            print(f"1 process, {name:22s}: {1000 * s:7.1f} ms/patch = {1 / s:5.2f} patches/s")
+            wall, cpu = time_sampler(PatchSampler(cache, ids, plan, 2, c), args.patches)
+            rows.append((name, cpu))
+            print(f"1 process, {name:22s}: CPU {1000 * cpu:7.1f} ms/patch = {1 / cpu:6.2f} "
+                  f"patches/s per core (wall {1000 * wall:7.1f} ms)")
         need = 2 / (args.step_ms / 1000)
         per_worker = 1 / rows[0][1]
         print(f"a {args.step_ms:.0f} ms step at batch 2 needs {need:.2f} patches/s: "
-              f"{math.ceil(need / per_worker)} worker(s) at the measured per-worker rate")
+              f"{math.ceil(need / per_worker)} worker(s) on dedicated cores")
         if args.workers:
             it = train_iterator(cache, plan, ids, seed=0, batch_size=2, num_workers=args.workers)
             next(it)
