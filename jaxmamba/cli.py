@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("jaxmamba.data.planner", "fingerprint a dataset, write a 3d_fullres plan"),
     "preprocess": ("jaxmamba.data.prepare", "preprocess a dataset into a cache"),
     "dataset": ("jaxmamba.datasets", "build the offline real-MRI demo dataset"),
+    "train": ("jaxmamba.train.cli", "train a network from a YAML config (+ key=value overrides)"),
     "evaluate": ("jaxmamba.infer.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
 }
 

@@ -90,3 +90,15 @@ def test_shipped_configs_load_and_build_their_recipe(path):
         assert (cfg.optim.recipe, cfg.train.epochs) == want
         assert cfg.model.variant == path.stem.removesuffix("_nnunet")
         assert cfg.train.iters_per_epoch == 250
+
+
+def test_train_command_line(capsys, tmp_path):
+    from jaxmamba.train.cli import main
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert main([str(tiny), "optim.lr=0.5", f"train.run_dir={tmp_path}", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.5 and printed["train"]["run_dir"] == str(tmp_path)
+    assert main([str(tiny), "optim.lrr=0.5"]) == 2
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+    assert main([str(tiny), str(tiny)]) == 2
+    assert not any(tmp_path.iterdir())
