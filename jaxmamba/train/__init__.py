@@ -1,0 +1,11 @@
+"""Training (DESIGN §7): `jaxmamba.train.loop.run(config)` behind `python train.py CONFIG`.
+
+- `losses`: nnU-Net DC+CE with deep supervision, confusion counts for the pseudo-Dice.
+- `optim`: the reference recipes as optax chains with per-epoch torch schedules.
+- `step`: train state and the pure train/eval steps; `sharding`: the `data` mesh (1..N devices).
+- `checkpoint`: the run directory and orbax checkpoints (`latest`, `best`); `preflight`: the
+  compiled memory check; `writers`: metrics.jsonl, TensorBoard, curves.png; `validate`: the
+  sliding-window validation at the end; `loop`: `run`; `cli`: the command line.
+
+Submodules are imported on use (the loop needs the networks and the data pipeline).
+"""
