@@ -1,0 +1,1 @@
+"""PyTorch / nnU-Net checkpoint import and export (`jaxmamba convert-torch`)."""

@@ -1,0 +1,181 @@
+"""PyTorch / nnU-Net checkpoints ⇄ jaxmamba parameters (DESIGN §8).
+
+- `read_state_dict(path)`: an nnU-Net/TamingMambas `checkpoint_final.pth` (`network_weights`), a
+  plain `state_dict` `.pth`, or an `.npz` with `sd/<name>` keys (as the reference fixtures) ->
+  `{name: numpy array}`. `.pth` needs the optional extra `jaxmamba[torch]` and is opened with
+  `torch.load(weights_only=True)`; a file that needs a full unpickle is refused unless
+  `trust=True`. `.npz` is read with `allow_pickle=False`.
+- `import_state_dict(model, sd)`: checks every name, shape and alias before touching the model,
+  then sets its parameters (works on an `nnx.eval_shape` model: nothing is initialised).
+- `export_state_dict(model)`: the reference's state dict, aliases included, bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
+from jaxmamba.models import build_model, canonical_variant
+from jaxmamba.models.unet import UNet
+from jaxmamba.plans import Plan
+
+TORCH_SUFFIXES = (".pth", ".pt", ".model")
+_MAX_LINES = 12  # per kind of problem
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the network; the message says why."""
+
+
+# ---------------------------------------------------------------------------------- files
+def _import_torch(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading or writing PyTorch files needs PyTorch; install the extra with "
+            f"`pip install 'jaxmamba[torch]'`, or use an .npz state dict (keys sd/<name>)"
+        ) from None
+    return torch
+
+
+def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.ndarray]:
+    """`{PyTorch name: array}` from a `.pth`/`.pt` checkpoint or state dict, or an `.npz`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
+            try:
+                return {k.removeprefix("sd/"): data[k] for k in keys}
+            except ValueError as err:  # an object array: only a pickle could read it
+                raise CheckpointError(f"{path}: holds Python objects, not only arrays; .npz "
+                                      f"files are never unpickled ({err})") from None
+    if path.suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .npz "
+                              f"or one of {', '.join(TORCH_SUFFIXES)}")
+    torch = _import_torch(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise CheckpointError(
+                f"{path}: this file holds Python objects besides tensors (nnU-Net checkpoints keep "
+                f"trainer settings and logs), which only a full unpickle can read, and unpickling "
+                f"runs code stored in the file. If you trust where the file came from, pass "
+                f"--trust-checkpoint (trust=True). Detail: {str(err).splitlines()[0]}") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    sd = obj
+    if isinstance(obj, Mapping):
+        sd = obj.get("network_weights", obj.get("state_dict", obj))
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, or a checkpoint with "
+                              f"'network_weights' or 'state_dict'; found {type(obj).__name__}")
+    for prefix in ("_orig_mod.", "module."):  # torch.compile / DistributedDataParallel wrappers
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+            for k, v in sd.items()}
+
+
+def write_state_dict(sd: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Write a state dict as `.npz` (keys `sd/<name>`) or `.pth` (needs torch), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"sd/{k}": v for k, v in sd.items()})
+    elif path.suffix in TORCH_SUFFIXES:
+        torch = _import_torch(path)
+        torch.save(collections.OrderedDict(
+            (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items()), tmp)
+    else:
+        raise CheckpointError(f"{path}: unknown output type {path.suffix!r}; use .npz or .pth")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- mapping
+def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The reference's state dict of `model`: PyTorch names and layouts, aliases included."""
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    sd = {e.torch_name: np.ascontiguousarray(e.to_torch(np.asarray(params[e.path][...])))
+          for e in entries(model)}
+    for alias, target in aliases(model, list(sd)).items():
+        sd[alias] = sd[target]
+    return sd
+
+
+def _describe(names) -> str:
+    """What a state dict looks like, to help when it does not match."""
+    names = list(names)
+    if any(".mambas." in n for n in names):
+        kind = "multisegmamba"
+    elif any(".fwd_mamba." in n for n in names):
+        kind = "bisegmamba or segmambaskip (their state dicts are identical)"
+    elif any(n.startswith("encoder.mamba_layers.") for n in names):
+        kind = "segmamba"
+    elif any(n.startswith("decoder.stages.0.convs.") for n in names):
+        kind = "resencunet"
+    else:
+        kind = "not a jaxmamba network"
+    stages = {n.split(".")[2] for n in names if n.startswith("encoder.stages.")}
+    return f"the checkpoint looks like variant {kind} with {len(stages)} encoder stages"
+
+
+def check_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
+                     source: str = "<state dict>") -> None:
+    """Raise `CheckpointError` listing every missing, unexpected, mis-shaped or inconsistent
+    tensor of `sd` for `model` (aliases must equal their tensor bit for bit)."""
+    expected = torch_shapes(model)
+    problems = check_complete({k: tuple(np.shape(v)) for k, v in sd.items()}, expected)
+    if not any(problems.values()):
+        problems["dtype"] = [f"dtype of {k}: {np.asarray(v).dtype}, expected a floating dtype"
+                             for k, v in sd.items()
+                             if not np.issubdtype(np.asarray(v).dtype, np.floating)]
+        names = [e.torch_name for e in entries(model)]
+        problems["alias"] = [f"{alias} differs from {target} (one tensor in the reference)"
+                             for alias, target in aliases(model, names).items()
+                             if not np.array_equal(sd[alias], sd[target])]
+    total = sum(len(lines) for lines in problems.values())
+    if total:
+        shown = []
+        for kind, lines in problems.items():
+            shown += lines[:_MAX_LINES]
+            if len(lines) > _MAX_LINES:
+                shown.append(f"... and {len(lines) - _MAX_LINES} more {kind}")
+        variant = getattr(model, "variant", type(model).__name__)
+        raise CheckpointError(
+            f"{source} does not match {variant} for this plan ({total} problems; "
+            f"{_describe(sd)}):\n  " + "\n  ".join(shown))
+
+
+def import_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
+                      source: str = "<state dict>") -> None:
+    """Set `model`'s parameters from a PyTorch-named state dict, after `check_state_dict`."""
+    check_state_dict(model, sd, source=source)
+    flat = [(e.path, nnx.Param(jnp.asarray(e.from_torch(np.asarray(sd[e.torch_name])),
+                                           jnp.float32)))
+            for e in entries(model)]
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+def load_torch(path: str | Path, variant: str, plan: Plan, *, precision: str = "float32",
+               scan_implementation: str | None = None, trust: bool = False,
+               deep_supervision: bool = True) -> UNet:
+    """Build `variant` for `plan` without initialising it and load a PyTorch checkpoint into it."""
+    sd = read_state_dict(path, trust=trust)
+    model = nnx.eval_shape(lambda: build_model(
+        canonical_variant(variant), plan, precision=precision, deep_supervision=deep_supervision,
+        scan_implementation=scan_implementation))
+    import_state_dict(model, sd, source=str(path))
+    return model

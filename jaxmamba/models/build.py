@@ -1,0 +1,117 @@
+"""`build_model(variant, plan)`: the five networks from an nnU-Net plan (paper_spec §1.3, §3.2).
+
+| variant         | reference class                 | Mamba module per stage            | decoder  |
+|-----------------|---------------------------------|-----------------------------------|----------|
+| `resencunet`    | DNA `ResidualEncoderUNet`       | none                              | plain    |
+| `segmamba`      | `SegMamba`                      | MambaLayer(MambaTrans), d ≤ 256   | residual |
+| `bisegmamba`    | `PanSegMamba`                   | MambaLayer(PanMambaTrans), d ≤ 256| residual |
+| `segmambaskip`  | `SegMambaSkip` (skips only)     | MambaLayer(PanMambaTrans), d ≤ 256| residual |
+| `multisegmamba` | `MultiSegMamba`                 | MultiMambaTrans, d ≤ 64           | residual |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from flax import nnx
+
+from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
+from jaxmamba.models.precision import compute_dtype
+from jaxmamba.models.unet import ResidualEncoder, UNet, UNetDecoder
+from jaxmamba.plans import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes the five networks."""
+
+    reference_name: str  # class name in TamingMambas / dynamic-network-architectures
+    mamba: str | None  # None, "uni", "bi" or "multi"
+    d_state_cap: int = 256
+    mamba_on_skips_only: bool = False
+    residual_decoder: bool = True
+
+
+VARIANTS: dict[str, Variant] = {
+    "resencunet": Variant("ResEncUNet", None, residual_decoder=False),
+    "segmamba": Variant("SegMamba", "uni"),
+    "bisegmamba": Variant("PanSegMamba", "bi"),
+    "segmambaskip": Variant("SegMambaSkip", "bi", mamba_on_skips_only=True),
+    "multisegmamba": Variant("MultiSegMamba", "multi", d_state_cap=64),
+}
+
+#: Other spellings accepted for a variant (the reference's class names).
+ALIASES = {"pansegmamba": "bisegmamba", "residualencoderunet": "resencunet"}
+
+
+def canonical_variant(variant: str) -> str:
+    """The variant's name in `VARIANTS`; accepts the reference's class names, any case."""
+    name = variant.lower().replace("-", "").replace("_", "")
+    name = ALIASES.get(name, name)
+    if name not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {sorted(VARIANTS)}")
+    return name
+
+
+class KeyStream:
+    """Parameter-init keys `fold_in(key, 0), fold_in(key, 1), ...`; stands in for `nnx.Rngs`.
+
+    `nnx.Rngs` updates a counter Variable at every draw, which under tracing (`nnx.eval_shape`,
+    `jit`) costs time quadratic in the number of draws (flax 0.12): 15 s for MultiSegMamba's
+    shapes. A Python counter costs nothing. The key is "rbg": its samplers compile ~4x faster
+    than threefry's, which dominates building a network eagerly (one compile per shape).
+    """
+
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed, impl="rbg")
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        self._count += 1
+        return jax.random.fold_in(self._key, self._count - 1)
+
+
+def _mamba_module(kind: str, cap: int, scan_implementation: str | None, rngs: KeyStream,
+                  channels: int) -> nnx.Module:
+    d_state = d_state_for(channels, cap)
+    if kind == "multi":
+        return MultiMambaTrans(channels, d_state=d_state, scan_implementation=scan_implementation,
+                               rngs=rngs)
+    return MambaLayer(channels, bidirectional=kind == "bi", d_state=d_state,
+                      scan_implementation=scan_implementation, rngs=rngs)
+
+
+def build_model(variant: str, plan: Plan, *, precision: str = "float32",
+                deep_supervision: bool = True, scan_implementation: str | None = None,
+                rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
+    """The network `variant` for `plan`, initialised as the reference (paper_spec §3.3).
+
+    `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
+    parameters and the Mamba path stay float32. `scan_implementation` is passed to
+    `selective_scan` (None picks the fastest available). Use `nnx.eval_shape(lambda:
+    build_model(...))` for shapes only.
+    """
+    name = canonical_variant(variant)
+    spec = VARIANTS[name]
+    dtype = compute_dtype(precision)
+    rngs = KeyStream(rngs) if isinstance(rngs, int) else rngs
+    features = plan.features_per_stage
+    mamba = None
+    if spec.mamba is not None:
+        mamba = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap,
+                                  scan_implementation, rngs)
+    encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes, plan.strides,
+                              plan.n_blocks_encoder, mamba=mamba,
+                              mamba_on_skips_only=spec.mamba_on_skips_only, dtype=dtype,
+                              rngs=rngs)
+    decoder = UNetDecoder(features, plan.kernel_sizes, plan.strides, plan.n_blocks_decoder,
+                          plan.num_classes, residual=spec.residual_decoder,
+                          deep_supervision=deep_supervision, dtype=dtype, rngs=rngs)
+    return UNet(encoder, decoder, variant=name, precision=precision)
+
+
+def count_parameters(model: nnx.Module) -> int:
+    """Number of parameter scalars (works on `nnx.eval_shape` models too)."""
+    return sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -1,0 +1,21 @@
+"""The precision policy: one switch for the computation dtype of convolutions and norms.
+
+Parameters are always float32. The Mamba path always computes in float32, as the reference's
+`autocast(enabled=False)` (paper_spec §1.2, §7.4; DESIGN §3): `jaxmamba.layers` casts at its own
+boundary, so nothing here or in the networks casts anywhere else. Norm statistics are float32 too.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+#: precision name -> computation dtype of convolutions, transposed convolutions and norms.
+PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(precision: str):
+    """The convolution/norm computation dtype of a precision name ("float32" or "bf16")."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}") from None

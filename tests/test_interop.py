@@ -1,0 +1,170 @@
+"""PyTorch checkpoint interop: parity with the reference fixtures, bit-exact export, mismatch
+errors before any computation, safe loading of .npz/.pth, and the convert-torch command."""
+
+import pickle
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmamba import cli
+from jaxmamba.interop.torch import (
+    CheckpointError,
+    export_state_dict,
+    import_state_dict,
+    load_torch,
+    read_state_dict,
+    write_state_dict,
+)
+from jaxmamba.models import build_model
+from jaxmamba.plans import Plan
+
+
+def tiny_plan(**changes) -> Plan:
+    """The fixtures' plan (reference/README.md): 4 stages, features 4, 8, 16, 16, 3 classes."""
+    plan = Plan(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2,
+                spacing=(1.0, 1.0, 1.0), normalization_schemes=("ZScoreNormalization",),
+                use_mask_for_norm=(False,), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
+                kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+                n_blocks_encoder=(2, 2, 2, 2), n_blocks_decoder=(2, 2, 2), channel_names=("MRI",),
+                labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
+                max_num_features=16)
+    return plan.replace(**changes)
+
+
+def _fixture(reference_dir, name):
+    return reference_dir / "torch_models" / f"tiny_{name}.npz"
+
+
+def _abstract(variant, plan=None):
+    return nnx.eval_shape(lambda: build_model(variant, plan or tiny_plan()))
+
+
+@pytest.mark.parametrize("name,variant", [("SegMamba", "segmamba"),
+                                          ("MultiSegMamba", "multisegmamba")])
+def test_export_after_import_is_bit_exact(reference_dir, name, variant):
+    ref = read_state_dict(_fixture(reference_dir, name))
+    model = _abstract(variant)
+    import_state_dict(model, ref)
+    sd = export_state_dict(model)
+    assert sorted(sd) == sorted(ref)
+    for k, v in ref.items():
+        assert sd[k].dtype == v.dtype and sd[k].shape == v.shape, k
+        assert np.array_equal(sd[k], v), k
+
+
+def test_segmamba_reproduces_the_reference_outputs(reference_dir):
+    path = _fixture(reference_dir, "SegMamba")
+    model = load_torch(path, "segmamba", tiny_plan(), scan_implementation="xla")
+    with np.load(path) as data:
+        x = jnp.asarray(data["x"].transpose(0, 2, 3, 4, 1))  # NCDHW -> channels-last
+        refs = [data[f"out{i}"].transpose(0, 2, 3, 4, 1) for i in range(3)]
+    outs = nnx.jit(lambda m, x: m(x))(model, x)
+    assert len(outs) == 3
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.shape == ref.shape
+        assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------- mismatches
+def _assert_untouched(model):
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def test_wrong_variant_is_refused_with_the_names(reference_dir):
+    ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    model = _abstract("bisegmamba")
+    with pytest.raises(CheckpointError) as err:
+        import_state_dict(model, ref, source="tiny_SegMamba.npz")
+    msg = str(err.value)
+    assert "tiny_SegMamba.npz does not match bisegmamba" in msg
+    assert "missing encoder.mamba_layers.0.mamba.bwd_mamba.mamba.A_log [8, 4]" in msg
+    assert "unexpected encoder.mamba_layers.0.mamba.mamba.A_log [8, 4]" in msg
+    assert "looks like variant segmamba" in msg
+    _assert_untouched(model)
+
+
+def test_wrong_plan_is_refused_with_the_shapes(reference_dir):
+    ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    plan = tiny_plan(labels=(("background", 0), ("a", 1), ("b", 2), ("c", 3)))
+    model = _abstract("segmamba", plan)
+    with pytest.raises(CheckpointError,
+                       match=r"shape of decoder.seg_layers.0.weight: checkpoint \[3, 16, 1, 1, 1\]"
+                             r", expected \[4, 16, 1, 1, 1\]"):
+        import_state_dict(model, ref)
+    _assert_untouched(model)
+
+
+def test_missing_extra_and_inconsistent_tensors_are_listed(reference_dir):
+    ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    missing = {k: v for k, v in ref.items() if k != "decoder.transpconvs.1.bias"}
+    with pytest.raises(CheckpointError, match=r"missing decoder.transpconvs.1.bias \[8\]"):
+        import_state_dict(_abstract("segmamba"), missing)
+    extra = {**ref, "decoder.extra.weight": np.zeros((2, 3), np.float32)}
+    with pytest.raises(CheckpointError, match=r"unexpected decoder.extra.weight \[2, 3\]"):
+        import_state_dict(_abstract("segmamba"), extra)
+    name = "encoder.stages.1.blocks.0.conv1.all_modules.0.weight"
+    changed = {**ref, name: ref[name] + 1}
+    with pytest.raises(CheckpointError, match=f"{name} differs from "
+                                              f"encoder.stages.1.blocks.0.conv1.conv.weight"):
+        import_state_dict(_abstract("segmamba"), changed)
+    copy = "decoder.encoder.stem.convs.0.norm.bias"
+    with pytest.raises(CheckpointError, match=f"{copy} differs from encoder.stem.convs.0.norm"):
+        import_state_dict(_abstract("segmamba"), {**ref, copy: ref[copy] - 1})
+
+
+# ------------------------------------------------------------------------------- files
+def test_npz_is_never_unpickled(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **{"sd/a": np.array([{"x": 1}], dtype=object)})
+    with pytest.raises(CheckpointError, match="never unpickled"):
+        read_state_dict(path)
+
+
+def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_final.pth"
+    path.write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(CheckpointError, match=r"pip install 'jaxmamba\[torch\]'"):
+        read_state_dict(path)
+
+
+def test_pth_checkpoints_load_safely(reference_dir, tmp_path):
+    torch = pytest.importorskip("torch")  # the optional extra jaxmamba[torch]
+    ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    plain = tmp_path / "state_dict.pth"
+    write_state_dict(ref, plain)
+    got = read_state_dict(plain)
+    assert sorted(got) == sorted(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+    # nnU-Net's checkpoint_final.pth keeps numpy objects in its logs: weights_only refuses them.
+    nnunet = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {k: torch.from_numpy(v) for k, v in ref.items()},
+                "logging": {"ema_fg_dice": [np.float64(0.5)]}, "trainer_name": "x"}, nnunet)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        read_state_dict(nnunet)
+    got = read_state_dict(nnunet, trust=True)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(pickle.UnpicklingError):  # what the refusal above protects against
+        torch.load(nnunet, weights_only=True)
+
+
+def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
+    plans = tmp_path / "plans" / "nnUNetPlans.json"
+    tiny_plan().save(plans)
+    src = _fixture(reference_dir, "SegMamba")
+    run_dir, back = tmp_path / "run", tmp_path / "back.npz"
+    assert cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant", "segmamba",
+                     "-o", str(run_dir)]) == 0
+    assert "predict" in capsys.readouterr().out
+    assert cli.main(["convert-torch", str(run_dir), "--to-torch", "-o", str(back)]) == 0
+    ref, got = read_state_dict(src), read_state_dict(back)
+    assert sorted(got) == sorted(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+    # Wrong variant: a clear message and exit status 1, nothing written.
+    assert cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant",
+                     "multisegmamba", "-o", str(tmp_path / "other")]) == 1
+    assert "does not match multisegmamba" in capsys.readouterr().out
+    assert not (tmp_path / "other").exists()
