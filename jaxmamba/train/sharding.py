@@ -20,10 +20,21 @@ DATA_AXIS = "data"
 
 
 def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when launched as several processes (SLURM, or the
-    `JAX_COORDINATOR_ADDRESS`/`JAX_NUM_PROCESSES`/`JAX_PROCESS_ID` variables); no-op otherwise."""
-    multi = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
-    if multi and not jax.distributed.is_initialized():
+    """`jax.distributed.initialize()` when launched as several processes; a no-op otherwise.
+
+    Under SLURM (`srun`, `SLURM_NTASKS` > 1) JAX finds the coordinator itself. Elsewhere set
+    `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` per process.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        try:
+            n, i = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as err:
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID (integers) for every process too") from err
+        jax.distributed.initialize(num_processes=n, process_id=i)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
 

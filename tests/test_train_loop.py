@@ -1,0 +1,138 @@
+"""The training loop end to end on synthetic phantoms (configs/tiny.yaml), on 4 fake CPU devices:
+a two-step run and what it writes, exact resume, a non-finite loss, and bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxmamba.config import ConfigError, load_config
+from jaxmamba.train.checkpoint import CheckpointError
+from jaxmamba.train.loop import NonFiniteLossError, run
+from jaxmamba.train.preflight import DoesNotFitError
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The runs here compile the same programs; a persistent cache makes the later ones loads."""
+    import jax
+    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+               "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """Raw phantom folder + its preprocessing cache, shared by the runs of this module."""
+    root = tmp_path_factory.mktemp("phantom")
+    from jaxmamba.datasets import build
+    build("phantom", root / "raw", n_cases=5, shape=(10, 24, 24))
+    return root
+
+
+def _cfg(phantom, run_dir, *overrides):
+    return load_config(TINY, [f"data.raw_dir={phantom / 'raw'}",
+                              f"data.preprocessed_dir={phantom / 'cache'}",
+                              f"train.run_dir={run_dir}", "log.progress=false", *overrides])
+
+
+def _losses(history):
+    return [(r["train_loss"], r["val_loss"], r["val_dice"]) for r in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom):
+    """Two epochs of one step each, without interruption."""
+    run_dir = phantom / "runs" / "whole"
+    return run_dir, run(_cfg(phantom, run_dir))
+
+
+def test_two_step_run_writes_everything(uninterrupted):
+    run_dir, summary = uninterrupted
+    assert summary["step"] == 2 and len(summary["history"]) == 2
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in lines)
+    assert lines[0]["lr"] == pytest.approx(3e-4)
+    assert (run_dir / "curves.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "latest").iterdir()) == ["2"]
+    assert list((run_dir / "checkpoints" / "best").iterdir())
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.run_dir == str(run_dir) and saved.model.variant == "resencunet"
+    assert (run_dir / "nnUNetPlans.json").is_file()
+    # the sliding-window validation of the fold's whole validation cases at the end
+    dice = summary["final_validation"]["validation"]
+    assert set(dice) == {"ellipsoid", "box", "mean"} and 0 <= dice["mean"] <= 1
+    assert (run_dir / "final_validation" / "validation" / "summary.json").is_file()
+
+
+def test_resume_continues_bit_for_bit(phantom, uninterrupted):
+    _, whole = uninterrupted
+    run_dir = phantom / "runs" / "resumed"
+    cfg = _cfg(phantom, run_dir, "train.final_validation=false")
+    first = run(cfg, max_epochs=1)  # "interrupted" after epoch 1
+    assert first["step"] == 1
+    second = run(cfg)  # resumes automatically
+    assert second["step"] == 2
+    assert _losses(second["history"]) == _losses(whole["history"])  # exact, not approximate
+    for a, b in zip(_leaves(second["state"].params), _leaves(whole["state"].params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1]
+
+
+def _leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(phantom, uninterrupted):
+    src, _ = uninterrupted
+    run_dir = phantom / "runs" / "nan"
+    shutil.copytree(src, run_dir)
+    poisoned = phantom / "cache_nan"  # the same cache with NaN images
+    shutil.copytree(phantom / "cache", poisoned)
+    for f in poisoned.glob("3d_fullres/*.npy"):
+        x = np.load(f)
+        if x.dtype.kind == "f" and x.ndim == 4:
+            np.save(f, np.full_like(x, np.nan))
+    cfg = _cfg(phantom, run_dir, "train.epochs=3", f"data.preprocessed_dir={poisoned}")
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*epoch 2 in"):
+        run(cfg)
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "latest").iterdir()) == ["2"]
+
+
+def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):
+    src, _ = uninterrupted
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    with pytest.raises(CheckpointError, match="train.resume=false"):
+        run(_cfg(phantom, src, "train.resume=false"))
+    with pytest.raises(CheckpointError, match="variant 'resencunet'.*'segmamba'"):
+        run(_cfg(phantom, src, "model.variant=segmamba"))
+    with pytest.raises(CheckpointError, match="another plan"):
+        run(_cfg(phantom, src, "data.plan_overrides.base_num_features=2"))
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        run(_cfg(phantom, tmp_path / "new", "train.resume=true"))
+    with pytest.raises(ValueError, match="batch size 3 is not divisible by the 4 devices"):
+        run(_cfg(phantom, tmp_path / "b3", "data.plan_overrides.batch_size=3"))
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        run(_cfg(phantom, tmp_path / "r", f"data.raw_dir={tmp_path / 'none'}", "data.build=null"))
+    with pytest.raises(ValueError, match="data.plan_overrides.spacing: not overridable"):
+        run(_cfg(phantom, tmp_path / "s", "data.plan_overrides.spacing=[1, 1, 1]"))
+    with pytest.raises(DoesNotFitError, match="will not fit.*plan_overrides.batch_size=2, now 4"):
+        run(_cfg(phantom, tmp_path / "m", "train.memory_limit_gib=0.000001"))
+    with pytest.raises(ConfigError, match="model.variant = 'unet'"):
+        _cfg(phantom, tmp_path / "v", "model.variant=unet")
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("*.json"))
