@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("jaxmamba.datasets", "build the offline real-MRI demo dataset"),
     "train": ("jaxmamba.train.cli", "train a network from a YAML config (+ key=value overrides)"),
     "evaluate": ("jaxmamba.infer.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
+    "predict": ("jaxmamba.infer.predict", "predict NIfTI cases with trained run directories"),
     "convert-torch": ("jaxmamba.interop.cli", "import (or export) a PyTorch checkpoint"),
 }
 

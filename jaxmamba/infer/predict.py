@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -155,3 +156,66 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------- `jaxmamba predict`
+def add_arguments(parser) -> None:
+    parser.add_argument("-m", "--model", required=True, nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directory (several: an ensemble, e.g. the five folds; their "
+                             "logits are averaged)")
+    parser.add_argument("-i", "--input", required=True, nargs="+", type=Path,
+                        help="folder of CASE_XXXX.nii.gz images (nnU-Net naming), or files")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="folder for CASE.nii.gz label maps")
+    parser.add_argument("--checkpoint", choices=("latest", "best"), default=None,
+                        help="latest (end of training, as nnU-Net's checkpoint_final) or best "
+                             "(best EMA pseudo-Dice); default: latest if the run has it, else "
+                             "best (converted PyTorch checkpoints)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write CASE.npz with 'probabilities' (K, z, y, x) float32")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="predict cases whose output already exists (default: skip them)")
+    parser.add_argument("--no-mirroring", action="store_true",
+                        help="switch mirror test-time augmentation off (8x faster)")
+    parser.add_argument("--mirror-axes", default="0,1,2",
+                        help="spatial axes to mirror, nnU-Net order (default 0,1,2)")
+    parser.add_argument("--step-size", type=float, default=0.5,
+                        help="window stride as a fraction of the patch (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per network call (default: one per device)")
+    parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
+                        help="where logits are summed: auto picks the device when it fits")
+
+
+def run(args) -> int:
+    from jaxmamba.infer.network import network_apply_fn
+    from jaxmamba.infer.runs import RunError, check_same_plan, load_run
+
+    try:
+        mirror_axes = None if args.no_mirroring else tuple(
+            int(a) for a in args.mirror_axes.split(",") if a.strip())
+        if mirror_axes and not set(mirror_axes) <= {0, 1, 2}:
+            raise ValueError(f"--mirror-axes {args.mirror_axes}: axes must be among 0, 1, 2")
+        runs = [load_run(d, args.checkpoint) for d in args.model]
+        check_same_plan(runs)
+        plan = runs[0].plan
+        cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
+        for r in runs:
+            print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
+        print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
+              f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
+        apply_fns = [network_apply_fn(r.model) for r in runs]
+        written, skipped = predict_cases(
+            apply_fns, plan, cases, args.output, overwrite=args.overwrite,
+            save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
+            step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate)
+        plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
+    except (RunError, DataError, ValueError) as err:
+        print(f"error: {err}")
+        return 1
+    if skipped:
+        print(f"skipped {len(skipped)} case(s) already predicted in {args.output} (--overwrite "
+              f"to predict them again)")
+    print(f"wrote {len(written)} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
+          f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
+    return 0

@@ -1,0 +1,132 @@
+"""`jaxmamba predict` from a run directory in the training format, then `jaxmamba evaluate`."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmamba.cli import main
+from jaxmamba.infer.network import network_apply_fn
+from jaxmamba.infer.runs import RunError, find_checkpoint, load_run
+from jaxmamba.interop.checkpoint import save_run
+from jaxmamba.models import build_model
+from jaxmamba.plans import Plan
+from jaxmamba.train.checkpoint import Checkpointer
+
+
+def _plan():
+    return Plan(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2, spacing=(2.0, 1.0, 1.0),
+                normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
+                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
+                n_blocks_encoder=(1, 1), n_blocks_decoder=(1,), channel_names=("MRI",),
+                labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
+                max_num_features=8)
+
+
+def _plan_dict(plan):
+    plans, dataset = plan.to_nnunet()
+    return {"plans": plans, "dataset": dataset}
+
+
+def _make_run(run_dir, seed, variant="resencunet"):
+    """A run directory as training leaves it, with perturbed (non-initial) parameters."""
+    plan = _plan()
+    plan.save(run_dir / "nnUNetPlans.json")
+    model = build_model(variant, plan, rngs=seed)
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: jnp.asarray(
+        np.asarray(x) + 0.05 * np.sin(np.arange(x.size).reshape(x.shape)), x.dtype), params)
+    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt.save(3, params=params, train={"step": jnp.zeros((), jnp.int32)}, data_state=None,
+              meta={"epoch": 3, "variant": variant, "plan": _plan_dict(plan),
+                    "config": {"model": {"variant": variant, "precision": "float32"}}},
+              best=True)
+    ckpt.wait()
+    ckpt.close()
+    return plan, params
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = np.random.default_rng(5)
+    for d in ("in", "gt"):
+        (tmp_path / d).mkdir()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    for i in range(2):
+        image = rng.normal(size=(20, 18, 9)).astype(np.float32) + 3.0
+        labels = np.zeros((20, 18, 9), np.uint8)
+        labels[4:14, 3:12, 2:7] = 1 + i
+        nib.save(nib.Nifti1Image(image, affine), tmp_path / "in" / f"c{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(labels, affine), tmp_path / "gt" / f"c{i}.nii.gz")
+    return tmp_path
+
+
+def test_load_run_restores_the_saved_parameters(tmp_path):
+    plan, params = _make_run(tmp_path / "run", seed=1)
+    loaded = load_run(tmp_path / "run", "best")
+    assert (loaded.variant, loaded.plan.patch_size) == ("resencunet", (8, 16, 16))
+    assert find_checkpoint(tmp_path / "run") == "latest"
+    _, got, _ = nnx.split(loaded.model, nnx.Param, ...)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the network predicts the full-resolution logits only
+    x = np.random.default_rng(0).normal(size=(2, *plan.patch_size, 1)).astype(np.float32)
+    logits = network_apply_fn(loaded.model)(x)
+    assert logits.shape == (2, *plan.patch_size, 3) and np.isfinite(logits).all()
+
+
+def test_converted_run_predicts_without_options(tmp_path):
+    plan = _plan()
+    model = build_model("resencunet", plan, rngs=4)
+    save_run(tmp_path / "converted", model, plan, source="test")
+    loaded = load_run(tmp_path / "converted")
+    assert loaded.checkpoint == "best" and loaded.plan.labels == plan.labels
+    x = np.random.default_rng(1).normal(size=(1, *plan.patch_size, 1)).astype(np.float32)
+    model.set_deep_supervision(False)
+    np.testing.assert_allclose(network_apply_fn(loaded.model)(x), model(jnp.asarray(x))[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_predict_then_evaluate(setup, capsys):
+    root = setup
+    _make_run(root / "run0", seed=1)
+    _make_run(root / "run1", seed=2)
+    args = ["predict", "-m", str(root / "run0"), str(root / "run1"), "-i", str(root / "in"),
+            "-o", str(root / "out"), "--mirror-axes", "2", "--save-probabilities"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "wrote 2 prediction(s)" in out and "jaxmamba evaluate" in out
+    for i in range(2):
+        pred = nib.load(root / "out" / f"c{i}.nii.gz")
+        assert pred.shape == (20, 18, 9)
+        np.testing.assert_allclose(pred.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
+        assert np.load(root / "out" / f"c{i}.npz")["probabilities"].shape == (3, 9, 18, 20)
+    assert main(args) == 0
+    assert "skipped 2 case(s)" in capsys.readouterr().out
+    assert main(["evaluate", "-p", str(root / "out"), "-g", str(root / "gt"),
+                 "-d", str(root / "out" / "dataset.json")]) == 0
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2 and set(summary["mean"]) == {"a", "b", "mean"}
+
+
+def test_bad_run_directories(setup, capsys):
+    root = setup
+    (root / "empty").mkdir()
+    base = ["predict", "-i", str(root / "in"), "-o", str(root / "out"), "-m"]
+    assert main([*base, str(root / "empty")]) == 1
+    assert "no nnUNetPlans.json" in capsys.readouterr().out
+    _plan().save(root / "nockpt" / "nnUNetPlans.json")
+    assert main([*base, str(root / "nockpt")]) == 1
+    assert "no latest or best checkpoint" in capsys.readouterr().out
+    _make_run(root / "run", seed=0)
+    with pytest.raises(RunError, match="no best checkpoint"):
+        load_run(root / "nockpt", "best")
+    (root / "in" / "c0_0001.nii.gz").write_bytes(b"")
+    assert main([*base, str(root / "run")]) == 1
+    assert "case c0" in capsys.readouterr().out
+    assert not (root / "out").exists() or not list((root / "out").glob("*.nii.gz"))
