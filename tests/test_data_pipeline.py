@@ -147,3 +147,16 @@ def test_validation_batches_repeat_and_are_not_augmented(cache):
     data = np.concatenate([load_preprocessed(out, v)[0].ravel() for v in val])
     values = np.unique(first[0]["image"])
     assert np.isin(values[values != 0], data).all()
+
+
+def test_batches_shard_over_a_data_axis(cache):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out, plan = cache
+    train, _ = fold_cases(out, 3)
+    batch = next(train_iterator(out, plan, train, seed=2, batch_size=4))
+    mesh = jax.make_mesh((4,), ("data",))
+    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert sharded["image"].sharding.shard_shape(sharded["image"].shape)[0] == 1
+    np.testing.assert_array_equal(np.asarray(sharded["target"][0]), batch["target"][0])
