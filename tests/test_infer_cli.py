@@ -97,7 +97,7 @@ def test_predict_then_evaluate(setup, capsys):
     _make_run(root / "run0", seed=1)
     _make_run(root / "run1", seed=2)
     args = ["predict", "-m", str(root / "run0"), str(root / "run1"), "-i", str(root / "in"),
-            "-o", str(root / "out"), "--mirror-axes", "2", "--save-probabilities"]
+            "-o", str(root / "out"), "--mirror-axes", "2", "--save-probabilities", "--preview"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "wrote 2 prediction(s)" in out and "jaxmamba evaluate" in out
@@ -106,6 +106,7 @@ def test_predict_then_evaluate(setup, capsys):
         assert pred.shape == (20, 18, 9)
         np.testing.assert_allclose(pred.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
         assert np.load(root / "out" / f"c{i}.npz")["probabilities"].shape == (3, 9, 18, 20)
+        assert (root / "out" / "previews" / f"c{i}.png").read_bytes()[:4] == b"\x89PNG"
     assert main(args) == 0
     assert "skipped 2 case(s)" in capsys.readouterr().out
     assert main(["evaluate", "-p", str(root / "out"), "-g", str(root / "gt"),

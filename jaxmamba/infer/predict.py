@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxmamba.data import DataError, preprocess_case, revert_to_raw, write_volume
+from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
+from jaxmamba.infer.preview import save_preview
 from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
 from jaxmamba.plans import Plan
 
@@ -108,9 +109,10 @@ def logits_to_outputs(logits: np.ndarray, properties: dict, plan: Plan
 def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, output_dir: Path, *,
                  save_probabilities: bool = False, mirror_axes: Sequence[int] | None = (0, 1, 2),
                  step_size: float = 0.5, batch_size: int | None = None, mesh: Mesh | None = None,
-                 accumulate: Accumulate = "auto", progress: bool = False) -> Path:
+                 accumulate: Accumulate = "auto", preview: bool = False,
+                 progress: bool = False) -> Path:
     """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
-    `probabilities (K, z, y, x)`); returns the label map's path."""
+    `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path."""
     try:
         data, _, properties = preprocess_case(case.files, plan)
     except (DataError, ValueError, OSError) as err:
@@ -127,6 +129,11 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
     path = output_dir / f"{case.case_id}{plan.file_ending}"
     if save_probabilities:
         _save_npz(output_dir / f"{case.case_id}.npz", probabilities=probabilities)
+    if preview:
+        image, geometry = load_volume(case.files[0])
+        save_preview(output_dir / "previews" / f"{case.case_id}.png", labels, image=image,
+                     spacing=geometry["spacing"], title=case.case_id,
+                     num_classes=plan.num_classes)
     write_volume(path, labels, properties["geometry"])  # last: marks the case done
     return path
 
@@ -173,6 +180,9 @@ def add_arguments(parser) -> None:
                              "best (converted PyTorch checkpoints)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write CASE.npz with 'probabilities' (K, z, y, x) float32")
+    parser.add_argument("--preview", action="store_true",
+                        help="also write previews/CASE.png: three slices through the largest "
+                             "predicted structure over the image")
     parser.add_argument("--overwrite", action="store_true",
                         help="predict cases whose output already exists (default: skip them)")
     parser.add_argument("--no-mirroring", action="store_true",
@@ -208,7 +218,8 @@ def run(args) -> int:
         written, skipped = predict_cases(
             apply_fns, plan, cases, args.output, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
-            step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate)
+            step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
+            preview=args.preview)
         plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
     except (RunError, DataError, ValueError) as err:
         print(f"error: {err}")
