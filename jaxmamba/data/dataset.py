@@ -33,8 +33,9 @@ class RawDataset:
     root: Path
     meta: dict
     cases: tuple[RawCase, ...]
-    test_cases: tuple[RawCase, ...]
-    problems: tuple[str, ...]  # structural problems found while listing (missing files, ...)
+    test_cases: tuple[RawCase, ...]  # imagesTs (with labelsTs where that folder exists)
+    problems: tuple[str, ...]  # training-set problems found while listing (missing files, ...)
+    test_problems: tuple[str, ...] = ()  # the same for imagesTs/labelsTs (training ignores them)
 
     @property
     def channel_names(self) -> tuple[str, ...]:
@@ -57,7 +58,7 @@ class RawDataset:
 
     @classmethod
     def open(cls, root: str | Path) -> RawDataset:
-        """Parse `dataset.json` and list `imagesTr`/`labelsTr` (and `imagesTs` if present).
+        """Parse `dataset.json` and list `imagesTr`/`labelsTr` (and `imagesTs`/`labelsTs`).
 
         Raises `DataError` if `dataset.json` is unusable; file-level problems are collected in
         `problems` (use `check_dataset` to see them, or `require_clean()`).
@@ -77,13 +78,15 @@ class RawDataset:
         ending = str(meta["file_ending"])
         problems: list[str] = []
         cases = _list_cases(root / "imagesTr", root / "labelsTr", n_channels, ending, problems)
-        test = (_list_cases(root / "imagesTs", None, n_channels, ending, problems)
+        test_labels = root / "labelsTs" if (root / "labelsTs").is_dir() else None
+        test_problems: list[str] = []
+        test = (_list_cases(root / "imagesTs", test_labels, n_channels, ending, test_problems)
                 if (root / "imagesTs").is_dir() else ())
         n = meta.get("numTraining")
         if n is not None and int(n) != len(cases):
             problems.append(f"{meta_path}: numTraining is {n} but labelsTr/imagesTr hold "
                             f"{len(cases)} complete cases")
-        return cls(root, meta, tuple(cases), tuple(test), tuple(problems))
+        return cls(root, meta, tuple(cases), tuple(test), tuple(problems), tuple(test_problems))
 
     def require_clean(self) -> RawDataset:
         if self.problems:
@@ -188,7 +191,7 @@ def check_dataset(root: str | Path, *, progress: bool = False) -> tuple[list[str
         ds = RawDataset.open(root)
     except DataError as err:
         return [str(err)], []
-    errors, warnings = list(ds.problems), []
+    errors, warnings = [*ds.problems, *ds.test_problems], []
     values = set(ds.labels.values())
     if sorted(values) != list(range(len(values))):
         errors.append(f"{ds.root / 'dataset.json'}: label values {sorted(values)} must be "
