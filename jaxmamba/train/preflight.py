@@ -1,16 +1,19 @@
 """Compile-ahead memory preflight of the train step (maxtext `train_compile` style; DESIGN §7).
 
-The step is lowered and compiled before any training; XLA's `memory_analysis()` of the compiled
-executable gives the bytes one device needs (arguments + outputs + temporaries − donated
-aliases). A configuration that needs more than the device has is refused with advice.
+The whole train step (network, loss, optimizer) is lowered and compiled before any training, and
+the executable is the one that trains; XLA's `memory_analysis()` gives the bytes one device needs
+(`jaxmamba.models.total_bytes`: arguments + outputs + temporaries − donated aliases). A
+configuration that needs more than the device has is refused with advice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
+from jaxmamba.models import total_bytes
 from jaxmamba.plans import Plan
 
 GIB = 2**30
@@ -22,28 +25,26 @@ class DoesNotFitError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    arguments: int
-    outputs: int
-    temporaries: int
-    aliased: int
+    """XLA's `CompiledMemoryStats` of one device, with a readable summary."""
+
+    stats: Any
 
     @property
     def total(self) -> int:
-        return self.arguments + self.outputs + self.temporaries - self.aliased
+        return total_bytes(self.stats)
 
     def __str__(self) -> str:
+        s = self.stats
         return (f"{self.total / GIB:.2f} GiB per device (state and batch "
-                f"{self.arguments / GIB:.2f}, temporaries {self.temporaries / GIB:.2f}, outputs "
-                f"{self.outputs / GIB:.2f}, donated {self.aliased / GIB:.2f})")
+                f"{s.argument_size_in_bytes / GIB:.2f}, temporaries "
+                f"{s.temp_size_in_bytes / GIB:.2f}, outputs {s.output_size_in_bytes / GIB:.2f}, "
+                f"donated {s.alias_size_in_bytes / GIB:.2f})")
 
 
 def estimate(compiled: jax.stages.Compiled) -> MemoryEstimate | None:
     """XLA's per-device memory estimate of a compiled executable (None if not reported)."""
     stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    return MemoryEstimate(stats.argument_size_in_bytes, stats.output_size_in_bytes,
-                          stats.temp_size_in_bytes, stats.alias_size_in_bytes)
+    return None if stats is None else MemoryEstimate(stats)
 
 
 def device_memory_bytes() -> int | None:
