@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmamba.models import VARIANTS, build_model, count_parameters, memory_preflight, total_bytes
+from jaxmamba.models import (
+    VARIANTS,
+    ResidualEncoder,
+    build_model,
+    count_parameters,
+    memory_preflight,
+    total_bytes,
+)
 from jaxmamba.models.blocks import (
     AvgPool,
     BasicBlockD,
@@ -191,9 +198,8 @@ def _random_params(model, key):
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
 
 
-# multisegmamba: MultiMambaTrans cannot be traced yet (jaxmamba/layers/blocks.py calls .tolist()
-# on a traced argsort); it joins this list when the layer is fixed.
-@pytest.mark.parametrize("variant", ["bisegmamba", "resencunet", "segmamba", "segmambaskip"])
+# segmamba and multisegmamba run forward in tests/test_interop.py against the PyTorch fixtures.
+@pytest.mark.parametrize("variant", ["bisegmamba", "resencunet", "segmambaskip"])
 def test_every_variant_runs_forward(key, variant):
     plan = mini_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model(
@@ -207,24 +213,36 @@ def test_every_variant_runs_forward(key, variant):
 def test_deep_supervision_outputs_full_resolution_first(key):
     plan = small_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model("resencunet", plan)), key)
+    single = nnx.eval_shape(lambda: build_model("resencunet", plan, deep_supervision=False))
+    nnx.update(single, nnx.state(model, nnx.Param))
     x = jnp.asarray(_rng(key).standard_normal((2, *plan.patch_size, 2), np.float32))
-    outs = _call(model, x)
+    outs, (full,) = nnx.jit(lambda m, s, x: (m(x), s(x)))(model, single, x)
     assert [o.shape for o in outs] == [(2, 4, 8, 8, 3), (2, 4, 4, 4, 3)]
-    model.set_deep_supervision(False)
-    (full,) = _call(model, x)
     np.testing.assert_allclose(full, outs[0], rtol=1e-6, atol=1e-6)
+    single.set_deep_supervision(True)
+    assert single.deep_supervision and len(jax.eval_shape(lambda m, x: m(x), single, x)) == 2
 
 
-@pytest.mark.parametrize("variant,skip_only", [("bisegmamba", False), ("segmambaskip", True)])
-def test_segmambaskip_puts_mamba_on_the_skips_only(key, variant, skip_only):
-    """SegMambaSkip feeds the conv output to the next stage; the others feed the Mamba output."""
-    plan = mini_plan()
-    model = _random_params(nnx.eval_shape(lambda: build_model(
-        variant, plan, scan_implementation="reference")), key)
-    enc = model.encoder
+class _Flip(nnx.Module):
+    """A stand-in Mamba module (no scan to compile): flips the volume, so its use is visible."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, x):
+        return jnp.flip(x, axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize("skip_only", [False, True])
+def test_mamba_wiring_of_the_encoder(key, skip_only):
+    """SegMambaSkip feeds the conv output to the next stage; the others the Mamba output."""
+    plan = small_plan()
+    enc = _random_params(nnx.eval_shape(lambda: ResidualEncoder(
+        2, (4, 8, 8), plan.kernel_sizes, plan.strides, plan.n_blocks_encoder, mamba=_Flip,
+        mamba_on_skips_only=skip_only, rngs=nnx.Rngs(0))), key)
     x = jnp.asarray(_rng(key).standard_normal((1, *plan.patch_size, 2), np.float32))
 
-    def by_hand(enc, x):
+    def by_hand(enc, x, skip_only):
         x, skips = enc.stem(x), []
         for stage, mamba in zip(enc.stages, enc.mamba_layers, strict=True):
             x = stage(x)
@@ -232,9 +250,12 @@ def test_segmambaskip_puts_mamba_on_the_skips_only(key, variant, skip_only):
             x = x if skip_only else skips[-1]
         return skips
 
-    got, expected = nnx.jit(lambda e, x: (e(x), by_hand(e, x)))(enc, x)
+    got, expected, other = nnx.jit(lambda e, x: (e(x), by_hand(e, x, skip_only),
+                                                 by_hand(e, x, not skip_only)))(enc, x)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got[-1], other[-1], atol=1e-3)  # the two wirings differ
+    assert [v for v, spec in VARIANTS.items() if spec.mamba_on_skips_only] == ["segmambaskip"]
 
 
 def test_bf16_precision_switch(key):
