@@ -1,0 +1,116 @@
+"""Forward kernels (jax_mamba_anchors §6.2), each beside its pure-jnp reference.
+
+K1 `chunk_states`: every chunk scanned from a zero state, giving its end state and `Σδ`.
+K2 (XLA, in `selective_scan.py`): the scan over chunks, giving each chunk's start state.
+K3 `chunk_outputs`: every chunk rescanned from its true start state, writing `y` (skip, gate fused).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmamba.kernels import scan_common as sc
+from jaxmamba.ops.scan_reference import discretize_delta
+
+
+def _chunk_states_kernel(u_ref, dt_ref, a_ref, b_ref, bias_ref, h_ref, s_ref, *, st):
+    a2 = a_ref[...].astype(h_ref.dtype) * sc.LOG2E
+    bias = bias_ref[...].astype(h_ref.dtype)
+    valid = sc.valid_rows(st)
+
+    def body(i, carry):
+        h, s = carry
+        r = sc.row(st, i)
+        d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
+        h, _ = sc.state_step(h, d, u_ref[r, :].astype(h.dtype), b_ref[r, :].astype(h.dtype), a2)
+        return h, s + d
+
+    h, s = lax.fori_loop(0, st.tiling.chunk, body,
+                         (jnp.zeros(a2.shape, h_ref.dtype), jnp.zeros(bias.shape, h_ref.dtype)))
+    h_ref[...] = h
+    s_ref[...] = s
+
+
+def chunk_states(st: sc.ScanStatics, u, dt, A, B, bias, dtype):
+    """K1. Padded operands (module docstring of scan_common) -> (end states (B, nC, Dp, Np) from a
+    zero start, Σδ per chunk (B, nC, Dp)), both in `dtype`."""
+    batch, _, dim = u.shape
+    n = A.shape[1]
+    n_chunks = st.padded_length // st.tiling.chunk
+    sp = sc.Specs(st.tiling, n, st.tiling.block_d)
+    return sc.call(
+        functools.partial(_chunk_states_kernel, st=st), st, batch, dim, st.tiling.block_d,
+        in_specs=[sp.seq, sp.seq, sp.a, sp.bc, sp.vec], out_specs=[sp.state, sp.chunk_vec],
+        out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, dim, n), dtype),
+                   jax.ShapeDtypeStruct((batch, n_chunks, dim), dtype)],
+        warps=st.tiling.fwd_warps, name="selective_scan_chunk_states",
+    )(u, dt, A, B, bias)
+
+
+def _chunk_outputs_kernel(*refs, st):
+    if st.has_z:
+        u_ref, dt_ref, z_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref = refs
+    else:
+        u_ref, dt_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref = refs
+    cdt = h0_ref.dtype
+    a2 = a_ref[...].astype(cdt) * sc.LOG2E
+    bias = bias_ref[...].astype(cdt)
+    valid = sc.valid_rows(st)
+    dv = dv_ref[...].astype(cdt)
+
+    def body(i, h):
+        r = sc.row(st, i)
+        d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
+        u = u_ref[r, :].astype(cdt)
+        h, _ = sc.state_step(h, d, u, b_ref[r, :].astype(cdt), a2)
+        y = jnp.sum(h * c_ref[r, :].astype(cdt)[None, :], axis=1) + dv * u
+        if st.has_z:
+            y = y * sc.silu_parts(z_ref[r, :].astype(cdt))[0]
+        y_ref[r, :] = y.astype(y_ref.dtype)
+        return h
+
+    lax.fori_loop(0, st.tiling.chunk, body, h0_ref[...])
+
+
+def chunk_outputs(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):
+    """K3. Padded operands and the chunk start states `h_in (B, nC, Dp, Np)` -> y (B, Lp, Dp)
+    in u's dtype."""
+    batch, _, dim = u.shape
+    sp = sc.Specs(st.tiling, A.shape[1], st.tiling.block_d)
+    seq_in = [u, dt] + ([z] if st.has_z else [])
+    return sc.call(
+        functools.partial(_chunk_outputs_kernel, st=st), st, batch, dim, st.tiling.block_d,
+        in_specs=[sp.seq] * len(seq_in) + [sp.a, sp.bc, sp.bc, sp.vec, sp.vec, sp.state],
+        out_specs=sp.seq, out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
+        warps=st.tiling.fwd_warps, name="selective_scan_chunk_outputs",
+    )(*seq_in, A, B, C, D, bias, h_in)
+
+
+# ----------------------------------------------------------------- pure-jnp references
+
+
+def _chunked(x, chunk):
+    """(B, Lp, F) -> (B·nC, T, F)."""
+    return x.reshape(-1, chunk, x.shape[-1])
+
+
+def chunk_states_reference(st: sc.ScanStatics, u, dt, A, B, bias, dtype):
+    """K1 by a sequential `lax.scan` per chunk (no padding mask: use unpadded lengths)."""
+    batch, _, dim = u.shape
+    t = st.tiling.chunk
+    d = _chunked(discretize_delta(dt, bias, st.delta_softplus, dtype), t)
+    uu, bb = _chunked(u.astype(dtype), t), _chunked(B.astype(dtype), t)
+
+    def step(h, xs):
+        d_t, u_t, b_t = xs
+        decay = jnp.exp(d_t[..., None] * A.astype(dtype)[None])
+        return decay * h + (d_t * u_t)[..., None] * b_t[:, None], None
+
+    h0 = jnp.zeros((d.shape[0], dim, A.shape[1]), dtype)
+    h, _ = lax.scan(step, h0, [jnp.moveaxis(x, 1, 0) for x in (d, uu, bb)], reverse=st.reverse)
+    n_chunks = st.padded_length // t
+    return h.reshape(batch, n_chunks, dim, -1), d.sum(axis=1).reshape(batch, n_chunks, dim)

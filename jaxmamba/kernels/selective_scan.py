@@ -1,0 +1,153 @@
+"""`selective_scan_pallas`: the chunk-parallel Pallas selective scan behind a `jax.custom_vjp`.
+
+Forward: K1 chunk states → K2 scan over chunks (XLA) → K3 outputs; backward: B1 chunk adjoints →
+B2 adjoint scan over chunks (XLA) → B3 gradients (jax_mamba_anchors §6). The VJP saves only the
+chunk start states `(B, L/T, D, N)` and `Σδ (B, L/T, D)` besides the inputs; the largest
+temporary is B1's sub-chunk start states `(B, L/S, D, N)`; no `(B, L, D, N)` tensor exists.
+`reverse=True` is an in-kernel row order and a reversed scan over chunks: nothing is flipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmamba.kernels import scan_common as sc
+from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
+from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
+from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
+from jaxmamba.ops.scan_reference import compute_dtype
+
+_warned_interpret = False
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """`interpret=None`: compiled kernels on a GPU, else interpret mode with a one-time warning."""
+    global _warned_interpret
+    if interpret is not None:
+        return bool(interpret)
+    if jax.default_backend() == "gpu":
+        return False
+    if not _warned_interpret:
+        _warned_interpret = True
+        warnings.warn(
+            f"selective_scan: implementation='pallas' on the {jax.default_backend()!r} backend "
+            "runs the Pallas kernels in interpret mode (slow, meant for tests); use "
+            "implementation='xla' (or None) for speed on this machine.", stacklevel=3)
+    return True
+
+
+def _affine_combine(earlier, later):
+    a1, b1 = earlier
+    a2, b2 = later
+    return a1 * a2, a2 * b1 + b2
+
+
+def chunk_carries(decay, local, init, *, reverse: bool):
+    """Scan over chunks of `x ← decay_c ⊙ x + local_c` from `init`, in chunk order (or reversed).
+
+    decay, local: (B, nC, D, N); init: (B, D, N). Returns (the carry entering each chunk
+    (B, nC, D, N), the carry after the last chunk (B, D, N)).
+    """
+    first = -1 if reverse else 0
+    local = local.at[:, first].add(decay[:, first] * init)
+    _, incl = lax.associative_scan(_affine_combine, (decay, local), axis=1, reverse=reverse)
+    if reverse:
+        return jnp.concatenate([incl[:, 1:], init[:, None]], axis=1), incl[:, 0]
+    return jnp.concatenate([init[:, None], incl[:, :-1]], axis=1), incl[:, -1]
+
+
+def _chunk_decay(A, sdt):
+    """Product of a chunk's decays, `exp(A Σδ)`: (B, nC, D, N)."""
+    return jnp.exp(A.astype(sdt.dtype)[None, None] * sdt[..., None])
+
+
+def _forward(st, u, dt, z, A, B, C, D, bias, h0):
+    h_loc, sdt = chunk_states(st, u, dt, A, B, bias, h0.dtype)
+    h_in, h_last = chunk_carries(_chunk_decay(A, sdt), h_loc, h0, reverse=st.reverse)
+    y = chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in)
+    return y, h_last, (h_in, sdt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h0):
+    y, h_last, _ = _forward(st, u, dt, z, A, B, C, D, bias, h0)
+    return y, h_last
+
+
+def _scan_fwd(st, u, dt, z, A, B, C, D, bias, h0):
+    y, h_last, (h_in, sdt) = _forward(st, u, dt, z, A, B, C, D, bias, h0)
+    return (y, h_last), (u, dt, z, A, B, C, D, bias, h0, h_in, sdt)
+
+
+def _scan_bwd(st, res, cotangents):
+    u, dt, z, A, B, C, D, bias, h0, h_in, sdt = res
+    g, g_last = cotangents
+    h_fine, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, h_in)
+    mu, dh0 = chunk_carries(_chunk_decay(A, sdt), q_loc, g_last.astype(q_loc.dtype),
+                            reverse=not st.reverse)
+    du, ddt, dz, db, dc, da, dd, dbias = chunk_gradients(st, u, dt, z, g, A, B, C, D, bias,
+                                                         h_fine, mu)
+    return (du, ddt, dz, da.sum((0, 1)).astype(A.dtype), db.sum(0).astype(B.dtype),
+            dc.sum(0).astype(C.dtype), dd.sum((0, 1)).astype(D.dtype),
+            dbias.sum((0, 1)).astype(bias.dtype), dh0.astype(h0.dtype))
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+#: One executable per phase when called eagerly (interpret mode in tests compiles op by op
+#: otherwise); inlined under an outer jit.
+_jitted_scan = jax.jit(_scan, static_argnums=0)
+
+
+def _pad(x, axis: int, size: int):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def selective_scan_pallas(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+    *, reverse=False, initial_state=None, tiling: ScanTiling | None = None,
+    interpret: bool | None = None, poison_outputs: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Same contract as `jaxmamba.ops.scan_reference.selective_scan_reference`.
+
+    `u, delta, z: (B, L, D)`, `B, C: (B, L, N)`, `A: (D, N)`, `D, delta_bias: (D,)`,
+    `initial_state: (B, D, N)`. Returns `(y (B, L, D) in u's dtype, final state (B, D, N))` in
+    float32 (float64 when an input is float64, interpret mode only).
+
+    Any L, D and N: L is padded to a multiple of the chunk (padding rows are masked to δ = 0),
+    D to the channel tile, N to a power of two (zero B, C and A: a state that stays 0).
+    `tiling` overrides `default_tiling`; `interpret=None` picks interpret mode off-GPU;
+    `poison_outputs` (tests) aliases NaN-filled buffers to every kernel output.
+    """
+    dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    batch, length, dim = u.shape
+    n = A.shape[1]
+    tiling = tiling or default_tiling(batch, length, dim, n)
+    lp = -(-length // tiling.chunk) * tiling.chunk
+    tile_d = max(tiling.block_d, tiling.bwd_block_d)
+    dp = -(-dim // tile_d) * tile_d
+    np_ = padded_state(n)
+    st = sc.ScanStatics(tiling=tiling, length=length, padded_length=lp,
+                        delta_softplus=bool(delta_softplus), reverse=bool(reverse),
+                        has_z=z is not None, interpret=resolve_interpret(interpret),
+                        poison_outputs=poison_outputs)
+
+    u_p, dt_p = _pad(_pad(u, 1, lp), 2, dp), _pad(_pad(delta, 1, lp), 2, dp)
+    z_p = None if z is None else _pad(_pad(z, 1, lp), 2, dp)
+    b_p, c_p = _pad(_pad(B, 1, lp), 2, np_), _pad(_pad(C, 1, lp), 2, np_)
+    a_p = _pad(_pad(A, 0, dp), 1, np_)
+    d_p = _pad(jnp.zeros((dim,), dtype) if D is None else D, 0, dp)
+    bias_p = _pad(jnp.zeros((dim,), dtype) if delta_bias is None else delta_bias, 0, dp)
+    h0 = (jnp.zeros((batch, dim, n), dtype) if initial_state is None
+          else initial_state.astype(dtype))
+    h0_p = _pad(_pad(h0, 1, dp), 2, np_)
+    y, h_last = _jitted_scan(st, u_p, dt_p, z_p, a_p, b_p, c_p, d_p, bias_p, h0_p)
+    return y[:, :length, :dim], h_last[:, :dim, :n]
