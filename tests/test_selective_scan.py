@@ -57,7 +57,7 @@ def run_with_grads(impl, inputs, softplus, grad_y, dtype):
                               implementation=impl)
         return jnp.sum(y * jnp.asarray(grad_y, dtype)), (y, h)
 
-    grads, (y, h) = jax.grad(loss, has_aux=True)(present)
+    grads, (y, h) = jax.jit(jax.grad(loss, has_aux=True))(present)
     return y, h, grads
 
 
@@ -115,7 +115,8 @@ class TestSelectiveScan:
                                       return_final_state=True, implementation=which)
                 return jnp.sum(y * g) + jnp.sum(h), (y, h)
 
-            (_, (y, h)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(args, h0)
+            grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+            (_, (y, h)), grads = jax.jit(grad_fn)(args, h0)
             return y, h, grads
 
         y, h, grads = outputs(impl)
@@ -141,8 +142,8 @@ class TestSelectiveScan:
         def loss(a):
             return jnp.sum(selective_scan(**a, implementation=impl))
 
-        y = selective_scan(**args, implementation=impl)
-        grads = jax.grad(loss)(args)
+        y = jax.jit(functools.partial(selective_scan, implementation=impl))(**args)
+        grads = jax.jit(jax.grad(loss))(args)
         assert np.isfinite(np.asarray(y)).all()
         assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
         y_ref = selective_scan(**args, implementation="reference")

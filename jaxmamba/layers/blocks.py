@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxmamba.layers.init import torch_layer_norm, torch_linear
@@ -83,7 +84,7 @@ class MultiMambaTrans(nnx.Module):
             perm = (0, *order, 4)
             xp = jnp.transpose(xf, perm)  # spatial axes in scan order, (B, Sa, Sb, Sc, C)
             y = block(_tokens(xp)).reshape(xp.shape)
-            outs.append(jnp.transpose(y, tuple(jnp.argsort(jnp.array(perm)).tolist())))
+            outs.append(jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))))
         return (sum(outs) / len(outs)).astype(x.dtype)
 
 
