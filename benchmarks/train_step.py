@@ -6,10 +6,16 @@
 Prints the compiled memory estimate of forward + backward (`jaxmamba.models.memory_preflight`,
 what training checks before step 1) and of the whole step, then times the step on random data
 (device-synchronised, warm-up excluded, median) and reads the device's peak memory. The loss and
-the optimizer are looked up in `LOSSES` and `OPTIMIZERS`: the first version is the PyTorch peer
+the optimizer are looked up in `LOSSES` and `OPTIMIZERS`: `ce` + `sgd` is the PyTorch peer
 measurement's (cross-entropy on the full-resolution output, plain SGD;
-`reference/peer/h100_torch_models.json`); add the training recipe there. Imports neither grain
-nor nibabel, so it runs on the GPU image.
+`reference/peer/h100_torch_models.json`); `dc_ce` + a recipe (`nnunet`, `radam_cosine`,
+`radam_onecycle`) is what `python train.py` runs (jaxmamba.train). `--devices 1 2 4` measures
+data-parallel weak scaling: the same per-device batch on a `data` mesh of each size (global batch
+= batch x devices), efficiency = time on 1 device / time on n. Imports neither grain nor nibabel,
+so it runs on the GPU image.
+
+    python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
+        --optimizer radam_cosine --devices 1 2 4 --json $OUT/scaling.json
 """
 
 from __future__ import annotations
@@ -24,13 +30,28 @@ import jax
 import optax
 from flax import nnx
 
+from jaxmamba.config import RECIPES, OptimConfig
 from jaxmamba.models import VARIANTS, build_model, count_parameters, memory_preflight, total_bytes
 from jaxmamba.models.preflight import cross_entropy_full_resolution
 from jaxmamba.plans import Plan
+from jaxmamba.train import sharding
+from jaxmamba.train.losses import deep_supervision_loss
+from jaxmamba.train.optim import build_recipe
+
+
+def dc_ce_deep_supervision(outputs, labels):
+    """The training loss (paper_spec §4.1): DC+CE on every deep-supervision output, batch dice;
+    each output's target is the labels sampled with its stride (nearest neighbour)."""
+    targets = [labels[(slice(None), *(slice(None, None, labels.shape[a] // out.shape[a])
+                                      for a in range(1, labels.ndim)))] for out in outputs]
+    return deep_supervision_loss(outputs, targets, batch_dice=True)
+
 
 GIB = 2**30
-LOSSES = {"ce": cross_entropy_full_resolution}
-OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-2)}
+LOSSES = {"ce": cross_entropy_full_resolution, "dc_ce": dc_ce_deep_supervision}
+OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-2), **{
+    r: (lambda r=r: build_recipe(OptimConfig(recipe=r), epochs=300, iters_per_epoch=250).tx)
+    for r in RECIPES}}
 DEFAULT_PLANS = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "plans"
                  / "Dataset090_SynapseAbdomen.nnUNetPlans.json")
 
@@ -55,33 +76,38 @@ def make_step(model: nnx.Module, loss_fn, tx: optax.GradientTransformation):
     return (params, tx.init(params)), jax.jit(step, donate_argnums=0)
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
+    """One row: `args.batch` (or the plan's) patches per device on a mesh of `n_devices`."""
     plan = Plan.load(args.plans)
     plan = plan.replace(patch_size=tuple(args.patch or plan.patch_size),
                         batch_size=args.batch or plan.batch_size)
-    batch = plan.batch_size
+    batch = plan.batch_size * n_devices  # weak scaling: the per-device batch stays
     kw = dict(precision=args.precision, scan_implementation=args.scan)
     device = jax.devices()[0]
+    mesh = sharding.make_mesh(n_devices)
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),
-           "batch": batch, "precision": args.precision, "scan": args.scan or "default",
-           "loss": args.loss, "optimizer": args.optimizer, "device": device.device_kind,
-           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+           "batch": batch, "devices": n_devices, "precision": args.precision,
+           "scan": args.scan or "default", "loss": args.loss, "optimizer": args.optimizer,
+           "device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
 
     abstract = nnx.eval_shape(lambda: build_model(args.variant, plan, **kw))
     row["params"] = count_parameters(abstract)
-    t0 = time.perf_counter()
-    stats = memory_preflight(abstract, plan, batch, loss_fn=LOSSES[args.loss])
-    row["preflight_s"] = time.perf_counter() - t0
-    row["preflight_fwd_bwd_GiB"] = total_bytes(stats) / GIB if stats else None
-    print(f"preflight (forward + backward): {_gib(row['preflight_fwd_bwd_GiB'])}, "
-          f"compiled in {row['preflight_s']:.1f} s", flush=True)
+    if n_devices == 1:
+        t0 = time.perf_counter()
+        stats = memory_preflight(abstract, plan, batch, loss_fn=LOSSES[args.loss])
+        row["preflight_s"] = time.perf_counter() - t0
+        row["preflight_fwd_bwd_GiB"] = total_bytes(stats) / GIB if stats else None
+        print(f"preflight (forward + backward): {_gib(row['preflight_fwd_bwd_GiB'])}, "
+              f"compiled in {row['preflight_s']:.1f} s", flush=True)
 
     model = nnx.jit(lambda: build_model(args.variant, plan, **kw))()
     state, step = make_step(model, LOSSES[args.loss], OPTIMIZERS[args.optimizer]())
     del model
+    state = sharding.replicate(state, mesh)  # the step follows its inputs' shardings
     key_x, key_y = jax.random.split(jax.random.key(0))
     image = jax.random.normal(key_x, (batch, *plan.patch_size, plan.num_input_channels))
     labels = jax.random.randint(key_y, (batch, *plan.patch_size), 0, plan.num_classes)
+    image, labels = jax.device_put((image, labels), sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
     compiled = step.lower(state, image, labels).compile()
     row["step_compile_s"] = time.perf_counter() - t0
@@ -118,21 +144,29 @@ def main() -> None:
                         help="selective-scan implementation (default: fastest available)")
     parser.add_argument("--loss", choices=sorted(LOSSES), default="ce")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1],
+                        help="data-parallel weak scaling: one row per mesh size (e.g. 1 2 4)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path, help="append the result as one JSON line here")
     args = parser.parse_args()
-    row = measure(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    print("| variant | patch | batch | precision | scan | preflight fwd+bwd | preflight step "
-          "| peak | step (median) | device | jax |")
-    print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['precision']} | "
-          f"{row['scan']} | {_gib(row['preflight_fwd_bwd_GiB'])} | "
-          f"{_gib(row['preflight_step_GiB'])} | {_gib(row['peak_GiB'])} | "
-          f"{row['step_ms']:.0f} ms | {row['device']} | {row['jax']} |")
+    rows = []
+    for n in args.devices:
+        row = measure(args, n)
+        row["efficiency"] = rows[0]["step_ms"] / row["step_ms"] if rows else 1.0
+        rows.append(row)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print("| variant | patch | batch | devices | precision | scan | loss + optimizer | preflight "
+          "fwd+bwd | preflight step | peak | step (median) | efficiency | device | jax |")
+    for row in rows:
+        print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['devices']} | "
+              f"{row['precision']} | {row['scan']} | {row['loss']} + {row['optimizer']} | "
+              f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
+              f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | {row['efficiency']:.2f} | "
+              f"{row['device']} | {row['jax']} |")
 
 
 if __name__ == "__main__":
