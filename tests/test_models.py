@@ -105,7 +105,7 @@ def test_basic_block_d_skip_is_resnet_d(key):
     def block(cin, cout, stride):
         return nnx.eval_shape(lambda: BasicBlockD(cin, cout, (3, 3, 3), stride, rngs=nnx.Rngs(0)))
 
-    both = BasicBlockD(2, 4, (3, 3, 3), (1, 2, 2), rngs=nnx.Rngs(0))
+    both = block(2, 4, (1, 2, 2))
     assert [type(m) for m in both.skip] == [AvgPool, ConvNormAct]
     assert both.skip[1].act is False and both.skip[1].conv.bias is None
     assert [type(m) for m in block(4, 4, (2, 2, 2)).skip] == [AvgPool]
@@ -116,10 +116,6 @@ def test_basic_block_d_skip_is_resnet_d(key):
     expected = sum(x[:, :, p::2, q::3] for p in range(2) for q in range(3)) / 6
     np.testing.assert_allclose(_call(AvgPool((1, 2, 3)), jnp.asarray(x)), expected, rtol=1e-5,
                                atol=1e-6)
-    # Fresh block: conv2's norm is zero, so the block is LReLU(skip(x)).
-    x = jnp.asarray(rng.standard_normal((1, 4, 8, 8, 2)).astype(np.float32))
-    y, skip = nnx.jit(lambda b, x: (b(x), b.skip[1](b.skip[0](x))))(both, x)
-    np.testing.assert_allclose(y, jax.nn.leaky_relu(skip, 0.01), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- init
@@ -198,8 +194,9 @@ def _random_params(model, key):
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
 
 
-# segmamba and multisegmamba run forward in tests/test_interop.py against the PyTorch fixtures.
-@pytest.mark.parametrize("variant", ["bisegmamba", "resencunet", "segmambaskip"])
+# segmamba and multisegmamba run forward in tests/test_interop.py against the PyTorch fixtures;
+# bisegmamba is segmambaskip's network with the other wiring (test_mamba_wiring_of_the_encoder).
+@pytest.mark.parametrize("variant", ["resencunet", "segmambaskip"])
 def test_every_variant_runs_forward(key, variant):
     plan = mini_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model(
