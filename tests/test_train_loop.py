@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxmamba.config import ConfigError, load_config
+from jaxmamba.plans import PlanError
 from jaxmamba.train.checkpoint import CheckpointError
 from jaxmamba.train.loop import NonFiniteLossError, run
 from jaxmamba.train.preflight import DoesNotFitError
@@ -129,6 +130,8 @@ def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):
         run(_cfg(phantom, tmp_path / "b3", "data.plan_overrides.batch_size=3"))
     with pytest.raises(FileNotFoundError, match="no dataset.json"):
         run(_cfg(phantom, tmp_path / "r", f"data.raw_dir={tmp_path / 'none'}", "data.build=null"))
+    with pytest.raises(PlanError, match="missing.json: file not found"):
+        run(_cfg(phantom, tmp_path / "p", f"data.plans={tmp_path / 'missing.json'}"))
     with pytest.raises(ValueError, match="data.plan_overrides.spacing: not overridable"):
         run(_cfg(phantom, tmp_path / "s", "data.plan_overrides.spacing=[1, 1, 1]"))
     with pytest.raises(DoesNotFitError, match="will not fit.*plan_overrides.batch_size=2, now 4"):

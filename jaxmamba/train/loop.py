@@ -68,7 +68,8 @@ def prepare_data(cfg: Config, *, progress: bool = True):
         build(cfg.data.build, raw)
     given = None
     if cfg.data.plans is not None:
-        given = apply_plan_overrides(Plan.load(cfg.data.plans), cfg.data.plan_overrides)
+        given = apply_plan_overrides(Plan.load(cfg.data.plans, raw / "dataset.json"),
+                                     cfg.data.plan_overrides)
     cache = cache_dir(cfg)
     plan, errors = jdata.preprocess_dataset(raw, cache, given, num_workers=cfg.data.num_workers,
                                             progress=progress)
@@ -133,11 +134,14 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
+    mesh = sharding.make_mesh(cfg.mesh.data)
+    if "batch_size" in cfg.data.plan_overrides:  # known before any preprocessing
+        sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
+
     # --- Data and plan.
     plan, cache, train_ids, val_ids = prepare_data(cfg, progress=main and cfg.log.progress)
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
-    mesh = sharding.make_mesh(cfg.mesh.data)
     sharding.check_batch_size(plan.batch_size, mesh)
     local_batch = sharding.local_batch_size(plan.batch_size)
     class_names = [name for name, _ in plan.labels[1:]]
