@@ -198,6 +198,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     # --- Train.
     throughput = _Throughput(plan.batch_size, say)
     step_no = int(state.step)  # host copy of the step counter
+    t_run = time.perf_counter()
     try:
         for epoch in range(start_epoch, end_epoch):
             t_epoch = time.perf_counter()
@@ -230,7 +231,9 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                     best_ema = ema if record["best"] else best_ema
             record["epoch_seconds"] = time.perf_counter() - t_epoch
             writer.epoch(record)
-            say(_epoch_line(record, class_names))
+            elapsed = time.perf_counter() - t_run
+            eta = elapsed / (epoch + 1 - start_epoch) * (t.epochs - epoch - 1)
+            say(_epoch_line(record, class_names) + (f"; run ETA {_hms(eta)}" if eta else ""))
             ckpt.save(epoch + 1, params=state.params,
                       train={"step": state.step, "rest": state.rest, "opt": state.opt_state},
                       data_state=train_it.get_state(),
@@ -357,6 +360,11 @@ class _Throughput:
         dt = (time.perf_counter() - self.t0) / (self.n - 1)
         self.say(f"\nthroughput: {1 / dt:.2f} steps/s ({1000 * dt:.0f} ms per step, "
                  f"{self.batch_size / dt:.1f} patches/s) over steps 2-{self.n}")
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _epoch_line(r: dict, class_names: list[str]) -> str:
