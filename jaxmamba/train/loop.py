@@ -9,6 +9,7 @@ epoch, writing `latest` every epoch and `best` by the EMA of the pseudo-Dice.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     sharding.initialize_distributed()
     run_dir = Path(cfg.train.run_dir).absolute()
     main = jax.process_index() == 0
-    say = print if main else (lambda *a, **k: None)
+    say = functools.partial(print, flush=True) if main else (lambda *a, **k: None)
 
     # --- Resume or fresh; check the run directory before any work.
     resume = decide_resume(cfg)
