@@ -53,3 +53,14 @@ def test_mesh_and_batch_errors():
     with pytest.raises(ValueError, match="batch_size=4\\b"):
         sharding.check_batch_size(2, mesh)
     sharding.check_batch_size(8, mesh)
+
+
+def test_distributed_launch_needs_all_variables(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    with pytest.raises(ValueError, match="set JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+        sharding.initialize_distributed()
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a single task: nothing to initialise
+    sharding.initialize_distributed()
+    assert jax.process_count() == 1
