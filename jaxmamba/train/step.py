@@ -74,19 +74,3 @@ def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Ca
                     donate_argnums=(0,))
     evaluate = jax.jit(eval_step, in_shardings=(repl, data), out_shardings=repl)
     return train, evaluate
-
-
-def abstract(tree, mesh: Mesh | None = None):
-    """`jax.ShapeDtypeStruct`s of a pytree (replicated on `mesh` if given), for AOT compiles
-    and checkpoint restores."""
-    s = sharding.replicated(mesh) if mesh is not None else None
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree)
-
-
-def abstract_batch(batch_size: int, patch_size, channels: int, target_shapes, mesh: Mesh):
-    """Shape/dtype/sharding of a global batch, without data (for the memory preflight)."""
-    s = sharding.batch_sharding(mesh)
-    return {"image": jax.ShapeDtypeStruct((batch_size, *patch_size, channels), jnp.float32,
-                                          sharding=s),
-            "target": tuple(jax.ShapeDtypeStruct((batch_size, *t), jnp.int32, sharding=s)
-                            for t in target_shapes)}
