@@ -36,11 +36,12 @@ def test_four_devices_match_one():
     assert {s.data.shape for s in x.addressable_shards} == {(1, 4, 8, 8, 1)}
     p1, m1 = _one_step(sharding.make_mesh(1), batch)
     p4, m4 = _one_step(mesh4, batch)
-    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+    # float32 sums in another order: equal to rounding (a wrong reduction is off by far more)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m4["counts"], m1["counts"])
-    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mesh_and_batch_errors():
