@@ -21,6 +21,7 @@ from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
 from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
 from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
 from jaxmamba.ops.scan_reference import compute_dtype
+from jaxmamba.ops.scan_xla import affine_combine
 
 _warned_interpret = False
 
@@ -41,12 +42,6 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return True
 
 
-def _affine_combine(earlier, later):
-    a1, b1 = earlier
-    a2, b2 = later
-    return a1 * a2, a2 * b1 + b2
-
-
 def chunk_carries(decay, local, init, *, reverse: bool):
     """Scan over chunks of `x ← decay_c ⊙ x + local_c` from `init`, in chunk order (or reversed).
 
@@ -55,7 +50,7 @@ def chunk_carries(decay, local, init, *, reverse: bool):
     """
     first = -1 if reverse else 0
     local = local.at[:, first].add(decay[:, first] * init)
-    _, incl = lax.associative_scan(_affine_combine, (decay, local), axis=1, reverse=reverse)
+    _, incl = lax.associative_scan(affine_combine, (decay, local), axis=1, reverse=reverse)
     if reverse:
         return jnp.concatenate([incl[:, 1:], init[:, None]], axis=1), incl[:, 0]
     return jnp.concatenate([init[:, None], incl[:, :-1]], axis=1), incl[:, -1]

@@ -26,7 +26,8 @@ def default_chunk_size(batch: int, length: int, dim: int, state: int) -> int:
     return min(t, max(length, 1))
 
 
-def _combine(earlier, later):
+def affine_combine(earlier, later):
+    """Composition of `h ← a·h + b` steps, earlier then later: the associative scan's operator."""
     a1, b1 = earlier
     a2, b2 = later
     return a1 * a2, a2 * b1 + b2
@@ -63,7 +64,7 @@ def selective_scan_xla(
         d, uu, b, c = chunk_xs  # (B, T, D), (B, T, D), (B, T, N), (B, T, N)
         decay = jnp.exp(d[..., None] * A[None, None])  # (B, T, D, N)
         inp = (d * uu)[..., None] * b[:, :, None, :]  # (B, T, D, N)
-        a_cum, b_cum = lax.associative_scan(_combine, (decay, inp), axis=1, reverse=reverse)
+        a_cum, b_cum = lax.associative_scan(affine_combine, (decay, inp), axis=1, reverse=reverse)
         hs = a_cum * h[:, None] + b_cum  # (B, T, D, N)
         y = jnp.einsum("btdn,btn->btd", hs, c)
         return hs[:, 0 if reverse else -1], y
