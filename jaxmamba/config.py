@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxmamba.atomic import write_text
+
 VARIANTS = ("resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
 RECIPES = ("nnunet", "radam_cosine", "radam_onecycle")
 
@@ -143,11 +145,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # ---------------------------------------------------------------------- internals

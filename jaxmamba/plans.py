@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from jaxmamba.atomic import write_text
+
 CONFIGURATION = "3d_fullres"
 
 _DEFAULT_RESAMPLING = {
@@ -258,6 +260,16 @@ class Plan:
         }
         return plans, dataset
 
+    def to_record(self) -> dict:
+        """`{"plans": ..., "dataset": ...}`: the plan as run directories' checkpoints store it."""
+        plans, dataset = self.to_nnunet()
+        return {"plans": plans, "dataset": dataset}
+
+    @classmethod
+    def from_record(cls, record: dict, *, source: str) -> Plan:
+        """The inverse of `to_record`."""
+        return cls.from_nnunet(record["plans"], record["dataset"], source=source)
+
     def save(self, plans_path: str | Path, dataset_path: str | Path | None = None) -> None:
         """Write `nnUNetPlans.json` (and `dataset.json` beside it unless given), atomically."""
         plans, dataset = self.to_nnunet()
@@ -294,7 +306,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=2) + "\n")

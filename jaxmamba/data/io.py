@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from jaxmamba.atomic import atomic_path, write_text
 
 
 class DataError(ValueError):
@@ -93,12 +94,8 @@ def write_volume(path: str | Path, data_zyx: np.ndarray, geometry: dict[str, Any
     if list(data_zyx.shape) != list(geometry["shape"]):
         raise DataError(f"{path}: array shape {list(data_zyx.shape)} does not match the source "
                         f"image shape {geometry['shape']}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    name = path.name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{name[: len(name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
-    nib.save(geometry_to_image(data_zyx, geometry), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(geometry_to_image(data_zyx, geometry), tmp)
 
 
 def read_json(path: str | Path) -> dict:
@@ -113,17 +110,10 @@ def read_json(path: str | Path) -> dict:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """`np.save` atomically, so a crash never leaves a half-written array under the final name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    tmp.replace(path)

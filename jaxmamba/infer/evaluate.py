@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxmamba.atomic import write_text
 from jaxmamba.data import DataError, load_volume
 from jaxmamba.infer.metrics import (
     BRATS_REGIONS,
@@ -157,8 +157,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
 def write_summary(summary: Mapping[str, Any], output_dir: Path) -> tuple[Path, Path]:
     """`summary.json` and `summary.csv` in `output_dir`, atomically."""
     json_path, csv_path = output_dir / "summary.json", output_dir / "summary.csv"
-    _write_atomic(json_path, json.dumps(_jsonable(summary), indent=1) + "\n")
-    _write_atomic(csv_path, summary_csv(summary))
+    write_text(json_path, json.dumps(_jsonable(summary), indent=1) + "\n")
+    write_text(csv_path, summary_csv(summary))
     return json_path, csv_path
 
 
@@ -251,13 +251,6 @@ def read_dataset_json(path: str | Path) -> dict[str, Any]:
         raise EvaluationError(f"{path}: expected an object with a 'labels' object (nnU-Net "
                               f"dataset.json)")
     return {**dataset, "file_ending": str(dataset.get("file_ending", ".nii.gz"))}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _read_labels(case_id: str, path: Path, valid: set[int]) -> tuple[np.ndarray, dict]:

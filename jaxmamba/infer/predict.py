@@ -13,7 +13,6 @@ fits; `jaxmamba.infer.network.network_apply_fn` turns an NNX U-Net into one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxmamba.atomic import atomic_path
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
 from jaxmamba.infer.preview import save_preview
 from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
@@ -159,10 +159,8 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------- `jaxmamba predict`

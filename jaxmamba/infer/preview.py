@@ -7,7 +7,6 @@ aspect ratio so anisotropic volumes are not squashed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from scipy import ndimage
+
+from jaxmamba.atomic import atomic_path
 
 _AXIS_NAMES = ("axial", "coronal", "sagittal")
 
@@ -73,11 +74,8 @@ def save_preview(path: str | Path, prediction: np.ndarray, *, image: np.ndarray 
     legend = "prediction: filled" + ("; ground truth: contours" if ground_truth is not None else "")
     fig.suptitle(f"{title}    {legend}".strip(), fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def _label_colors(k: int) -> ListedColormap:

@@ -24,11 +24,6 @@ from jaxmamba.plans import Plan
 BEST = "best"
 
 
-def _plan_dict(plan: Plan) -> dict:
-    plans, dataset = plan.to_nnunet()
-    return {"plans": plans, "dataset": dataset}
-
-
 def save_run(out_dir: str | Path, model: UNet, plan: Plan, *, source: str) -> Path:
     """Write `model`'s parameters, variant and plan as a run directory; returns its path."""
     out = Path(out_dir).absolute()
@@ -36,7 +31,7 @@ def save_run(out_dir: str | Path, model: UNet, plan: Plan, *, source: str) -> Pa
         raise FileExistsError(f"{out}: already holds checkpoints; choose a new output directory")
     plan.save(out / "nnUNetPlans.json", out / "dataset.json")
     meta = {"epoch": 0, "variant": model.variant, "precision": model.precision,
-            "plan": _plan_dict(plan), "source": source}
+            "plan": plan.to_record(), "source": source}
     with ocp.CheckpointManager(out / "checkpoints" / BEST, item_names=("params", "meta"),
                                options=ocp.CheckpointManagerOptions(create=True)) as manager:
         manager.save(0, args=ocp.args.Composite(
@@ -59,8 +54,7 @@ def load_run(run_dir: str | Path, *, which: str = BEST, scan_implementation: str
         if step is None:
             raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        plan = Plan.from_nnunet(meta["plan"]["plans"], meta["plan"]["dataset"],
-                                source=str(ckpt_dir / str(step) / "meta"))
+        plan = Plan.from_record(meta["plan"], source=str(ckpt_dir / str(step) / "meta"))
         precision = meta.get("precision") or meta.get("config", {}).get("model", {}).get(
             "precision", "float32")
         model = nnx.eval_shape(lambda: build_model(meta["variant"], plan, precision=precision,

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmamba.atomic import atomic_path
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
 from jaxmamba.models import build_model, canonical_variant
 from jaxmamba.models.unet import UNet
@@ -90,18 +90,16 @@ def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.nd
 def write_state_dict(sd: Mapping[str, np.ndarray], path: str | Path) -> None:
     """Write a state dict as `.npz` (keys `sd/<name>`) or `.pth` (needs torch), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, **{f"sd/{k}": v for k, v in sd.items()})
-    elif path.suffix in TORCH_SUFFIXES:
-        torch = _import_torch(path)
-        torch.save(collections.OrderedDict(
-            (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items()), tmp)
-    else:
+    if path.suffix not in (".npz", *TORCH_SUFFIXES):
         raise CheckpointError(f"{path}: unknown output type {path.suffix!r}; use .npz or .pth")
-    os.replace(tmp, path)
+    torch = _import_torch(path) if path.suffix in TORCH_SUFFIXES else None
+    with atomic_path(path) as tmp:
+        if torch is None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{f"sd/{k}": v for k, v in sd.items()})
+        else:
+            torch.save(collections.OrderedDict(
+                (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items()), tmp)
 
 
 # ---------------------------------------------------------------------------------- mapping

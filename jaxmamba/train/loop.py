@@ -106,15 +106,10 @@ def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -
         raise CheckpointError(f"{run_dir}: its checkpoint is of variant {meta.get('variant')!r}, "
                               f"the config asks for {cfg.model.variant!r}; use another "
                               f"train.run_dir (nothing was changed)")
-    if plan is not None and meta.get("plan") != _plan_dict(plan):
+    if plan is not None and meta.get("plan") != plan.to_record():
         raise CheckpointError(f"{run_dir}: its checkpoint was trained with another plan (see "
                               f"{run_dir / 'nnUNetPlans.json'}); use another train.run_dir or "
                               f"the same data.plans and data.plan_overrides")
-
-
-def _plan_dict(plan: Plan) -> dict:
-    plans, dataset = plan.to_nnunet()
-    return {"plans": plans, "dataset": dataset}
 
 
 # ---------------------------------------------------------------------- the run
@@ -239,7 +234,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                       train={"step": state.step, "rest": state.rest, "opt": state.opt_state},
                       data_state=train_it.get_state(),
                       meta={"epoch": epoch + 1, "variant": cfg.model.variant,
-                            "plan": _plan_dict(plan), "history": writer.history,
+                            "plan": plan.to_record(), "history": writer.history,
                             "best_ema": best_ema, "config": cfg.to_dict()},
                       best=record.get("best", False))
     except KeyboardInterrupt:

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from jaxmamba.atomic import atomic_path, write_text
+
 METRICS_FILE, CURVES_FILE, TENSORBOARD_DIR = "metrics.jsonl", "curves.png", "tensorboard"
 
 
@@ -39,10 +41,7 @@ class RunWriter:
 
     def _rewrite_metrics(self) -> None:
         """Keep `metrics.jsonl` in step with `history` (a resumed run redoes later epochs)."""
-        path = self.dir / METRICS_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(path)
+        write_text(self.dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if self.tb is not None:
@@ -124,7 +123,6 @@ def plot_curves(history: Sequence[dict], path: Path, class_names: Sequence[str])
               label="epoch time")
     twin.set_ylabel("seconds per epoch")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(path)
