@@ -33,6 +33,7 @@ from flax import nnx
 from jaxmamba.config import RECIPES, OptimConfig
 from jaxmamba.models import VARIANTS, build_model, count_parameters, memory_preflight, total_bytes
 from jaxmamba.models.preflight import cross_entropy_full_resolution
+from jaxmamba.ops.batch_parallel import traced_under
 from jaxmamba.plans import Plan
 from jaxmamba.train import sharding
 from jaxmamba.train.losses import deep_supervision_loss
@@ -60,8 +61,9 @@ def _gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} GiB"
 
 
-def make_step(model: nnx.Module, loss_fn, tx: optax.GradientTransformation):
-    """`(state, step)`: `step(state, image, labels) -> (state, loss)`, jitted, state donated."""
+def make_step(model: nnx.Module, loss_fn, tx: optax.GradientTransformation, mesh):
+    """`(state, step)`: `step(state, image, labels) -> (state, loss)`, jitted, state donated,
+    traced under `mesh` so that Pallas kernels split the batch over its devices."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, image, labels):
@@ -73,7 +75,7 @@ def make_step(model: nnx.Module, loss_fn, tx: optax.GradientTransformation):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), value
 
-    return (params, tx.init(params)), jax.jit(step, donate_argnums=0)
+    return (params, tx.init(params)), jax.jit(traced_under(mesh, step), donate_argnums=0)
 
 
 def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
@@ -92,7 +94,7 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
 
     abstract = nnx.eval_shape(lambda: build_model(args.variant, plan, **kw))
     row["params"] = count_parameters(abstract)
-    if n_devices == 1:
+    if n_devices == 1 and args.preflight:
         t0 = time.perf_counter()
         stats = memory_preflight(abstract, plan, batch, loss_fn=LOSSES[args.loss])
         row["preflight_s"] = time.perf_counter() - t0
@@ -101,7 +103,7 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
               f"compiled in {row['preflight_s']:.1f} s", flush=True)
 
     model = nnx.jit(lambda: build_model(args.variant, plan, **kw))()
-    state, step = make_step(model, LOSSES[args.loss], OPTIMIZERS[args.optimizer]())
+    state, step = make_step(model, LOSSES[args.loss], OPTIMIZERS[args.optimizer](), mesh)
     del model
     state = sharding.replicate(state, mesh)  # the step follows its inputs' shardings
     key_x, key_y = jax.random.split(jax.random.key(0))
@@ -146,6 +148,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     parser.add_argument("--devices", type=int, nargs="+", default=[1],
                         help="data-parallel weak scaling: one row per mesh size (e.g. 1 2 4)")
+    parser.add_argument("--preflight", action=argparse.BooleanOptionalAction, default=True,
+                        help="also compile forward + backward alone for the memory preflight "
+                             "(a second compile; the step's own estimate is always printed)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path, help="append the result as one JSON line here")

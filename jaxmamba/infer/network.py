@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmamba.infer.sliding_window import ApplyFn, data_mesh
+from jaxmamba.ops.batch_parallel import traced_under
 
 
 def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
@@ -23,9 +24,10 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
     mesh = data_mesh() if mesh is None else mesh
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
-    @jax.jit
     def forward(state, windows):
         out = nnx.merge(graphdef, state)(windows)
         return out[0] if isinstance(out, tuple | list) else out
+
+    forward = jax.jit(traced_under(mesh, forward))
 
     return lambda windows: forward(state, windows)

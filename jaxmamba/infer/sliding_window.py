@@ -29,6 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from jaxmamba.ops.batch_parallel import BATCH_AXIS
+
 ApplyFn = Callable[[jax.Array], jax.Array]
 Accumulate = Literal["auto", "device", "host"]
 
@@ -93,9 +95,9 @@ def pad_to_patch(image: np.ndarray,
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis `data` over `devices` (default: all devices), auto-sharded."""
+    """A 1-D mesh with axis `data` (`BATCH_AXIS`) over `devices` (default: all), auto-sharded."""
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices)
 
 
@@ -160,7 +162,7 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
     """Gaussian-weighted sums of the windows' logits `(*S, K)` and of the weights `(*S,)`."""
     patch = gauss.shape
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     acc_device = mesh.devices.flat[0]
     acc_shape = (*padded.shape[:-1], num_classes)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.ops.batch_parallel import map_over_batch
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
@@ -139,7 +140,15 @@ def selective_scan(
             f"expected one of {IMPLEMENTATIONS} or None"
         )
     _check_all(u, delta, A, B, C, D, z, delta_bias, initial_state, validate)
-    fn = _load(implementation or default_implementation())
-    y, h = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-              reverse=reverse, initial_state=initial_state)
+    name = implementation or default_implementation()
+    fn = _load(name)
+
+    def scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                  reverse=reverse, initial_state=initial_state)
+
+    if name == "pallas":  # a custom call: split the batch over the devices by hand
+        scan = map_over_batch(scan, (True, True, False, True, True, False, True, False, True),
+                              u.shape[0])
+    y, h = scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return (y, h) if return_final_state else y

@@ -16,7 +16,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
+from jaxmamba.ops.batch_parallel import BATCH_AXIS
+
+DATA_AXIS = BATCH_AXIS  # the axis that ops split kernels' batches over
 
 
 def initialize_distributed() -> None:

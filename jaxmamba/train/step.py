@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxmamba.ops.batch_parallel import traced_under
 from jaxmamba.train import losses, sharding
 
 
@@ -70,7 +71,8 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
 def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
     """Jit with the state replicated (and donated) and the batch sharded over `data`."""
     repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    train = jax.jit(train_step, in_shardings=(repl, data), out_shardings=(repl, repl),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(repl, data), out_shardings=repl)
+    train = jax.jit(traced_under(mesh, train_step), in_shardings=(repl, data),
+                    out_shardings=(repl, repl), donate_argnums=(0,))
+    evaluate = jax.jit(traced_under(mesh, eval_step), in_shardings=(repl, data),
+                       out_shardings=repl)
     return train, evaluate
