@@ -121,6 +121,8 @@ def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):
         run(_cfg(phantom, src, "train.resume=false"))
     with pytest.raises(CheckpointError, match="variant 'resencunet'.*'segmamba'"):
         run(_cfg(phantom, src, "model.variant=segmamba"))
+    with pytest.raises(CheckpointError, match="data.num_workers=0, the config asks for 2"):
+        run(_cfg(phantom, src, "data.num_workers=2"))
     with pytest.raises(CheckpointError, match="another plan"):
         run(_cfg(phantom, src, "data.plan_overrides.base_num_features=2"))
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before

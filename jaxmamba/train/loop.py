@@ -106,6 +106,17 @@ def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -
         raise CheckpointError(f"{run_dir}: its checkpoint is of variant {meta.get('variant')!r}, "
                               f"the config asks for {cfg.model.variant!r}; use another "
                               f"train.run_dir (nothing was changed)")
+    # The data loader's state holds one iterator per worker and per process: exact resume needs
+    # the same numbers (grain cannot restore it into another layout).
+    workers = meta.get("config", {}).get("data", {}).get("num_workers")
+    if workers is not None and workers != cfg.data.num_workers:
+        raise CheckpointError(f"{run_dir}: its data-loader state is of data.num_workers={workers}, "
+                              f"the config asks for {cfg.data.num_workers}; resume with "
+                              f"data.num_workers={workers} (nothing was changed)")
+    processes = meta.get("processes", 1)
+    if processes != jax.process_count():
+        raise CheckpointError(f"{run_dir}: its data-loader state is of {processes} process(es), "
+                              f"this run has {jax.process_count()}; resume with as many")
     if plan is not None and meta.get("plan") != plan.to_record():
         raise CheckpointError(f"{run_dir}: its checkpoint was trained with another plan (see "
                               f"{run_dir / 'nnUNetPlans.json'}); use another train.run_dir or "
@@ -234,6 +245,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                       train={"step": state.step, "rest": state.rest, "opt": state.opt_state},
                       data_state=train_it.get_state(),
                       meta={"epoch": epoch + 1, "variant": cfg.model.variant,
+                            "processes": jax.process_count(),
                             "plan": plan.to_record(), "history": writer.history,
                             "best_ema": best_ema, "config": cfg.to_dict()},
                       best=record.get("best", False))
