@@ -11,7 +11,8 @@ measurement's (cross-entropy on the full-resolution output, plain SGD;
 `reference/peer/h100_torch_models.json`); `dc_ce` + a recipe (`nnunet`, `radam_cosine`,
 `radam_onecycle`) is what `python train.py` runs (jaxmamba.train). `--devices 1 2 4` measures
 data-parallel weak scaling: the same per-device batch on a `data` mesh of each size (global batch
-= batch x devices), efficiency = time on 1 device / time on n. Imports neither grain nor nibabel,
+= batch x devices), efficiency = time on 1 device / time on n; on several devices it also times a
+gradient-sized all-reduce alone. Imports neither grain nor nibabel,
 so it runs on the GPU image.
 
     python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
@@ -27,8 +28,10 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmamba.config import RECIPES, OptimConfig
 from jaxmamba.models import VARIANTS, build_model, count_parameters, memory_preflight, total_bytes
@@ -131,7 +134,26 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     row["losses"] = losses
     mem = device.memory_stats() or {}
     row["peak_GiB"] = mem["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in mem else None
+    if n_devices > 1:
+        row["allreduce_ms"] = allreduce_ms(row["params"], mesh, args.warmup + args.steps)
     return row
+
+
+def allreduce_ms(n_values: int, mesh, repeats: int) -> float:
+    """Median time of one float32 all-reduce of `n_values` (the gradients) over `mesh`: the
+    collective's cost if the step did not overlap it with computation."""
+    n = mesh.shape[sharding.DATA_AXIS]
+    spec = PartitionSpec(sharding.DATA_AXIS)
+    reduce = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, sharding.DATA_AXIS), mesh=mesh,
+                                   in_specs=spec, out_specs=spec))
+    x = jax.device_put(jnp.ones((n, n_values), jnp.float32), NamedSharding(mesh, spec))
+    reduce(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        reduce(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -165,12 +187,14 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
     print("| variant | patch | batch | devices | precision | scan | loss + optimizer | preflight "
-          "fwd+bwd | preflight step | peak | step (median) | efficiency | device | jax |")
+          "fwd+bwd | preflight step | peak | step (median) | all-reduce | efficiency | device | "
+          "jax |")
     for row in rows:
         print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['devices']} | "
               f"{row['precision']} | {row['scan']} | {row['loss']} + {row['optimizer']} | "
               f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
-              f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | {row['efficiency']:.2f} | "
+              f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | "
+              f"{row.get('allreduce_ms', 0):.1f} ms | {row['efficiency']:.2f} | "
               f"{row['device']} | {row['jax']} |")
 
 
