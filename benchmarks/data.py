@@ -18,12 +18,15 @@ import dataclasses
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 SHAPE = (147, 512, 512)
 PLANS = (Path(__file__).resolve().parents[2] / "shared" / "reference" / "plans" /

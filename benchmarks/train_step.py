@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,14 +34,22 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmamba.config import RECIPES, OptimConfig
-from jaxmamba.models import VARIANTS, build_model, count_parameters, memory_preflight, total_bytes
-from jaxmamba.models.preflight import cross_entropy_full_resolution
-from jaxmamba.ops.batch_parallel import traced_under
-from jaxmamba.plans import Plan
-from jaxmamba.train import sharding
-from jaxmamba.train.losses import deep_supervision_loss
-from jaxmamba.train.optim import build_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from jaxmamba.config import RECIPES, OptimConfig  # noqa: E402
+from jaxmamba.models import (  # noqa: E402
+    VARIANTS,
+    build_model,
+    count_parameters,
+    memory_preflight,
+    total_bytes,
+)
+from jaxmamba.models.preflight import cross_entropy_full_resolution  # noqa: E402
+from jaxmamba.ops.batch_parallel import traced_under  # noqa: E402
+from jaxmamba.plans import Plan  # noqa: E402
+from jaxmamba.train import sharding  # noqa: E402
+from jaxmamba.train.losses import deep_supervision_loss  # noqa: E402
+from jaxmamba.train.optim import build_recipe  # noqa: E402
 
 
 def dc_ce_deep_supervision(outputs, labels):
