@@ -336,8 +336,9 @@ def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, run_dir: Pa
 def _validate(eval_step, state, cache, plan, val_ids, n_batches, local_batch, mesh) -> dict:
     """nnU-Net's online validation: summed tp/fp/fn over `n_batches` fixed validation patches."""
     counts, loss, n = 0.0, 0.0, 0
+    # each process draws its own share of the global batch (seed 0 on one process)
     for b in jdata.val_iterator(cache, plan, val_ids, num_batches=n_batches,
-                                batch_size=local_batch):
+                                batch_size=local_batch, seed=jax.process_index()):
         m = jax.device_get(eval_step(state, sharding.global_batch(b, mesh)))
         counts, loss, n = counts + np.asarray(m["counts"]), loss + float(m["loss"]), n + 1
     dice = losses.pseudo_dice(counts)
