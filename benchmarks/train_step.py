@@ -17,12 +17,21 @@ so it runs on the GPU image.
 
     python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
         --optimizer radam_cosine --devices 1 2 4 --json $OUT/scaling.json
+
+Compiling is most of a row's time (1-3 min on a GPU). `--gate DIR --gate-count N` lets N processes
+(one row each, started together) compile at once and then time one at a time: each waits until
+all N have compiled (or died), then times its step holding a lock in DIR, so no two steps share
+the device while timed. Start them with `XLA_PYTHON_CLIENT_PREALLOCATE=false`, so that each
+process's peak is its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import statistics
 import sys
 import time
@@ -90,6 +99,26 @@ def make_step(model: nnx.Module, loss_fn, tx: optax.GradientTransformation, mesh
     return (params, tx.init(params)), jax.jit(traced_under(mesh, step), donate_argnums=0)
 
 
+@contextlib.contextmanager
+def timing_gate(gate: Path | None, count: int, timeout_s: float = 900.0):
+    """Mark this process compiled, wait until `count` processes have (or `timeout_s`), then hold
+    an exclusive lock in `gate` while the body times its step; a no-op without `gate`."""
+    if gate is None:
+        yield
+        return
+    gate.mkdir(parents=True, exist_ok=True)
+    (gate / f"{os.getpid()}.compiled").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(gate.glob("*.compiled"))) < count and time.monotonic() < deadline:
+        time.sleep(1.0)
+    with open(gate / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     """One row: `args.batch` (or the plan's) patches per device on a mesh of `n_devices`."""
     plan = Plan.load(args.plans)
@@ -131,13 +160,14 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
           f"{_gib(row['preflight_step_GiB'])}", flush=True)
 
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        state, value = compiled(state, image, labels)
-        value = float(value)  # waits for the step
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(value)
+    with timing_gate(args.gate, args.gate_count):
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            state, value = compiled(state, image, labels)
+            value = float(value)  # waits for the step
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(value)
     row["step_ms"] = 1e3 * statistics.median(times)
     row["step_ms_min"] = 1e3 * min(times)
     row["losses"] = losses
@@ -185,6 +215,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", type=Path, help="append the result as one JSON line here")
+    parser.add_argument("--gate", type=Path, help="compile alongside other processes, then time "
+                        "one at a time (a folder they share; see the module docstring)")
+    parser.add_argument("--gate-count", type=int, default=1,
+                        help="how many processes share --gate")
     args = parser.parse_args()
     rows = []
     for n in args.devices:
