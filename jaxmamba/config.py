@@ -21,12 +21,13 @@ from typing import Any, Literal
 import yaml
 
 from jaxmamba.atomic import write_text
+from jaxmamba.errors import UserError
 
 VARIANTS = ("resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
 RECIPES = ("nnunet", "radam_cosine", "radam_onecycle")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file and the dotted key."""
 
 

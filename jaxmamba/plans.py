@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxmamba.atomic import write_text
+from jaxmamba.errors import UserError
 
 CONFIGURATION = "3d_fullres"
 
@@ -30,7 +31,7 @@ _DEFAULT_RESAMPLING = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A plans or dataset.json file that cannot be used; the message names the file and the key."""
 
 

@@ -120,14 +120,14 @@ def test_bad_run_directories(setup, capsys):
     (root / "empty").mkdir()
     base = ["predict", "-i", str(root / "in"), "-o", str(root / "out"), "-m"]
     assert main([*base, str(root / "empty")]) == 1
-    assert "no nnUNetPlans.json" in capsys.readouterr().out
+    assert "no nnUNetPlans.json" in capsys.readouterr().err
     _plan().save(root / "nockpt" / "nnUNetPlans.json")
     assert main([*base, str(root / "nockpt")]) == 1
-    assert "no latest or best checkpoint" in capsys.readouterr().out
+    assert "no latest or best checkpoint" in capsys.readouterr().err
     _make_run(root / "run", seed=0)
     with pytest.raises(RunError, match="no best checkpoint"):
         load_run(root / "nockpt", "best")
     (root / "in" / "c0_0001.nii.gz").write_bytes(b"")
     assert main([*base, str(root / "run")]) == 1
-    assert "case c0" in capsys.readouterr().out
+    assert "case c0" in capsys.readouterr().err
     assert not (root / "out").exists() or not list((root / "out").glob("*.nii.gz"))

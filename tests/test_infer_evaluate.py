@@ -97,21 +97,21 @@ def test_bad_input_names_the_case(folders, capsys):
             "-d", str(root / "dataset.json")]
     _write(root / "pred" / "case_1.nii.gz", np.zeros((8, 20, 15)))
     assert main(args) == 1
-    assert "case case_1" in (out := capsys.readouterr().out) and "shape" in out
+    assert "case case_1" in (out := capsys.readouterr().err) and "shape" in out
     _write(root / "pred" / "case_1.nii.gz", np.full((8, 20, 16), 7))
     assert main(args) == 1
-    assert "case case_1" in (out := capsys.readouterr().out) and "[7]" in out
+    assert "case case_1" in (out := capsys.readouterr().err) and "[7]" in out
     (root / "pred" / "case_1.nii.gz").unlink()
     assert main(args) == 1
-    assert "case_1" in (out := capsys.readouterr().out) and "--partial" in out
+    assert "case_1" in (out := capsys.readouterr().err) and "--partial" in out
     assert main([*args, "--partial"]) == 0
     _write(root / "pred" / "extra.nii.gz", np.zeros((8, 20, 16)))
     assert main(args) == 1
-    assert "extra" in capsys.readouterr().out
+    assert "extra" in capsys.readouterr().err
     assert main([*args[:-2], "-d", str(root / "dataset.json"), "--regions", "WT=1,9"]) == 1
-    assert "[9]" in capsys.readouterr().out
+    assert "[9]" in capsys.readouterr().err
     assert main([*args[:-2], "-d", str(root / "missing.json")]) == 1
-    assert "missing.json: file not found" in capsys.readouterr().out
+    assert "missing.json: file not found" in capsys.readouterr().err
 
 
 def test_largest_structure_center():

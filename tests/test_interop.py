@@ -169,7 +169,7 @@ def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     # Wrong variant: a clear message and exit status 1, nothing written.
     assert cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant",
                      "multisegmamba", "-o", str(tmp_path / "other")]) == 1
-    assert "does not match multisegmamba" in capsys.readouterr().out
+    assert "does not match multisegmamba" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 

@@ -23,9 +23,10 @@ from jaxmamba import data as jdata
 from jaxmamba.config import Config, save_config
 from jaxmamba.models import build_model
 from jaxmamba.plans import Plan
-from jaxmamba.train import losses, preflight, sharding, validate
+from jaxmamba.train import finite, losses, preflight, sharding, validate
 from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
+from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.writers import RunWriter
 
@@ -33,10 +34,6 @@ from jaxmamba.train.writers import RunWriter
 OVERRIDABLE = ("patch_size", "batch_size", "base_num_features", "max_num_features", "strides",
                "kernel_sizes", "n_blocks_encoder", "n_blocks_decoder", "batch_dice")
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------- data and plan
@@ -170,6 +167,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         params, train, data_state, meta = ckpt.restore(
             state.params, {"step": state.step, "rest": state.rest, "opt": state.opt_state})
         state = steps.TrainState(train["step"], params, train["rest"], train["opt"])
+        finite.check_restored(state, ckpt.dir / "latest" / str(meta["epoch"]))
         train_it.set_state(data_state)
         start_epoch, history, best_ema = meta["epoch"], meta["history"], meta["best_ema"]
         say(f"resumed {run_dir} at epoch {start_epoch} (step {int(state.step)})")
@@ -219,11 +217,13 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                 first = None
                 state, metrics = compiled(state, batch)
                 if pending is not None:  # read the previous step while this one runs
-                    _consume(pending, tally, writer, bar, recipe, run_dir, ckpt)
+                    _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
                 step_no += 1
                 pending = (step_no, metrics)
                 throughput.tick(metrics["loss"])
-            _consume(pending, tally, writer, bar, recipe, run_dir, ckpt)
+            _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
+            finite.check_state(state, epoch=epoch + 1, step=step_no, ckpt=ckpt,
+                               raw_dir=cfg.data.raw_dir)
             throughput.report()
             bar.close()
             record = tally.record(epoch, step_no, recipe.lr(step_no - 1))
@@ -311,17 +311,14 @@ class _Tally:
                 "grad_norm": self.grad_norm / max(self.n, 1)}
 
 
-def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, run_dir: Path, ckpt):
+def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, raw_dir: str, ckpt):
     step_no, metrics = pending  # metrics of step number `step_no` (1-based)
     m = jax.device_get(metrics)
     loss = float(m["loss"])
     if not math.isfinite(loss):
-        last = ckpt.latest_epoch()
-        kept = f"epoch {last} in {ckpt.dir}" if last is not None else "none written yet"
-        raise NonFiniteLossError(
-            f"the loss became {loss} at step {step_no}; training stopped. The last good "
-            f"checkpoint is kept ({kept}). Try a lower optim.lr, model.precision=float32, or "
-            f"check the data (jaxmamba check {run_dir})")
+        raise NonFiniteLossError(finite.stop_message(
+            f"the loss became {loss} at step {step_no}", last_epoch=ckpt.latest_epoch(),
+            checkpoints=ckpt.dir, raw_dir=raw_dir))
     tally.add(m)
     lr = float(recipe.lr(step_no - 1))
     writer.scalars(step_no, {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
