@@ -20,9 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmamba import data as jdata
-from jaxmamba.config import Config, save_config
+from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
 from jaxmamba.models import build_model
-from jaxmamba.plans import Plan
+from jaxmamba.plans import Plan, PlanError
 from jaxmamba.train import finite, losses, preflight, sharding, validate
 from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
@@ -31,21 +31,26 @@ from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.writers import RunWriter
 
 #: Plan fields a config may override: they change the network or the batches, not preprocessing.
-OVERRIDABLE = ("patch_size", "batch_size", "base_num_features", "max_num_features", "strides",
-               "kernel_sizes", "n_blocks_encoder", "n_blocks_decoder", "batch_dice")
+OVERRIDABLE = tuple(PLAN_OVERRIDES)
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
 
 
 # ---------------------------------------------------------------------- data and plan
 def apply_plan_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """`plan` with `data.plan_overrides` applied; other keys are errors naming the key."""
+    """`plan` with `data.plan_overrides` applied; other keys, and overrides that do not fit the
+    plan, are `ConfigError`s naming the overrides (not the plans file)."""
     for key in overrides:
         if key not in OVERRIDABLE:
-            raise ValueError(f"data.plan_overrides.{key}: not overridable (choose from "
-                             f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
+            raise ConfigError(f"data.plan_overrides.{key}: not overridable (choose from "
+                              f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
     def as_tuple(v):
         return tuple(as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
-    return plan.replace(**{k: as_tuple(v) for k, v in overrides.items()})
+    changes = {k: as_tuple(v) for k, v in overrides.items()}
+    try:
+        plan.replace(**changes, source="data.plan_overrides")  # validated, blamed on the overrides
+    except PlanError as err:
+        raise ConfigError(f"{err} (with the plan {plan.source})") from err
+    return plan.replace(**changes)
 
 
 def cache_dir(cfg: Config) -> Path:
