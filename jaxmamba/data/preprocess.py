@@ -143,7 +143,7 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
             raise DataError(f"no label file for training case {case.case_id}")
         bad = sorted(set(np.unique(seg).tolist()) - {v for _, v in plan.labels})
         if bad:
-            raise DataError(f"{case.label}: label value(s) {bad} not in the plan's labels "
+            raise DataError(f"{case.label} has label value(s) {bad} not in the plan's labels "
                             f"{dict(plan.labels)}")
         data, seg, props = preprocess_arrays(data, seg, geometry, plan)
         seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
@@ -157,7 +157,9 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
                      label_file=str(case.label), class_locations=index)
         write_json(p["props"], props)  # last: marks the case complete
     except Exception as err:  # report and go on: one bad case never stops or corrupts the others
-        return f"case {case.case_id}: {type(err).__name__}: {err}"
+        message = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+        return message if message.startswith(f"case {case.case_id}:") else \
+            f"case {case.case_id}: {message}"
     return None
 
 
