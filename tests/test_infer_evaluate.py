@@ -120,3 +120,26 @@ def test_largest_structure_center():
     labels[5:8, 6:9, 2:11] = 2
     assert largest_structure_center(labels) == (6, 7, 6)
     assert largest_structure_center(np.zeros((4, 6, 8), int)) == (2, 3, 4)
+
+
+def test_prediction_on_another_grid_is_refused(folders, capsys):
+    """A prediction shifted by 20 mm (or with another spacing) is not scored as if aligned."""
+    root, cases = folders
+    args = ["evaluate", "-p", str(root / "pred"), "-g", str(root / "gt"),
+            "-d", str(root / "dataset.json")]
+    pred, _ = cases["case_1"]
+    shifted = np.diag([*SPACING[::-1], 1.0])
+    shifted[0, 3] = 20.0
+    nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0), shifted), root / "pred" / "case_1.nii.gz")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "case case_1" in err and "20 mm apart" in err and "--ignore-geometry" in err
+    assert main([*args, "--geometry-tolerance", "25"]) == 0
+    assert main([*args, "--ignore-geometry"]) == 0
+    summary = json.loads((root / "pred" / "summary.json").read_text())
+    assert summary["settings"]["geometry_tolerance_mm"] is None
+    coarse = np.diag([*SPACING[::-1], 1.0])
+    coarse[2, 2] = 2 * SPACING[0]
+    nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0), coarse), root / "pred" / "case_1.nii.gz")
+    assert main(args) == 1
+    assert "spacing [6.0, 1.0, 1.5] vs [3.0, 1.0, 1.5]" in capsys.readouterr().err

@@ -86,13 +86,15 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, 
 
 
 def preprocess_case(image_files: Sequence[str | Path], plan: Plan, label_file: str | Path | None
-                    = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                    = None, *, case_id: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Preprocess one raw case (one NIfTI file per channel, channel order) for prediction.
 
     Returns `(data (C, S0, S1, S2) float32, seg or None, properties)`; pass `properties` to
-    `revert_to_raw` / `export_prediction`. Stable API.
+    `revert_to_raw` / `export_prediction`. Errors name `case_id` (default: the first file's
+    name) and the file. Stable API.
     """
-    case = RawCase(Path(image_files[0]).name, tuple(Path(f) for f in image_files),
+    case = RawCase(case_id or Path(image_files[0]).name, tuple(Path(f) for f in image_files),
                    Path(label_file) if label_file else None)
     data, seg, geometry = load_case(case)
     data, seg, props = preprocess_arrays(data, seg, geometry, plan)

@@ -135,10 +135,7 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
     `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path."""
     from jaxmamba.infer.sliding_window import predict_logits
 
-    try:
-        data, _, properties = preprocess_case(case.files, plan)
-    except (DataError, ValueError, OSError) as err:
-        raise DataError(f"case {case.case_id}: {err}") from err
+    data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
     image = np.moveaxis(data, 0, -1)
     logits = None
     for i, fn in enumerate(apply_fns):
