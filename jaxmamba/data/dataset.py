@@ -192,8 +192,10 @@ def check_case(case: RawCase, label_values: set[int]) -> tuple[list[str], list[s
             errors.append(f"case {case.case_id}: {f} has shape {list(shape)}, but {ref[0]} has "
                           f"{list(ref[1])}")
         elif not np.allclose(img.affine, ref[2], rtol=1e-4, atol=1e-3):
-            errors.append(f"case {case.case_id}: {f} has an affine different from {ref[0]}:\n"
-                          f"{np.round(img.affine, 4)}\nvs\n{np.round(ref[2], 4)}")
+            diff = float(np.abs(np.asarray(img.affine) - ref[2]).max())
+            origins = [np.round(a[:3, 3], 3).tolist() for a in (np.asarray(img.affine), ref[2])]
+            errors.append(f"case {case.case_id}: {f} has an affine different from {ref[0]} "
+                          f"(by up to {diff:.4g}; origin {origins[0]} vs {origins[1]})")
         try:
             data, _ = load_volume(f)
         except DataError as err:
