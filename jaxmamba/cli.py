@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(name: str, argv: list[str], *, prog: str | None = None,
                 debug: bool = False) -> int:
     """Parse `argv` for command `name` and run it, turning expected errors into one line."""
+    from jaxmamba.config import ConfigError
     from jaxmamba.errors import UserError
 
     module = importlib.import_module(COMMANDS[name][0])
@@ -72,7 +73,6 @@ def run_command(name: str, argv: list[str], *, prog: str | None = None,
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        from jaxmamba.config import ConfigError
         return 2 if isinstance(err, ConfigError) else 1
     except ValueError as err:  # not one of ours: say so, but still without a wall of text
         if debug:

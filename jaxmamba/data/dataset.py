@@ -167,8 +167,8 @@ def label_problems(data: np.ndarray, path: Path, allowed: set[int] | None = None
         problems.append(f"{path} holds label value(s) that are not whole numbers "
                         f"({', '.join(f'{v:g}' for v in fractional[:5])}); a label map holds the "
                         f"integers of dataset.json labels (was it resampled with interpolation?)")
-    bad = sorted({int(v) for v in values[values == np.rint(values)]} - allowed) if allowed \
-        is not None else []
+    whole = {int(v) for v in values[values == np.rint(values)]}
+    bad = sorted(whole - allowed) if allowed is not None else []
     if bad:
         problems.append(f"{path} has label value(s) {bad[:10]} not in dataset.json labels "
                         f"{sorted(allowed)}")
