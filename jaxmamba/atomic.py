@@ -7,6 +7,7 @@ summaries, plots) writes through `atomic_path`, so an interrupted run never leav
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +25,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     name = path.name
     suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{name[: len(name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
+    # the name matches _TEMPORARY: a kill -9 leaves it, and remove_stale_temporaries finds it
     try:
         yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9.]*)?$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries of `atomic_path` in `folder` whose writing process is gone (a
+    `kill -9` mid-write leaves them); returns what was removed. Hidden names, so listings skip
+    them; a temporary of a live process is left alone."""
+    folder = Path(folder)
+    removed = []
+    for f in sorted(folder.iterdir()) if folder.is_dir() else ():
+        m = _TEMPORARY.match(f.name)
+        if m and f.is_file() and not _alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -1,13 +1,18 @@
 """`jaxmamba` command line: one subcommand per job; each lives in the module that does the work.
 
 Each entry of `COMMANDS` names a module with `add_arguments(parser)` and `run(args) -> int`; modules
-are imported only when their command runs, so `jaxmamba --help` stays fast.
+are imported only when their command runs, and none imports JAX before its `run`, so `--help`
+answers fast. Errors are handled here, once for every command (and `train.py`): an expected error
+(`jaxmamba.errors.UserError`, or an `OSError` naming its file) is printed as one line
+`error: ...` with exit status 1 (2 for a config or command-line error); `--debug` (or the
+environment variable `JAXMAMBA_DEBUG=1`) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: name -> (module, one-line help)
@@ -21,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("jaxmamba.infer.predict", "predict NIfTI cases with trained run directories"),
     "convert-torch": ("jaxmamba.interop.cli", "import (or export) a PyTorch checkpoint"),
 }
+DEBUG_ENV = "JAXMAMBA_DEBUG"
+_DEBUG_HELP = f"show the Python traceback of an error (or set {DEBUG_ENV}=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mamba U-Nets for 3D medical image segmentation in JAX. "
                     "Run `jaxmamba COMMAND --help` for the options of a command.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -37,16 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Parse the command name first, then let its module add its own arguments.
-    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
-    module = importlib.import_module(known._module)
-    sub = argparse.ArgumentParser(prog=f"jaxmamba {known.command}",
-                                  description=COMMANDS[known.command][1])
-    module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    argv = argv[1:] if debug else argv
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # help, or the usage error naming the choices
+        return 2
+    return run_command(argv[0], argv[1:], debug=debug)
+
+
+def run_command(name: str, argv: list[str], *, prog: str | None = None,
+                debug: bool = False) -> int:
+    """Parse `argv` for command `name` and run it, turning expected errors into one line."""
+    from jaxmamba.config import ConfigError
+    from jaxmamba.errors import UserError
+
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=prog or f"jaxmamba {name}",
+                                     description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    args = parser.parse_args(argv)
+    debug = debug or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, OSError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    except ValueError as err:  # not one of ours: say so, but still without a wall of text
+        if debug:
+            raise
+        print(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A config file is YAML whose keys mirror the dataclasses below; `base: other.yaml` (relative to the
 file) merges the file onto another one first. Command-line overrides use dotted keys
 (`optim.lr=1e-3`, `data.plan_overrides.patch_size=[32,32,32]`) and YAML values. Unknown keys, wrong
-types and values outside a field's choices raise `ConfigError` naming the dotted key and the file.
+types, non-finite numbers and values outside a field's choices raise `ConfigError` naming the
+dotted key and where its value came from (the file, or the command line for an override).
 Every run saves its resolved config (`Config.to_dict` / `save_config`) in its run directory.
 
 Nothing here imports the rest of jaxmamba, so the schema can be read without JAX.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,12 +23,13 @@ from typing import Any, Literal
 import yaml
 
 from jaxmamba.atomic import write_text
+from jaxmamba.errors import UserError
 
 VARIANTS = ("resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
 RECIPES = ("nnunet", "radam_cosine", "radam_onecycle")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file and the dotted key."""
 
 
@@ -118,16 +121,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
     raw: dict[str, Any] = {} if path is None else _read_yaml(Path(path), seen=())
     source = str(path) if path is not None else "<defaults>"
+    keys = []
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value, source="command line")
-    return from_dict(raw, source=source)
+        keys.append(key)
+    return from_dict(raw, source=source, command_line=keys)
 
 
-def from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Config:
-    """Validate a nested dictionary into a `Config`."""
-    cfg = _build(Config, raw, prefix="", source=source)
-    _check(cfg, source)
+def from_dict(raw: dict[str, Any], *, source: str = "<dict>",
+              command_line: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate a nested dictionary into a `Config`; errors in the keys of `command_line` (the
+    dotted keys of the overrides) are blamed on the command line, the others on `source`."""
+    where = _Source(source, tuple(command_line))
+    cfg = _build(Config, raw, prefix="", source=where)
+    _check(cfg, where)
     return cfg
 
 
@@ -149,6 +157,20 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------- internals
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where a key's value came from: the config file, or the command line for an override."""
+
+    file: str
+    command_line: tuple[str, ...] = ()
+
+    def of(self, key: str) -> str:
+        for k in self.command_line:
+            if key == k or key.startswith((f"{k}.", f"{k}[")):
+                return "command line"
+        return self.file
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -190,23 +212,23 @@ def _set_dotted(raw: dict, key: str, value: Any, *, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, *, prefix: str, source: str):
+def _build(cls: type, raw: Any, *, prefix: str, source: _Source):
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source.of(where)}: {where} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (valid keys in {where}: "
-                          f"{', '.join(fields)})")
+        raise ConfigError(f"{source.of(prefix + unknown[0])}: unknown key {prefix}{unknown[0]} "
+                          f"(valid keys in {where}: {', '.join(fields)})")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, key=f"{prefix}{name}", source=source)
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, *, key: str, source: str) -> Any:
+def _coerce(tp: Any, value: Any, *, key: str, source: _Source) -> Any:
     """Check `value` against the annotation `tp`; convert lists to tuples and ints to floats."""
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, prefix=f"{key}.", source=source)
@@ -219,29 +241,30 @@ def _coerce(tp: Any, value: Any, *, key: str, source: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise errors[-1] if len(args) == 1 else ConfigError(
-            f"{source}: {key} = {value!r}: expected {_describe(tp)}")
+            f"{source.of(key)}: {key} = {value!r}: expected {_describe(tp)}")
     if origin is Literal:
         if any(a == value and type(a) is type(value) for a in args):
             return value
-        raise ConfigError(f"{source}: {key} = {value!r}: expected one of "
+        raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected one of "
                           f"{', '.join(repr(a) for a in args)}")
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{source}: {key} = {value!r}: expected null")
+        raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected null")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a list ({_describe(tp)})")
+            raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected a list "
+                              f"({_describe(tp)})")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, key=f"{key}[{i}]", source=source)
                          for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected {len(args)} entries")
+            raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected {len(args)} entries")
         return tuple(_coerce(a, v, key=f"{key}[{i}]", source=source)
                      for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a mapping")
+            raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected a mapping")
         return copy.deepcopy(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -252,7 +275,7 @@ def _coerce(tp: Any, value: Any, *, key: str, source: str) -> Any:
             pass
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
-    raise ConfigError(f"{source}: {key} = {value!r}: expected {_describe(tp)}")
+    raise ConfigError(f"{source.of(key)}: {key} = {value!r}: expected {_describe(tp)}")
 
 
 def _describe(tp: Any) -> str:
@@ -266,32 +289,92 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _check(cfg: Config, source: str) -> None:
+def _check(cfg: Config, source: _Source) -> None:
     """Value checks that types cannot express."""
+    for key, value in _numbers(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source.of(key)}: {key} = {value}: must be a finite number")
     t, o = cfg.train, cfg.optim
     positive = {"train.epochs": t.epochs, "train.iters_per_epoch": t.iters_per_epoch,
                 "optim.cosine_t_max": o.cosine_t_max, "optim.clip_norm": o.clip_norm}
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{source}: {key} = {value}: must be > 0")
+            raise ConfigError(f"{source.of(key)}: {key} = {value}: must be > 0")
     nonneg = {"train.val_iters": t.val_iters, "data.fold": cfg.data.fold,
               "data.num_workers": cfg.data.num_workers, "optim.weight_decay": o.weight_decay}
     for key, value in nonneg.items():
         if value < 0:
-            raise ConfigError(f"{source}: {key} = {value}: must be >= 0")
+            raise ConfigError(f"{source.of(key)}: {key} = {value}: must be >= 0")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
-        raise ConfigError(f"{source}: optim.lr = {cfg.optim.lr}: must be > 0 (or null)")
+        raise ConfigError(f"{source.of('optim.lr')}: optim.lr = {cfg.optim.lr}: must be > 0 (or "
+                          f"null for the recipe's default)")
     if not 0 < cfg.optim.onecycle_pct_start < 1:
-        raise ConfigError(f"{source}: optim.onecycle_pct_start = {cfg.optim.onecycle_pct_start}: "
-                          f"must be in (0, 1)")
+        key = "optim.onecycle_pct_start"
+        raise ConfigError(f"{source.of(key)}: {key} = {cfg.optim.onecycle_pct_start}: must be "
+                          f"in (0, 1)")
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
-        raise ConfigError(f"{source}: mesh.data = {cfg.mesh.data}: must be -1 (all devices) "
-                          f"or >= 1")
+        raise ConfigError(f"{source.of('mesh.data')}: mesh.data = {cfg.mesh.data}: must be -1 "
+                          f"(all devices) or >= 1")
     if not cfg.data.raw_dir:
-        raise ConfigError(f"{source}: data.raw_dir is required: pass data.raw_dir=/path/to/"
-                          f"DatasetXXX_Name (an nnU-Net raw folder)")
+        raise ConfigError(f"{source.of('data.raw_dir')}: data.raw_dir is required: pass "
+                          f"data.raw_dir=/path/to/DatasetXXX_Name (an nnU-Net raw folder)")
     if not cfg.train.run_dir:
-        raise ConfigError(f"{source}: train.run_dir must not be empty")
+        raise ConfigError(f"{source.of('train.run_dir')}: train.run_dir must not be empty")
+    _check_plan_overrides(cfg.data.plan_overrides, source)
+
+
+def _numbers(node: Any, prefix: str = ""):
+    """`(dotted key, value)` of every number in a config (tuple entries as `key[i]`)."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _numbers(getattr(node, f.name), f"{prefix}{f.name}.")
+    elif isinstance(node, tuple):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{prefix.rstrip('.')}[{i}]")
+    elif isinstance(node, int | float) and not isinstance(node, bool):
+        yield prefix.rstrip("."), node
+
+
+def _positive_int(v: Any) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _ints(n: int | None, ok=_positive_int):
+    return lambda v: isinstance(v, list | tuple) and (n is None or len(v) == n) and all(
+        ok(x) for x in v)
+
+
+def _per_stage(entry):
+    return lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(entry(x) for x in v)
+
+
+#: Plan fields `data.plan_overrides` may set (they change the network or the batches, not the
+#: preprocessing), each with what its value must be and a check of it.
+PLAN_OVERRIDES: dict[str, tuple[str, Any]] = {
+    "patch_size": ("a list of 3 integers >= 1", _ints(3)),
+    "batch_size": ("an integer >= 1 (patches per step over all devices)", _positive_int),
+    "base_num_features": ("an integer >= 1", _positive_int),
+    "max_num_features": ("an integer >= 1", _positive_int),
+    "strides": ("a list (one per stage) of 3 integers >= 1", _per_stage(_ints(3))),
+    "kernel_sizes": ("a list (one per stage) of 3 odd integers >= 1 (a convolution keeps the "
+                     "shape with padding k // 2 only for odd k)",
+                     _per_stage(_ints(3, lambda x: _positive_int(x) and x % 2 == 1))),
+    "n_blocks_encoder": ("a list of integers >= 1, one per stage", _ints(None)),
+    "n_blocks_decoder": ("a list of integers >= 1, one per stage but the last", _ints(None)),
+    "batch_dice": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_plan_overrides(overrides: dict[str, Any], source: _Source) -> None:
+    for name, value in overrides.items():
+        key = f"data.plan_overrides.{name}"
+        if name not in PLAN_OVERRIDES:
+            raise ConfigError(f"{source.of(key)}: {key}: not overridable (choose from "
+                              f"{', '.join(PLAN_OVERRIDES)}; preprocessing fields come from the "
+                              f"plan)")
+        expected, ok = PLAN_OVERRIDES[name]
+        if not ok(value):
+            raise ConfigError(f"{source.of(key)}: {key} = {value!r}: must be {expected}")
 
 
 def _plain(value: Any) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxmamba.atomic import write_text
+from jaxmamba.errors import UserError
 
 CONFIGURATION = "3d_fullres"
 
@@ -30,7 +31,11 @@ _DEFAULT_RESAMPLING = {
 }
 
 
-class PlanError(ValueError):
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+class PlanError(UserError, ValueError):
     """A plans or dataset.json file that cannot be used; the message names the file and the key."""
 
 
@@ -116,6 +121,27 @@ class Plan:
             for i, v in enumerate(value):
                 if len(v) != nd:
                     raise PlanError(f"{src}: {key}[{i}] = {list(v)} must have {nd} entries")
+        if not all(_positive_int(p) for p in self.patch_size):
+            raise PlanError(f"{src}: patch_size {list(self.patch_size)}: entries must be integers "
+                            f">= 1")
+        for i, v in enumerate(self.strides):
+            if not all(_positive_int(x) for x in v):
+                raise PlanError(f"{src}: pool_op_kernel_sizes[{i}] = {list(v)}: entries must be "
+                                f"integers >= 1")
+        for i, v in enumerate(self.kernel_sizes):
+            if not all(_positive_int(x) and x % 2 for x in v):
+                raise PlanError(f"{src}: conv_kernel_sizes[{i}] = {list(v)}: entries must be odd "
+                                f"integers >= 1 (convolutions pad by k // 2 to keep the shape)")
+        for key, value in (("n_conv_per_stage_encoder", self.n_blocks_encoder),
+                           ("n_conv_per_stage_decoder", self.n_blocks_decoder)):
+            if not all(_positive_int(x) for x in value):
+                raise PlanError(f"{src}: {key} {list(value)}: entries must be integers >= 1")
+        for key, value in (("UNet_base_num_features", self.base_num_features),
+                           ("unet_max_num_features", self.max_num_features)):
+            if not _positive_int(value):
+                raise PlanError(f"{src}: {key} = {value!r}: must be an integer >= 1")
+        if not isinstance(self.batch_dice, bool):
+            raise PlanError(f"{src}: batch_dice = {self.batch_dice!r}: must be true or false")
         for axis, (p, t) in enumerate(zip(self.patch_size, self.total_stride, strict=True)):
             if p % t:
                 raise PlanError(f"{src}: patch_size {list(self.patch_size)} is not divisible by "
@@ -132,8 +158,8 @@ class Plan:
         values = [v for _, v in self.labels]
         if values != list(range(len(values))):
             raise PlanError(f"{src}: label values {values} must be 0..{len(values) - 1}")
-        if self.batch_size < 1:
-            raise PlanError(f"{src}: batch_size {self.batch_size} must be >= 1")
+        if not _positive_int(self.batch_size):
+            raise PlanError(f"{src}: batch_size {self.batch_size!r} must be an integer >= 1")
         if len(self.spacing) != nd:
             raise PlanError(f"{src}: spacing {list(self.spacing)} must have {nd} entries")
 
@@ -165,31 +191,42 @@ class Plan:
                 raise PlanError(f"{source}: dataset.json label {name!r} = {value!r}: region-based "
                                 f"labels are not supported for training; use integer labels")
         fg = plans.get("foreground_intensity_properties_per_channel", {})
-        return cls(
-            dataset_name=str(plans.get("dataset_name", dataset.get("name", "dataset"))),
-            patch_size=tuple(int(v) for v in need(cfg, "patch_size", where)),
-            batch_size=int(need(cfg, "batch_size", where)),
-            spacing=tuple(float(v) for v in need(cfg, "spacing", where)),
-            normalization_schemes=tuple(need(cfg, "normalization_schemes", where)),
-            use_mask_for_norm=tuple(bool(v) for v in need(cfg, "use_mask_for_norm", where)),
-            strides=tuple(tuple(int(x) for x in s)
-                          for s in need(cfg, "pool_op_kernel_sizes", where)),
-            kernel_sizes=tuple(tuple(int(x) for x in k)
-                               for k in need(cfg, "conv_kernel_sizes", where)),
-            n_blocks_encoder=tuple(int(v) for v in need(cfg, "n_conv_per_stage_encoder", where)),
-            n_blocks_decoder=tuple(int(v) for v in need(cfg, "n_conv_per_stage_decoder", where)),
-            channel_names=tuple(str(channel_names[k]) for k in sorted(channel_names, key=int)),
-            labels=tuple(sorted(((str(k), int(v)) for k, v in labels.items()), key=lambda x: x[1])),
-            base_num_features=int(need(cfg, "UNet_base_num_features", where)),
-            max_num_features=int(cfg.get("unet_max_num_features", 320)),
-            batch_dice=bool(cfg.get("batch_dice", False)),
-            median_image_size=tuple(float(v) for v in cfg.get("median_image_size_in_voxels", ())),
-            foreground_intensity_properties=tuple(
-                {k: float(v) for k, v in fg[c].items()} for c in sorted(fg, key=int)),
-            file_ending=str(dataset.get("file_ending", ".nii.gz")),
-            resampling={k: cfg.get(k, v) for k, v in _DEFAULT_RESAMPLING.items()},
-            source=source,
-        )
+        try:
+            return cls(
+                dataset_name=str(plans.get("dataset_name", dataset.get("name", "dataset"))),
+                patch_size=tuple(int(v) for v in need(cfg, "patch_size", where)),
+                batch_size=int(need(cfg, "batch_size", where)),
+                spacing=tuple(float(v) for v in need(cfg, "spacing", where)),
+                normalization_schemes=tuple(need(cfg, "normalization_schemes", where)),
+                use_mask_for_norm=tuple(bool(v) for v in need(cfg, "use_mask_for_norm", where)),
+                strides=tuple(tuple(int(x) for x in s)
+                              for s in need(cfg, "pool_op_kernel_sizes", where)),
+                kernel_sizes=tuple(tuple(int(x) for x in k)
+                                   for k in need(cfg, "conv_kernel_sizes", where)),
+                n_blocks_encoder=tuple(int(v) for v in need(cfg, "n_conv_per_stage_encoder",
+                                                            where)),
+                n_blocks_decoder=tuple(int(v) for v in need(cfg, "n_conv_per_stage_decoder",
+                                                            where)),
+                channel_names=tuple(str(channel_names[k])
+                                    for k in sorted(channel_names, key=int)),
+                labels=tuple(sorted(((str(k), int(v)) for k, v in labels.items()),
+                                    key=lambda x: x[1])),
+                base_num_features=int(need(cfg, "UNet_base_num_features", where)),
+                max_num_features=int(cfg.get("unet_max_num_features", 320)),
+                batch_dice=bool(cfg.get("batch_dice", False)),
+                median_image_size=tuple(float(v)
+                                        for v in cfg.get("median_image_size_in_voxels", ())),
+                foreground_intensity_properties=tuple(
+                    {k: float(v) for k, v in fg[c].items()} for c in sorted(fg, key=int)),
+                file_ending=str(dataset.get("file_ending", ".nii.gz")),
+                resampling={k: cfg.get(k, v) for k, v in _DEFAULT_RESAMPLING.items()},
+                source=source,
+            )
+        except (TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, PlanError):
+                raise
+            raise PlanError(f"{source}: {where.rstrip('.')}: a value of the wrong type "
+                            f"({type(err).__name__}: {err})") from err
 
     @classmethod
     def load(cls, plans_path: str | Path, dataset_path: str | Path | None = None, *,

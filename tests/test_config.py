@@ -52,10 +52,49 @@ def test_resolved_config_round_trips(tmp_path):
     (["mesh.data=0"], "mesh.data = 0"),
     (["data.raw_dir="], "data.raw_dir is required"),
     (["epochs"], "expected KEY=VALUE"),
+    (["optim.lr=.nan"], "optim.lr = nan: must be a finite number"),
+    (["optim.lr=.inf"], "optim.lr = inf: must be a finite number"),
+    (["optim.onecycle_beta1=[0.9, .nan]"], r"optim.onecycle_beta1\[1\] = nan: must be a finite"),
+    (["data.plan_overrides.batch_dice=maybe"], "batch_dice = 'maybe': must be true or false"),
+    (["data.plan_overrides.patch_size=[0,16,16]"], "patch_size = \\[0, 16, 16\\]: must be a list"),
+    (["data.plan_overrides.patch_size=[-8,16,16]"], "integers >= 1"),
+    (["data.plan_overrides.base_num_features=0"], "base_num_features = 0: must be an integer"),
+    (["data.plan_overrides.kernel_sizes=[[2,3,3]]"], "kernel_sizes .* odd integers"),
+    (["data.plan_overrides.batch_size=2.5"], "batch_size = 2.5: must be an integer >= 1"),
+    (["data.plan_overrides.pacth_size=[8,8,8]"], "pacth_size: not overridable"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.raw_dir=/x", *override])
+
+
+def test_errors_blame_the_command_line_or_the_file(tmp_path):
+    """An override's bad value is the command line's fault; a bad value in the file, the file's."""
+    cfg = _write(tmp_path / "c.yaml", "data:\n  raw_dir: /x\n  plan_overrides:\n"
+                 "    batch_size: 2.5\noptim:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"^command line: optim.lr = inf"):
+        load_config(cfg, ["optim.lr=.inf"])
+    with pytest.raises(ConfigError, match=r"c.yaml: optim.lr = nan"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match=r"c.yaml: data.plan_overrides.batch_size = 2.5"):
+        load_config(cfg, ["optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^command line: data.plan_overrides.batch_size = 0"):
+        load_config(cfg, ["optim.lr=1e-3", "data.plan_overrides.batch_size=0"])
+
+
+def test_plan_overrides_that_do_not_fit_the_plan_name_the_overrides():
+    from jaxmamba.plans import Plan
+    from jaxmamba.train.loop import apply_plan_overrides
+
+    plan = Plan(dataset_name="t", patch_size=(8, 16, 16), batch_size=2, spacing=(1.0, 1.0, 1.0),
+                normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
+                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
+                n_blocks_encoder=(1, 1), n_blocks_decoder=(1,), channel_names=("MRI",),
+                labels=(("background", 0), ("a", 1)), source="/cache/nnUNetPlans.json")
+    with pytest.raises(ConfigError, match=r"^data.plan_overrides: patch_size \[9, 16, 16\] is "
+                                          r"not divisible.*\(with the plan /cache/nnUNetPlans"):
+        apply_plan_overrides(plan, {"patch_size": [9, 16, 16]})
+    assert apply_plan_overrides(plan, {"batch_size": 4}).source == plan.source
 
 
 def test_file_errors(tmp_path):

@@ -1,6 +1,8 @@
 """`jaxmamba predict` from a run directory in the training format, then `jaxmamba evaluate`."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +34,19 @@ def _plan_dict(plan):
     return {"plans": plans, "dataset": dataset}
 
 
-def _make_run(run_dir, seed, variant="resencunet"):
-    """A run directory as training leaves it, with perturbed (non-initial) parameters."""
+def _make_run(run_dir, seed, variant="resencunet", nan=False):
+    """A run directory as training leaves it, with perturbed (non-initial) parameters (with
+    `nan`, one of them NaN)."""
     plan = _plan()
     plan.save(run_dir / "nnUNetPlans.json")
     model = build_model(variant, plan, rngs=seed)
     _, params, _ = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda x: jnp.asarray(
         np.asarray(x) + 0.05 * np.sin(np.arange(x.size).reshape(x.shape)), x.dtype), params)
+    if nan:
+        leaves, tree = jax.tree.flatten(params)
+        params = jax.tree.unflatten(tree, [leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan),
+                                           *leaves[1:]])
     ckpt = Checkpointer(run_dir, async_save=False)
     ckpt.save(3, params=params, train={"step": jnp.zeros((), jnp.int32)}, data_state=None,
               meta={"epoch": 3, "variant": variant, "plan": _plan_dict(plan),
@@ -120,14 +127,65 @@ def test_bad_run_directories(setup, capsys):
     (root / "empty").mkdir()
     base = ["predict", "-i", str(root / "in"), "-o", str(root / "out"), "-m"]
     assert main([*base, str(root / "empty")]) == 1
-    assert "no nnUNetPlans.json" in capsys.readouterr().out
+    assert "no nnUNetPlans.json" in capsys.readouterr().err
     _plan().save(root / "nockpt" / "nnUNetPlans.json")
     assert main([*base, str(root / "nockpt")]) == 1
-    assert "no latest or best checkpoint" in capsys.readouterr().out
+    assert "no latest or best checkpoint" in capsys.readouterr().err
     _make_run(root / "run", seed=0)
     with pytest.raises(RunError, match="no best checkpoint"):
         load_run(root / "nockpt", "best")
     (root / "in" / "c0_0001.nii.gz").write_bytes(b"")
     assert main([*base, str(root / "run")]) == 1
-    assert "case c0" in capsys.readouterr().out
+    assert "case c0" in capsys.readouterr().err
     assert not (root / "out").exists() or not list((root / "out").glob("*.nii.gz"))
+
+
+def test_predict_goes_on_past_a_bad_case(setup, capsys):
+    """A bad case is reported at the end, after the others are written; a 0-byte output is not a
+    finished case, and a temporary left by a killed run is removed."""
+    root = setup
+    _make_run(root / "run", seed=0)
+    (root / "out").mkdir()
+    (root / "out" / "c1.nii.gz").write_bytes(b"")  # e.g. a copy that was cut short
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = root / "out" / f".c1.tmp{dead.pid}.nii.gz"
+    stale.write_bytes(b"")
+    flat = nib.Nifti1Image(np.ones((4, 4), np.float32), np.eye(4))
+    nib.save(flat, root / "in" / "c0_0000.nii.gz")
+    args = ["predict", "-m", str(root / "run"), "-i", str(root / "in"), "-o", str(root / "out"),
+            "--no-mirroring"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 case(s) could not be predicted (1 written" in err
+    assert f"case c0: {root / 'in' / 'c0_0000.nii.gz'}: expected a 3-D volume" in err
+    assert nib.load(root / "out" / "c1.nii.gz").shape == (20, 18, 9)
+    assert not stale.exists() and not (root / "out" / "c0.nii.gz").exists()
+
+
+def test_damaged_checkpoint_is_one_line(setup, capsys):
+    root = setup
+    _make_run(root / "run", seed=0)
+    params = root / "run" / "checkpoints" / "latest" / "3" / "params"
+    data = max((f for f in params.rglob("*") if f.is_file() and "ocdbt.process" in str(f)),
+               key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[:64])
+    args = ["predict", "-m", str(root / "run"), "-i", str(root / "in"), "-o", str(root / "out")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {root / 'run' / 'checkpoints' / 'latest' / '3'}: the latest "
+                          f"checkpoint cannot be read")
+    assert err.rstrip().endswith("try --checkpoint best") and len(err) < 600
+    assert len(err.strip().splitlines()) == 1
+    assert main([*args, "--checkpoint", "best"]) == 0  # the intact one
+
+
+def test_non_finite_checkpoint_is_refused(setup, capsys):
+    root = setup
+    _make_run(root / "run", seed=0, nan=True)
+    with pytest.raises(RunError, match=r"latest/3: the latest checkpoint holds 1 non-finite "
+                                       r"parameter value.*--allow-non-finite"):
+        load_run(root / "run")
+    loaded = load_run(root / "run", allow_non_finite=True)
+    assert "1 non-finite parameter value(s); predicting anyway" in capsys.readouterr().out
+    assert loaded.checkpoint == "latest"

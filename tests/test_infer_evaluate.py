@@ -97,21 +97,21 @@ def test_bad_input_names_the_case(folders, capsys):
             "-d", str(root / "dataset.json")]
     _write(root / "pred" / "case_1.nii.gz", np.zeros((8, 20, 15)))
     assert main(args) == 1
-    assert "case case_1" in (out := capsys.readouterr().out) and "shape" in out
+    assert "case case_1" in (out := capsys.readouterr().err) and "shape" in out
     _write(root / "pred" / "case_1.nii.gz", np.full((8, 20, 16), 7))
     assert main(args) == 1
-    assert "case case_1" in (out := capsys.readouterr().out) and "[7]" in out
+    assert "case case_1" in (out := capsys.readouterr().err) and "[7]" in out
     (root / "pred" / "case_1.nii.gz").unlink()
     assert main(args) == 1
-    assert "case_1" in (out := capsys.readouterr().out) and "--partial" in out
+    assert "case_1" in (out := capsys.readouterr().err) and "--partial" in out
     assert main([*args, "--partial"]) == 0
     _write(root / "pred" / "extra.nii.gz", np.zeros((8, 20, 16)))
     assert main(args) == 1
-    assert "extra" in capsys.readouterr().out
+    assert "extra" in capsys.readouterr().err
     assert main([*args[:-2], "-d", str(root / "dataset.json"), "--regions", "WT=1,9"]) == 1
-    assert "[9]" in capsys.readouterr().out
+    assert "[9]" in capsys.readouterr().err
     assert main([*args[:-2], "-d", str(root / "missing.json")]) == 1
-    assert "missing.json: file not found" in capsys.readouterr().out
+    assert "missing.json: file not found" in capsys.readouterr().err
 
 
 def test_largest_structure_center():
@@ -120,3 +120,26 @@ def test_largest_structure_center():
     labels[5:8, 6:9, 2:11] = 2
     assert largest_structure_center(labels) == (6, 7, 6)
     assert largest_structure_center(np.zeros((4, 6, 8), int)) == (2, 3, 4)
+
+
+def test_prediction_on_another_grid_is_refused(folders, capsys):
+    """A prediction shifted by 20 mm (or with another spacing) is not scored as if aligned."""
+    root, cases = folders
+    args = ["evaluate", "-p", str(root / "pred"), "-g", str(root / "gt"),
+            "-d", str(root / "dataset.json")]
+    pred, _ = cases["case_1"]
+    shifted = np.diag([*SPACING[::-1], 1.0])
+    shifted[0, 3] = 20.0
+    nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0), shifted), root / "pred" / "case_1.nii.gz")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "case case_1" in err and "20 mm apart" in err and "--ignore-geometry" in err
+    assert main([*args, "--geometry-tolerance", "25"]) == 0
+    assert main([*args, "--ignore-geometry"]) == 0
+    summary = json.loads((root / "pred" / "summary.json").read_text())
+    assert summary["settings"]["geometry_tolerance_mm"] is None
+    coarse = np.diag([*SPACING[::-1], 1.0])
+    coarse[2, 2] = 2 * SPACING[0]
+    nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0), coarse), root / "pred" / "case_1.nii.gz")
+    assert main(args) == 1
+    assert "spacing [6.0, 1.0, 1.5] vs [3.0, 1.0, 1.5]" in capsys.readouterr().err

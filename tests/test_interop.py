@@ -126,6 +126,16 @@ def test_npz_is_never_unpickled(tmp_path):
     np.savez(path, **{"sd/a": np.array([{"x": 1}], dtype=object)})
     with pytest.raises(CheckpointError, match="never unpickled"):
         read_state_dict(path)
+    path.write_bytes(pickle.dumps({"sd/a": np.zeros(3)}))  # a pickle under an .npz name
+    with pytest.raises(CheckpointError, match="bad.npz: holds Python objects .* never unpickled"):
+        read_state_dict(path)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz archive"):
+        read_state_dict(path)
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    (tmp_path / "one.npy").rename(path)
+    with pytest.raises(CheckpointError, match="a single array, not an .npz archive"):
+        read_state_dict(path)
 
 
 def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
@@ -169,7 +179,7 @@ def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     # Wrong variant: a clear message and exit status 1, nothing written.
     assert cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant",
                      "multisegmamba", "-o", str(tmp_path / "other")]) == 1
-    assert "does not match multisegmamba" in capsys.readouterr().out
+    assert "does not match multisegmamba" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
 
 

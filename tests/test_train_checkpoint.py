@@ -1,14 +1,21 @@
 """Checkpointer: latest + best, async saves, exact round trip of parameters, optimizer state
-(optax NamedTuples), data-iterator state and meta; the frozen iterator snapshot."""
+(optax NamedTuples), data-iterator state and meta; the frozen iterator snapshot; damaged and
+non-finite checkpoints; strict JSON in metrics.jsonl."""
+
+import json
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
-from jaxmamba.train.checkpoint import Checkpointer
+from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
+from jaxmamba.train.finite import all_finite, check_restored
 from jaxmamba.train.optim import scale_by_torch_radam
+from jaxmamba.train.writers import RunWriter
 
 
 def _state():
@@ -58,3 +65,34 @@ def test_snapshot_is_frozen_at_save_time(tmp_path):
     ckpt.wait()
     assert ckpt.restore(params, train)[2] == {"pos": [3]}
     ckpt.close()
+
+
+def test_damaged_checkpoint_is_named_and_non_finite_state_is_found(tmp_path):
+    params, train = _state()
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(1, params=params, train=train, data_state={}, meta={"epoch": 1}, best=False)
+    ckpt.close()
+    (tmp_path / "checkpoints" / "latest" / "1" / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"latest/1: the checkpoint cannot be read, it is "
+                                              r"damaged.*JSONDecodeError.*train.run_dir"):
+        Checkpointer(tmp_path).read_meta()
+    assert bool(all_finite((params, train)))
+    poisoned = jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x, train)
+    assert not bool(all_finite((params, poisoned)))
+    with pytest.raises(CheckpointError, match="holds non-finite values"):
+        check_restored(poisoned, tmp_path / "latest" / "1")
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    writer = RunWriter(tmp_path, ["a", "b"], tensorboard=False, plot=False,
+                       history=[{"epoch": 0, "train_loss": math.inf}])
+    writer.epoch({"epoch": 1, "train_loss": 0.5, "val_dice": [math.nan, 0.25],
+                  "grad_norm": np.float32("nan")})
+    writer.close()
+    lines = [json.loads(x, parse_constant=refuse)
+             for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"epoch": 0, "train_loss": None},
+                     {"epoch": 1, "train_loss": 0.5, "val_dice": [None, 0.25], "grad_norm": None}]

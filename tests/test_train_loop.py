@@ -109,9 +109,26 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(phantom, uninterrupted):
         if x.dtype.kind == "f" and x.ndim == 4:
             np.save(f, np.full_like(x, np.nan))
     cfg = _cfg(phantom, run_dir, "train.epochs=3", f"data.preprocessed_dir={poisoned}")
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*epoch 2 in"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*epoch 2 in.*"
+                                                 r"jaxmamba check .*raw\)"):
         run(cfg)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "latest").iterdir()) == ["2"]
+
+
+@pytest.mark.slow
+def test_non_finite_parameters_are_never_checkpointed(phantom, tmp_path):
+    """lr 1e10: the loss of both steps of epoch 1 is finite (it is computed before the update),
+    but the last update makes the parameters NaN; that state must not become a checkpoint, and
+    the message must not call one good."""
+    run_dir = tmp_path / "run"
+    cfg = _cfg(phantom, run_dir, "optim.lr=1e10", "train.iters_per_epoch=2", "train.epochs=4",
+               "train.final_validation=false")
+    with pytest.raises(NonFiniteLossError, match=r"parameters or the optimizer state became "
+                                                 r"non-finite .* in epoch 1 .*none written yet.*"
+                                                 r"jaxmamba check .*raw"):
+        run(cfg)
+    latest = run_dir / "checkpoints" / "latest"
+    assert not latest.exists() or not [p for p in latest.iterdir() if p.name.isdigit()]
 
 
 def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):

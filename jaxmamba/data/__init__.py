@@ -7,8 +7,8 @@ Preprocessing
     -> (Plan, errors)` writes `cache/nnUNetPlans.json`, `cache/splits_final.json` and
     `cache/3d_fullres/CASE.{npy,json}`; idempotent. `plan` may be a `Plan` or an
     `nnUNetPlans.json` path (used unchanged). `load_plan(cache)` reads the plan back.
-    `preprocess_case(image_files, plan, label_file=None) -> (data (C, S0, S1, S2) float32,
-    seg | None, properties)` for one raw case (prediction).
+    `preprocess_case(image_files, plan, label_file=None, *, case_id=None) -> (data (C, S0, S1,
+    S2) float32, seg | None, properties)` for one raw case (prediction).
 Inversion
     `revert_to_raw(array, properties, plan, *, probabilities=False)`: a preprocessed-space label
     map `(S0, S1, S2)` or probability map `(K, S0, S1, S2)` on the raw grid (z, y, x).

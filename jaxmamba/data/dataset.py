@@ -70,8 +70,19 @@ class RawDataset:
         if missing:
             raise DataError(f"{meta_path}: missing key(s) {missing} (nnU-Net v2 dataset.json needs "
                             f"{list(_REQUIRED_KEYS)})")
+        channels = meta["channel_names"]
+        if not isinstance(channels, dict) or not channels or sorted(map(str, channels)) != sorted(
+                map(str, range(len(channels)))):
+            raise DataError(f"{meta_path}: channel_names = {meta['channel_names']!r}: expected an "
+                            f"object {{\"0\": \"NAME\", \"1\": ...}} numbering the channels from 0")
+        if not isinstance(meta["labels"], dict):
+            raise DataError(f"{meta_path}: labels = {meta['labels']!r}: expected an object "
+                            f"{{\"background\": 0, \"NAME\": 1, ...}}")
+        if not isinstance(meta["file_ending"], str) or not meta["file_ending"].startswith("."):
+            raise DataError(f"{meta_path}: file_ending = {meta['file_ending']!r}: expected a file "
+                            f"ending such as \".nii.gz\"")
         for name, value in meta["labels"].items():
-            if not isinstance(value, int):
+            if not isinstance(value, int) or isinstance(value, bool):
                 raise DataError(f"{meta_path}: label {name!r} = {value!r}; only integer labels are "
                                 f"supported (no region-based training)")
         n_channels = len(meta["channel_names"])
@@ -146,6 +157,24 @@ def _list_cases(images_dir: Path, labels_dir: Path | None, n_channels: int, endi
     return cases
 
 
+def label_problems(data: np.ndarray, path: Path, allowed: set[int] | None = None) -> list[str]:
+    """What is wrong with a label map's values: values that are not whole numbers (refused by
+    `check`, preprocessing and training alike, never rounded), and values not in `allowed`."""
+    values = np.unique(data[np.isfinite(data)])
+    problems = []
+    fractional = values[values != np.rint(values)]
+    if fractional.size:
+        problems.append(f"{path} holds label value(s) that are not whole numbers "
+                        f"({', '.join(f'{v:g}' for v in fractional[:5])}); a label map holds the "
+                        f"integers of dataset.json labels (was it resampled with interpolation?)")
+    whole = {int(v) for v in values[values == np.rint(values)]}
+    bad = sorted(whole - allowed) if allowed is not None else []
+    if bad:
+        problems.append(f"{path} has label value(s) {bad[:10]} not in dataset.json labels "
+                        f"{sorted(allowed)}")
+    return problems
+
+
 def check_case(case: RawCase, label_values: set[int]) -> tuple[list[str], list[str]]:
     """Read one case fully; returns `(errors, warnings)`, each naming the case and the file."""
     errors: list[str] = []
@@ -163,8 +192,10 @@ def check_case(case: RawCase, label_values: set[int]) -> tuple[list[str], list[s
             errors.append(f"case {case.case_id}: {f} has shape {list(shape)}, but {ref[0]} has "
                           f"{list(ref[1])}")
         elif not np.allclose(img.affine, ref[2], rtol=1e-4, atol=1e-3):
-            errors.append(f"case {case.case_id}: {f} has an affine different from {ref[0]}:\n"
-                          f"{np.round(img.affine, 4)}\nvs\n{np.round(ref[2], 4)}")
+            diff = float(np.abs(np.asarray(img.affine) - ref[2]).max())
+            origins = [np.round(a[:3, 3], 3).tolist() for a in (np.asarray(img.affine), ref[2])]
+            errors.append(f"case {case.case_id}: {f} has an affine different from {ref[0]} "
+                          f"(by up to {diff:.4g}; origin {origins[0]} vs {origins[1]})")
         try:
             data, _ = load_volume(f)
         except DataError as err:
@@ -174,12 +205,8 @@ def check_case(case: RawCase, label_values: set[int]) -> tuple[list[str], list[s
             errors.append(f"case {case.case_id}: {f} has {int((~np.isfinite(data)).sum())} "
                           f"non-finite voxel(s) (NaN or inf)")
         if f == case.label:
-            values = {int(v) if float(v).is_integer() else v for v in np.unique(data).tolist()}
-            bad = sorted(v for v in values if v not in label_values)
-            if bad:
-                errors.append(f"case {case.case_id}: {f} has label value(s) {bad[:10]} not in "
-                              f"dataset.json labels {sorted(label_values)}")
-            if values <= {0}:
+            errors += [f"case {case.case_id}: {p}" for p in label_problems(data, f, label_values)]
+            if not data.any():
                 warnings.append(f"case {case.case_id}: {f} is empty (background only); allowed, "
                                 f"but the case gives no foreground samples")
     return errors, warnings
@@ -192,6 +219,9 @@ def check_dataset(root: str | Path, *, progress: bool = False) -> tuple[list[str
     except DataError as err:
         return [str(err)], []
     errors, warnings = [*ds.problems, *ds.test_problems], []
+    if not ds.cases:
+        errors.append(f"{ds.root / 'imagesTr'}: no training cases (expected CASE_0000"
+                      f"{ds.file_ending} images there, with CASE{ds.file_ending} in labelsTr)")
     values = set(ds.labels.values())
     if sorted(values) != list(range(len(values))):
         errors.append(f"{ds.root / 'dataset.json'}: label values {sorted(values)} must be "

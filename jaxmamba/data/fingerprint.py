@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmamba.data.cropping import crop_to_nonzero
-from jaxmamba.data.dataset import RawCase, RawDataset
+from jaxmamba.data.dataset import RawCase, RawDataset, label_problems
 from jaxmamba.data.io import DataError, load_volume
 
 _MAX_FG_SAMPLES = 10**8
@@ -25,11 +25,15 @@ _SEED = 1234
 def load_case(case: RawCase) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """`(data (C, S0, S1, S2) float32, seg (S0, S1, S2) int16 or None, geometry of channel 0)`.
 
-    Raises `DataError` naming the file if shapes or affines disagree or voxels are not finite."""
+    Raises `DataError` naming the case and the file if a file is unreadable, shapes or affines
+    disagree, voxels are not finite, or the label map holds values that are not whole numbers."""
     arrays, geometry = [], None
     files = (*case.images, *((case.label,) if case.label is not None else ()))
     for f in files:
-        a, g = load_volume(f)
+        try:
+            a, g = load_volume(f)
+        except DataError as err:
+            raise DataError(f"case {case.case_id}: {err}") from err
         geometry = geometry or g
         if g["shape"] != geometry["shape"] or not np.allclose(g["affine"], geometry["affine"],
                                                               rtol=1e-4, atol=1e-3):
@@ -37,6 +41,8 @@ def load_case(case: RawCase) -> tuple[np.ndarray, np.ndarray | None, dict]:
                             f"{files[0]}")
         if not np.isfinite(a).all():
             raise DataError(f"case {case.case_id}: {f} has non-finite voxels (NaN or inf)")
+        if f == case.label and (problems := label_problems(a, f)):
+            raise DataError(f"case {case.case_id}: {problems[0]}")
         arrays.append(a)
     seg = np.rint(arrays.pop()).astype(np.int16) if case.label is not None else None
     return np.stack(arrays), seg, geometry
@@ -62,6 +68,13 @@ def case_fingerprint(case: RawCase, samples_per_case: int) -> dict:
     }
 
 
+def _case_fingerprint_or_error(case: RawCase, samples_per_case: int) -> dict | str:
+    try:
+        return case_fingerprint(case, samples_per_case)
+    except DataError as err:
+        return str(err)
+
+
 def _intensity_properties(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {k: 0.0 for k in ("mean", "median", "std", "min", "max", "percentile_99_5",
@@ -78,15 +91,19 @@ def extract_fingerprint(dataset: RawDataset, *, num_workers: int = 0,
     dataset.require_clean()
     cases = dataset.cases
     if not cases:
-        raise ValueError(f"{dataset.root}: no training cases")
+        raise DataError(f"{dataset.root / 'imagesTr'}: no training cases")
     per_case = _MAX_FG_SAMPLES // len(cases)
     if num_workers > 0:
         with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-            it = pool.map(case_fingerprint, cases, [per_case] * len(cases))
+            it = pool.map(_case_fingerprint_or_error, cases, [per_case] * len(cases))
             results = list(_progress(it, len(cases), "fingerprint", progress))
     else:
-        results = [case_fingerprint(c, per_case)
+        results = [_case_fingerprint_or_error(c, per_case)
                    for c in _progress(cases, len(cases), "fingerprint", progress)]
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:  # every bad case at once, not only the first
+        raise DataError(f"{dataset.root}: {len(errors)} case(s) cannot be read (run `jaxmamba "
+                        f"check {dataset.root}` for every problem):\n  " + "\n  ".join(errors))
     n_channels = len(dataset.channel_names)
     props = {str(c): _intensity_properties(np.concatenate(
         [r["foreground_samples"][c] for r in results]).astype(np.float64))

@@ -17,9 +17,10 @@ import nibabel as nib
 import numpy as np
 
 from jaxmamba.atomic import atomic_path, write_text
+from jaxmamba.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the case and the file."""
 
 
@@ -106,6 +107,21 @@ def read_json(path: str | Path) -> dict:
         raise DataError(f"{path}: file not found") from err
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from err
+
+
+def strict_json(obj: Any) -> Any:
+    """`obj` as strict JSON accepts it: NaN and infinities become null (`json.dumps` would write
+    the bare `NaN` / `Infinity` that strict parsers reject), numpy scalars plain numbers, tuples
+    lists."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
 
 
 def write_json(path: str | Path, data: Any) -> None:

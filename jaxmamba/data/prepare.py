@@ -13,11 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from jaxmamba.atomic import remove_stale_temporaries
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
 from jaxmamba.data.io import DataError, read_json, write_json
 from jaxmamba.data.planner import default_output, plan_from_fingerprint
-from jaxmamba.data.preprocess import is_done, plan_key, preprocess_to_cache
+from jaxmamba.data.preprocess import CONFIG_DIR, is_done, plan_key, preprocess_to_cache
 from jaxmamba.data.splits import load_or_create_splits
 from jaxmamba.plans import Plan
 
@@ -61,10 +62,15 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
     """Preprocess every (or the listed) training case of `raw` into `cache`.
 
     Returns `(plan, errors)`; `errors` names each case that failed (the others are complete).
-    Writes `splits_final.json` (5 folds, nnU-Net's seed) unless one exists. Stable API.
+    Writes `splits_final.json` (5 folds, nnU-Net's seed) unless one exists, once no case fails.
+    Stable API.
     """
     dataset = RawDataset.open(raw)
     cache = Path(cache)
+    if not dataset.cases:
+        raise DataError(f"{dataset.root / 'imagesTr'}: no training cases; run `jaxmamba check "
+                        f"{dataset.root}`" + "".join(f"\n  {p}" for p in dataset.problems))
+    remove_stale_temporaries(cache / CONFIG_DIR)
     cases = list(dataset.cases)
     if case_ids is not None:
         cases = [dataset.case(c) for c in case_ids]
@@ -87,7 +93,7 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
             bar.update()
     bar.close()
     done = [c.case_id for c in dataset.cases if is_done(cache, c.case_id, key)]
-    if len(done) >= 5:
+    if len(done) >= 5 and not errors:  # a split over the cases that failed would hide them
         load_or_create_splits(cache, done)
     return plan, errors
 

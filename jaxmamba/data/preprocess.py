@@ -86,13 +86,15 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, 
 
 
 def preprocess_case(image_files: Sequence[str | Path], plan: Plan, label_file: str | Path | None
-                    = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                    = None, *, case_id: str | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Preprocess one raw case (one NIfTI file per channel, channel order) for prediction.
 
     Returns `(data (C, S0, S1, S2) float32, seg or None, properties)`; pass `properties` to
-    `revert_to_raw` / `export_prediction`. Stable API.
+    `revert_to_raw` / `export_prediction`. Errors name `case_id` (default: the first file's
+    name) and the file. Stable API.
     """
-    case = RawCase(Path(image_files[0]).name, tuple(Path(f) for f in image_files),
+    case = RawCase(case_id or Path(image_files[0]).name, tuple(Path(f) for f in image_files),
                    Path(label_file) if label_file else None)
     data, seg, geometry = load_case(case)
     data, seg, props = preprocess_arrays(data, seg, geometry, plan)
@@ -143,7 +145,7 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
             raise DataError(f"no label file for training case {case.case_id}")
         bad = sorted(set(np.unique(seg).tolist()) - {v for _, v in plan.labels})
         if bad:
-            raise DataError(f"{case.label}: label value(s) {bad} not in the plan's labels "
+            raise DataError(f"{case.label} has label value(s) {bad} not in the plan's labels "
                             f"{dict(plan.labels)}")
         data, seg, props = preprocess_arrays(data, seg, geometry, plan)
         seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
@@ -157,7 +159,9 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
                      label_file=str(case.label), class_locations=index)
         write_json(p["props"], props)  # last: marks the case complete
     except Exception as err:  # report and go on: one bad case never stops or corrupts the others
-        return f"case {case.case_id}: {type(err).__name__}: {err}"
+        message = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+        return message if message.startswith(f"case {case.case_id}:") else \
+            f"case {case.case_id}: {message}"
     return None
 
 

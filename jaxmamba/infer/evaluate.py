@@ -25,7 +25,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import write_text
-from jaxmamba.data import DataError, load_volume
+from jaxmamba.data import load_volume
+from jaxmamba.data.io import strict_json
+from jaxmamba.errors import UserError
 from jaxmamba.infer.metrics import (
     BRATS_REGIONS,
     evaluate_case,
@@ -35,8 +37,11 @@ from jaxmamba.infer.metrics import (
 )
 from jaxmamba.infer.preview import save_preview
 
+#: mm by which a prediction's spacing or origin may differ from its ground truth's
+GEOMETRY_TOLERANCE = 1e-3
 
-class EvaluationError(ValueError):
+
+class EvaluationError(UserError, ValueError):
     """Predictions and ground truth that cannot be compared; the message names the case."""
 
 
@@ -65,16 +70,48 @@ def pair_cases(pred_dir: Path, gt_dir: Path, file_ending: str, *,
 
 
 def evaluate_pair(case_id: str, pred_file: Path, gt_file: Path, regions: Mapping[str, tuple],
-                  valid_labels: set[int], options: Mapping[str, Any]) -> dict[str, Any]:
-    """Read one prediction and its ground truth, check they match, and compute the metrics."""
-    pred, _ = _read_labels(case_id, pred_file, valid_labels)
+                  valid_labels: set[int], options: Mapping[str, Any],
+                  geometry_tolerance: float | None = GEOMETRY_TOLERANCE) -> dict[str, Any]:
+    """Read one prediction and its ground truth, check they match (shape, and unless
+    `geometry_tolerance` is None spacing, origin and direction), and compute the metrics."""
+    pred, pred_geometry = _read_labels(case_id, pred_file, valid_labels)
     gt, geometry = _read_labels(case_id, gt_file, valid_labels)
     if pred.shape != gt.shape:
         raise EvaluationError(f"case {case_id}: prediction {pred_file} has shape {list(pred.shape)}"
                               f" but the ground truth {gt_file} has {list(gt.shape)}")
+    if geometry_tolerance is not None:
+        mismatch = geometry_mismatch(pred_geometry, geometry, geometry_tolerance)
+        if mismatch:
+            raise EvaluationError(
+                f"case {case_id}: prediction {pred_file} and ground truth {gt_file} are not on "
+                f"the same grid ({mismatch}; tolerance {geometry_tolerance} mm): resample the "
+                f"prediction onto the ground truth, or pass --ignore-geometry to score the "
+                f"voxels as they are")
     metrics = evaluate_case(pred, gt, regions, spacing=geometry["spacing"], **options)
     return {"case": case_id, "prediction_file": str(pred_file), "reference_file": str(gt_file),
             "spacing": geometry["spacing"], "metrics": metrics}
+
+
+def geometry_mismatch(a: Mapping[str, Any], b: Mapping[str, Any], tolerance: float) -> str:
+    """How two images' grids differ beyond `tolerance` (mm; direction cosines unitless), or "".
+
+    Relative differences up to 1e-4 pass too, as `jaxmamba check` allows between the files of
+    one case (NIfTI stores the affine in float32)."""
+    affine_a, affine_b = np.asarray(a["affine"], float), np.asarray(b["affine"], float)
+    spacing_a, spacing_b = np.asarray(a["spacing"], float), np.asarray(b["spacing"], float)
+    out = []
+    if not np.allclose(spacing_a, spacing_b, rtol=1e-4, atol=tolerance):
+        out.append(f"spacing {spacing_a.round(4).tolist()} vs {spacing_b.round(4).tolist()} "
+                   f"(z, y, x)")
+    shift = float(np.abs(affine_a[:3, 3] - affine_b[:3, 3]).max())
+    if not np.allclose(affine_a[:3, 3], affine_b[:3, 3], rtol=1e-4, atol=tolerance):
+        out.append(f"origin {affine_a[:3, 3].round(3).tolist()} vs "
+                   f"{affine_b[:3, 3].round(3).tolist()}, {shift:.3g} mm apart")
+    def direction(affine):
+        return affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    if not np.allclose(direction(affine_a), direction(affine_b), rtol=1e-4, atol=tolerance):
+        out.append("direction (orientation) differs")
+    return "; ".join(out)
 
 
 def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str | Path, *,
@@ -82,10 +119,13 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str 
                     hd95_in_mm: bool = False, nsd_tolerance: float | None = None,
                     empty_dice: float = math.nan, empty_hd95: float = math.nan,
                     partial: bool = False, workers: int = 1,
+                    geometry_tolerance: float | None = GEOMETRY_TOLERANCE,
                     progress: bool = False) -> dict[str, Any]:
     """Evaluate every prediction in `pred_dir`; returns the summary (see the module docstring).
 
     `regions` default to the classes of `dataset_json` (or its regions, for a region-based one).
+    A prediction whose spacing, origin or direction differs from its ground truth's by more than
+    `geometry_tolerance` (mm) is refused; None compares the voxels without looking.
     """
     dataset = read_dataset_json(dataset_json)
     file_ending = dataset["file_ending"]
@@ -99,7 +139,7 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str 
     pairs = pair_cases(Path(pred_dir), Path(gt_dir), file_ending, partial=partial)
     options = {"hd95_in_mm": hd95_in_mm, "nsd_tolerance": nsd_tolerance,
                "empty_dice": empty_dice, "empty_hd95": empty_hd95}
-    jobs = [(c, p, g, regions, valid, options) for c, p, g in pairs]
+    jobs = [(c, p, g, regions, valid, options, geometry_tolerance) for c, p, g in pairs]
     bar = dict(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -112,6 +152,7 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, dataset_json: str 
                                                                     regions.items()},
                      "hd95_unit": "mm" if hd95_in_mm else "voxels",
                      "nsd_tolerance_mm": nsd_tolerance,
+                     "geometry_tolerance_mm": geometry_tolerance,
                      "empty_dice": _json_float(empty_dice), "empty_hd95": _json_float(empty_hd95)},
         "metric_per_case": per_case,
         "mean": mean_metrics([c["metrics"] for c in per_case]),
@@ -157,7 +198,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
 def write_summary(summary: Mapping[str, Any], output_dir: Path) -> tuple[Path, Path]:
     """`summary.json` and `summary.csv` in `output_dir`, atomically."""
     json_path, csv_path = output_dir / "summary.json", output_dir / "summary.csv"
-    write_text(json_path, json.dumps(_jsonable(summary), indent=1) + "\n")
+    write_text(json_path, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
     write_text(csv_path, summary_csv(summary))
     return json_path, csv_path
 
@@ -210,31 +251,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="raw images folder (CASE_0000.nii.gz) to draw under the previews")
     parser.add_argument("-j", "--workers", type=int, default=1,
                         help="processes computing metrics in parallel (default 1)")
+    parser.add_argument("--geometry-tolerance", type=float, default=GEOMETRY_TOLERANCE,
+                        metavar="MM", help="refuse a prediction whose spacing, origin or "
+                        f"direction differs from its ground truth's by more (default "
+                        f"{GEOMETRY_TOLERANCE})")
+    parser.add_argument("--ignore-geometry", action="store_true",
+                        help="compare the voxels even when the grids differ (e.g. predictions "
+                             "written without the input's header)")
 
 
 def run(args: argparse.Namespace) -> int:
     output = args.output or args.predictions
-    try:
-        regions = None
-        if args.regions:
-            regions = (BRATS_REGIONS if args.regions.lower() == "brats"
-                       else parse_regions(args.regions))
-        summary = evaluate_folder(
-            args.predictions, args.ground_truth, args.dataset_json, regions=regions,
-            hd95_in_mm=args.spacing, nsd_tolerance=args.nsd_tolerance,
-            empty_dice=1.0 if args.paper_semantics else math.nan,
-            empty_hd95=0.0 if args.paper_semantics else math.nan,
-            partial=args.partial, workers=args.workers, progress=True)
-        print(format_table(summary))
-        json_path, csv_path = write_summary(summary, output)
-        print(f"wrote {json_path} and {csv_path}")
-        if args.preview:
-            ending = read_dataset_json(args.dataset_json)["file_ending"]
-            write_previews(summary, output / "previews", args.images, ending, progress=True)
-            print(f"previews in {output / 'previews'}")
-    except (EvaluationError, DataError, ValueError) as err:
-        print(f"error: {err}")
-        return 1
+    regions = None
+    if args.regions:
+        regions = (BRATS_REGIONS if args.regions.lower() == "brats"
+                   else parse_regions(args.regions))
+    summary = evaluate_folder(
+        args.predictions, args.ground_truth, args.dataset_json, regions=regions,
+        hd95_in_mm=args.spacing, nsd_tolerance=args.nsd_tolerance,
+        empty_dice=1.0 if args.paper_semantics else math.nan,
+        empty_hd95=0.0 if args.paper_semantics else math.nan,
+        partial=args.partial, workers=args.workers,
+        geometry_tolerance=None if args.ignore_geometry else args.geometry_tolerance,
+        progress=True)
+    print(format_table(summary))
+    json_path, csv_path = write_summary(summary, output)
+    print(f"wrote {json_path} and {csv_path}")
+    if args.preview:
+        ending = read_dataset_json(args.dataset_json)["file_ending"]
+        write_previews(summary, output / "previews", args.images, ending, progress=True)
+        print(f"previews in {output / 'previews'}")
     return 0
 
 
@@ -283,16 +329,3 @@ def _cell(metrics: Mapping[str, float], keys: Sequence[str]) -> str:
 
 def _json_float(v: float) -> float | None:
     return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN becomes null (strict JSON), numpy scalars plain numbers."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

@@ -16,17 +16,30 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
-from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxmamba.atomic import atomic_path
+from jaxmamba.atomic import atomic_path, remove_stale_temporaries
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
+from jaxmamba.errors import UserError
 from jaxmamba.infer.preview import save_preview
-from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
 from jaxmamba.plans import Plan
+
+if TYPE_CHECKING:  # JAX is imported when a case is predicted, so `--help` answers without it
+    from jax.sharding import Mesh
+
+    from jaxmamba.infer.sliding_window import Accumulate, ApplyFn
+
+
+class PredictionError(DataError):
+    """Some cases could not be predicted (the others were); `failures` names each one."""
+
+    def __init__(self, failures: list[str], written: list[Path], output_dir: Path):
+        self.failures, self.written = failures, written
+        super().__init__(f"{len(failures)} case(s) could not be predicted ({len(written)} "
+                         f"written to {output_dir}):\n  " + "\n  ".join(failures))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +55,12 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
     """Cases from folders (nnU-Net naming `CASE_XXXX<ending>`) and single files.
 
     A single file `CASE_0000<ending>` brings its sibling channels; with one channel, a file of any
-    name is a case of its own. Raises `DataError` naming the case when channels are missing or
-    extra.
+    name is a case of its own. Raises `DataError` naming every case whose channels are missing
+    or extra, and every file that does not follow the naming.
     """
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
     channels: dict[str, dict[int, Path]] = {}
+    problems: list[str] = []
 
     def add(f: Path, explicit: bool) -> None:
         m = pattern.match(f.name)
@@ -60,7 +74,7 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
         elif num_channels == 1 and explicit and f.name.endswith(file_ending):
             channels.setdefault(f.name[: -len(file_ending)], {})[0] = f
         else:
-            raise DataError(f"{f}: name does not follow CASE_XXXX{file_ending} (XXXX = channel "
+            problems.append(f"{f}: name does not follow CASE_XXXX{file_ending} (XXXX = channel "
                             f"number, 0000..{num_channels - 1:04d})")
 
     for item in map(Path, inputs):
@@ -68,13 +82,13 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
             files = [f for f in sorted(item.iterdir())
                      if f.name.endswith(file_ending) and not f.name.startswith(".")]
             if not files:
-                raise DataError(f"{item}: no {file_ending} files")
+                problems.append(f"{item}: no {file_ending} files")
             for f in files:
                 add(f, explicit=False)
         elif item.is_file():
             add(item, explicit=True)
         else:
-            raise DataError(f"{item}: no such file or folder")
+            problems.append(f"{item}: no such file or folder")
     cases = []
     for case_id in sorted(channels):
         found = channels[case_id]
@@ -82,9 +96,15 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
         extra = sorted(c for c in found if c >= num_channels)
         if missing or extra:
             have = ", ".join(f.name for _, f in sorted(found.items()))
-            raise DataError(f"case {case_id}: the plan expects {num_channels} channel(s) "
+            problems.append(f"case {case_id}: the plan expects {num_channels} channel(s) "
                             f"(_0000..._{num_channels - 1:04d}) but found {have}")
+            continue
         cases.append(InputCase(case_id, tuple(found[c] for c in range(num_channels))))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} problems with the inputs (nothing was predicted):\n  "
+                        + "\n  ".join(problems))
     return cases
 
 
@@ -113,10 +133,9 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
                  progress: bool = False) -> Path:
     """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
     `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path."""
-    try:
-        data, _, properties = preprocess_case(case.files, plan)
-    except (DataError, ValueError, OSError) as err:
-        raise DataError(f"case {case.case_id}: {err}") from err
+    from jaxmamba.infer.sliding_window import predict_logits
+
+    data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
     image = np.moveaxis(data, 0, -1)
     logits = None
     for i, fn in enumerate(apply_fns):
@@ -142,20 +161,38 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
                   output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
                   **options) -> tuple[list[Path], list[str]]:
     """Predict every case not yet in `output_dir` (all with `overwrite`); `options` go to
-    `predict_case`. Returns `(written paths, skipped case ids)`."""
+    `predict_case`. Returns `(written paths, skipped case ids)`.
+
+    A case that cannot be predicted (unreadable file, wrong geometry, ...) does not stop the
+    others: after the last case, `PredictionError` lists every failure. An output of 0 bytes is
+    not a finished case, and temporaries left by a killed run are removed first.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written, skipped = [], []
+    remove_stale_temporaries(output_dir)
+    remove_stale_temporaries(output_dir / "previews")
+    written, skipped, failures = [], [], []
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
-        done = (output_dir / f"{case.case_id}{plan.file_ending}").is_file()
+        done = _complete(output_dir / f"{case.case_id}{plan.file_ending}")
         if options.get("save_probabilities"):
-            done = done and (output_dir / f"{case.case_id}.npz").is_file()
+            done = done and _complete(output_dir / f"{case.case_id}.npz")
         if done and not overwrite:
             skipped.append(case.case_id)
             continue
-        written.append(predict_case(apply_fns, plan, case, output_dir, progress=progress,
-                                    **options))
+        try:
+            written.append(predict_case(apply_fns, plan, case, output_dir, progress=progress,
+                                        **options))
+        except (DataError, ValueError, OSError) as err:
+            message = str(err)
+            failures.append(message if message.startswith(f"case {case.case_id}:")
+                            else f"case {case.case_id}: {message}")
+    if failures:
+        raise PredictionError(failures, written, output_dir)
     return written, skipped
+
+
+def _complete(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -193,38 +230,49 @@ def add_arguments(parser) -> None:
                         help="windows per network call (default: one per device)")
     parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
                         help="where logits are summed: auto picks the device when it fits")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="predict even with a checkpoint whose parameters hold NaN or inf "
+                             "(refused by default: its predictions would be meaningless)")
 
 
 def run(args) -> int:
-    from jaxmamba.infer.network import network_apply_fn
-    from jaxmamba.infer.runs import RunError, check_same_plan, load_run
+    import jax
 
+    from jaxmamba.infer.network import network_apply_fn
+    from jaxmamba.infer.runs import check_same_plan, load_run
+
+    mirror_axes = None if args.no_mirroring else _parse_axes(args.mirror_axes)
+    runs = [load_run(d, args.checkpoint, allow_non_finite=args.allow_non_finite)
+            for d in args.model]
+    check_same_plan(runs)
+    plan = runs[0].plan
+    cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
+    for r in runs:
+        print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
+    print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
+          f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
+    apply_fns = [network_apply_fn(r.model) for r in runs]
     try:
-        mirror_axes = None if args.no_mirroring else tuple(
-            int(a) for a in args.mirror_axes.split(",") if a.strip())
-        if mirror_axes and not set(mirror_axes) <= {0, 1, 2}:
-            raise ValueError(f"--mirror-axes {args.mirror_axes}: axes must be among 0, 1, 2")
-        runs = [load_run(d, args.checkpoint) for d in args.model]
-        check_same_plan(runs)
-        plan = runs[0].plan
-        cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
-        for r in runs:
-            print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
-        print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
-              f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
-        apply_fns = [network_apply_fn(r.model) for r in runs]
         written, skipped = predict_cases(
             apply_fns, plan, cases, args.output, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
             step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
             preview=args.preview)
+    finally:
         plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
-    except (RunError, DataError, ValueError) as err:
-        print(f"error: {err}")
-        return 1
     if skipped:
         print(f"skipped {len(skipped)} case(s) already predicted in {args.output} (--overwrite "
               f"to predict them again)")
     print(f"wrote {len(written)} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
           f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
     return 0
+
+
+def _parse_axes(text: str) -> tuple[int, ...]:
+    try:
+        axes = tuple(int(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        axes = (-1,)
+    if not set(axes) <= {0, 1, 2}:
+        raise UserError(f"--mirror-axes {text}: expected axes among 0, 1, 2, e.g. 0,1,2")
+    return axes

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from flax import nnx
 
+from jaxmamba.errors import UserError, brief
 from jaxmamba.plans import Plan
 
 CHECKPOINTS = ("latest", "best")
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run directory that cannot be predicted with; the message names it and says why."""
 
 
@@ -56,17 +57,42 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> str:
     return checkpoint
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
-    """The network and plan of `run_dir`'s checkpoint (see `find_checkpoint`)."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None, *,
+             allow_non_finite: bool = False) -> LoadedRun:
+    """The network and plan of `run_dir`'s checkpoint (see `find_checkpoint`).
+
+    A checkpoint that cannot be read (damaged, half-copied) is a `RunError` naming its folder; one
+    whose parameters hold NaN or inf is refused unless `allow_non_finite`.
+    """
     from jaxmamba.interop.checkpoint import load_run as restore  # orbax: only when loading
 
     which = find_checkpoint(run_dir, checkpoint)
+    folder = Path(run_dir) / "checkpoints" / which
+    folder = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    other = [c for c in CHECKPOINTS if c != which and (Path(run_dir) / "checkpoints" / c).is_dir()]
+    hint = f"; try --checkpoint {other[0]}" if other else ""
     try:
         model, plan = restore(run_dir, which=which)
-    except (OSError, ValueError, KeyError) as err:
-        raise RunError(f"{run_dir}: cannot restore the {which} checkpoint "
-                       f"({type(err).__name__}: {err})") from err
+    except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint
+        raise RunError(f"{folder}: the {which} checkpoint cannot be read, it is damaged or "
+                       f"incomplete ({brief(err)}){hint}") from err
+    bad = count_non_finite(nnx.state(model, nnx.Param))
+    if bad and not allow_non_finite:
+        raise RunError(f"{folder}: the {which} checkpoint holds {bad} non-finite parameter "
+                       f"value(s) (NaN or inf), so its predictions would be meaningless{hint}, "
+                       f"or retrain with a lower optim.lr (--allow-non-finite predicts anyway)")
+    if bad:
+        print(f"WARNING: {folder}: {bad} non-finite parameter value(s); predicting anyway "
+              f"(--allow-non-finite)")
     return LoadedRun(Path(run_dir), which, model.variant, plan, model)
+
+
+def count_non_finite(tree) -> int:
+    """How many values of a pytree of arrays are NaN or inf (on the host)."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.size(a) - np.isfinite(np.asarray(a)).sum()) for a in jax.tree.leaves(tree))
 
 
 def check_same_plan(runs: Sequence[LoadedRun]) -> None:

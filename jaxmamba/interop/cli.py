@@ -1,15 +1,18 @@
-"""`jaxmamba convert-torch`: PyTorch/nnU-Net checkpoint -> jaxmamba run directory, and back."""
+"""`jaxmamba convert-torch`: PyTorch/nnU-Net checkpoint -> jaxmamba run directory, and back.
+
+JAX, orbax and the networks are imported in `run`, so `--help` answers without them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
-from jaxmamba.interop.checkpoint import load_run, save_run
-from jaxmamba.interop.torch import CheckpointError, export_state_dict, load_torch, write_state_dict
-from jaxmamba.models import VARIANTS, count_parameters
-from jaxmamba.models.precision import PRECISIONS
-from jaxmamba.plans import Plan, PlanError
+from jaxmamba.config import VARIANTS, ModelConfig
+from jaxmamba.plans import Plan
+
+PRECISIONS = typing.get_args(typing.get_type_hints(ModelConfig)["precision"])
 
 EXAMPLES = """examples:
   jaxmamba convert-torch checkpoint_final.pth --plans nnUNetPlans.json --variant segmamba \\
@@ -47,27 +50,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.to_torch:
-            model, _ = load_run(args.source)
-            sd = export_state_dict(model)
-            write_state_dict(sd, args.output)
-            print(f"wrote {args.output}: {len(sd)} tensors of {model.variant} "
-                  f"({count_parameters(model):,} parameters) with PyTorch names and layouts; "
-                  f"load it with network.load_state_dict(torch.load(path))")
-            return 0
-        missing = [f"--{n}" for n in ("plans", "variant") if getattr(args, n) is None]
-        if missing:
-            print(f"convert-torch: {' and '.join(missing)} required to import a checkpoint "
-                  f"(see --help)")
-            return 2
-        plan = Plan.load(args.plans, args.dataset_json)
-        model = load_torch(args.source, args.variant, plan, precision=args.precision,
-                           trust=args.trust_checkpoint)
-        out = save_run(args.output, model, plan, source=str(args.source.absolute()))
-    except (CheckpointError, PlanError, FileNotFoundError, FileExistsError) as err:
-        print(f"convert-torch: {err}")
-        return 1
+    from jaxmamba.interop.checkpoint import load_run, save_run
+    from jaxmamba.interop.torch import export_state_dict, load_torch, write_state_dict
+    from jaxmamba.models import count_parameters
+
+    if args.to_torch:
+        model, _ = load_run(args.source)
+        sd = export_state_dict(model)
+        write_state_dict(sd, args.output)
+        print(f"wrote {args.output}: {len(sd)} tensors of {model.variant} "
+              f"({count_parameters(model):,} parameters) with PyTorch names and layouts; "
+              f"load it with network.load_state_dict(torch.load(path))")
+        return 0
+    missing = [f"--{n}" for n in ("plans", "variant") if getattr(args, n) is None]
+    if missing:
+        print(f"convert-torch: {' and '.join(missing)} required to import a checkpoint "
+              f"(see --help)")
+        return 2
+    plan = Plan.load(args.plans, args.dataset_json)
+    model = load_torch(args.source, args.variant, plan, precision=args.precision,
+                       trust=args.trust_checkpoint)
+    out = save_run(args.output, model, plan, source=str(args.source.absolute()))
     print(f"wrote {out}: {model.variant} ({count_parameters(model):,} parameters) for "
           f"{plan.dataset_name}, patch {list(plan.patch_size)}. Predict with it next "
           f"(`jaxmamba predict -m {out} ...`).")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmamba.atomic import atomic_path
+from jaxmamba.errors import UserError
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
 from jaxmamba.models import build_model, canonical_variant
 from jaxmamba.models.unet import UNet
@@ -31,7 +33,7 @@ TORCH_SUFFIXES = (".pth", ".pt", ".model")
 _MAX_LINES = 12  # per kind of problem
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not match the network; the message says why."""
 
 
@@ -47,19 +49,34 @@ def _import_torch(path: Path):
     return torch
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """An `.npz` of plain arrays; a pickle, an object array or a damaged zip is refused."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy under an .npz name
+            raise CheckpointError(f"{path}: a single array, not an .npz archive of named arrays "
+                                  f"(keys sd/<name>)")
+        with data:
+            keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
+            return {k.removeprefix("sd/"): data[k] for k in keys}
+    except CheckpointError:
+        raise
+    except ValueError:  # a pickle, or an object array: only unpickling could read them
+        raise CheckpointError(f"{path}: holds Python objects (a pickle or an object array), not "
+                              f"only arrays; .npz state dicts are never unpickled (write one with "
+                              f"numpy.savez of plain arrays)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable .npz archive ({type(err).__name__}: "
+                              f"{err})") from None
+
+
 def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.ndarray]:
     """`{PyTorch name: array}` from a `.pth`/`.pt` checkpoint or state dict, or an `.npz`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
-            try:
-                return {k.removeprefix("sd/"): data[k] for k in keys}
-            except ValueError as err:  # an object array: only a pickle could read it
-                raise CheckpointError(f"{path}: holds Python objects, not only arrays; .npz "
-                                      f"files are never unpickled ({err})") from None
+        return _read_npz(path)
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .npz "
                               f"or one of {', '.join(TORCH_SUFFIXES)}")

@@ -27,10 +27,12 @@ import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from jaxmamba.errors import UserError, brief
+
 LATEST, BEST = "latest", "best"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A run directory whose checkpoints cannot be used; the message says what to do."""
 
 
@@ -87,8 +89,7 @@ class Checkpointer:
         epoch = self.latest_epoch(which) if epoch is None else epoch
         if epoch is None:
             raise CheckpointError(f"{self.dir / which}: no checkpoint")
-        out = self.managers[which].restore(epoch, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
+        out = self._restore(which, epoch, meta=ocp.args.JsonRestore())
         return dict(out["meta"])
 
     def restore(self, abstract_params, abstract_train, *, which: str = LATEST,
@@ -106,10 +107,20 @@ class Checkpointer:
         if with_train and which == LATEST:
             items.update(train=ocp.args.StandardRestore(_abstract(abstract_train)),
                          data=grain_checkpoint.CheckpointRestore(IteratorSnapshot()))
-        out = self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
+        out = self._restore(which, epoch, **items)
         data = out["data"].state if "data" in items else None
         train = _like(abstract_train, out["train"]) if "train" in items else None
         return _like(abstract_params, out["params"]), train, data, dict(out["meta"])
+
+    def _restore(self, which: str, epoch: int, **items):
+        try:
+            return self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint
+            folder = self.dir / which / str(epoch)
+            raise CheckpointError(
+                f"{folder}: the checkpoint cannot be read, it is damaged or incomplete "
+                f"({brief(err)}); move that folder away to train this run directory from "
+                f"scratch, or choose a new train.run_dir") from err
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""

@@ -39,32 +39,17 @@ def run(args: argparse.Namespace) -> int:
     configs = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(configs) > 1:
-        print(f"error: one config file expected, got {configs}", file=sys.stderr)
-        return 2
-    path = Path(configs[0]) if configs else DEFAULT_CONFIG
-    try:
-        cfg = load_config(path, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"command line: one config file expected, got {configs}")
+    cfg = load_config(Path(configs[0]) if configs else DEFAULT_CONFIG, overrides)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
-    from jaxmamba.data import DataError
-    from jaxmamba.plans import PlanError
-    from jaxmamba.train.checkpoint import CheckpointError
-    from jaxmamba.train.loop import NonFiniteLossError
     from jaxmamba.train.loop import run as train
-    from jaxmamba.train.preflight import DoesNotFitError
 
     try:
         summary = train(cfg, max_epochs=args.max_epochs)
-    except (CheckpointError, DataError, PlanError, DoesNotFitError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     run_dir = summary["run_dir"]
@@ -74,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python train.py ...`: the `jaxmamba train` command (errors reported by `jaxmamba.cli`)."""
+    from jaxmamba.cli import run_command
+
+    return run_command("train", sys.argv[1:] if argv is None else list(argv), prog="train.py")

@@ -20,35 +20,37 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmamba import data as jdata
-from jaxmamba.config import Config, save_config
+from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
 from jaxmamba.models import build_model
-from jaxmamba.plans import Plan
-from jaxmamba.train import losses, preflight, sharding, validate
+from jaxmamba.plans import Plan, PlanError
+from jaxmamba.train import finite, losses, preflight, sharding, validate
 from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
+from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.writers import RunWriter
 
 #: Plan fields a config may override: they change the network or the batches, not preprocessing.
-OVERRIDABLE = ("patch_size", "batch_size", "base_num_features", "max_num_features", "strides",
-               "kernel_sizes", "n_blocks_encoder", "n_blocks_decoder", "batch_dice")
+OVERRIDABLE = tuple(PLAN_OVERRIDES)
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 # ---------------------------------------------------------------------- data and plan
 def apply_plan_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """`plan` with `data.plan_overrides` applied; other keys are errors naming the key."""
+    """`plan` with `data.plan_overrides` applied; other keys, and overrides that do not fit the
+    plan, are `ConfigError`s naming the overrides (not the plans file)."""
     for key in overrides:
         if key not in OVERRIDABLE:
-            raise ValueError(f"data.plan_overrides.{key}: not overridable (choose from "
-                             f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
+            raise ConfigError(f"data.plan_overrides.{key}: not overridable (choose from "
+                              f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
     def as_tuple(v):
         return tuple(as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
-    return plan.replace(**{k: as_tuple(v) for k, v in overrides.items()})
+    changes = {k: as_tuple(v) for k, v in overrides.items()}
+    try:
+        plan.replace(**changes, source="data.plan_overrides")  # validated, blamed on the overrides
+    except PlanError as err:
+        raise ConfigError(f"{err} (with the plan {plan.source})") from err
+    return plan.replace(**changes)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -170,6 +172,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         params, train, data_state, meta = ckpt.restore(
             state.params, {"step": state.step, "rest": state.rest, "opt": state.opt_state})
         state = steps.TrainState(train["step"], params, train["rest"], train["opt"])
+        finite.check_restored(state, ckpt.dir / "latest" / str(meta["epoch"]))
         train_it.set_state(data_state)
         start_epoch, history, best_ema = meta["epoch"], meta["history"], meta["best_ema"]
         say(f"resumed {run_dir} at epoch {start_epoch} (step {int(state.step)})")
@@ -219,11 +222,13 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                 first = None
                 state, metrics = compiled(state, batch)
                 if pending is not None:  # read the previous step while this one runs
-                    _consume(pending, tally, writer, bar, recipe, run_dir, ckpt)
+                    _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
                 step_no += 1
                 pending = (step_no, metrics)
                 throughput.tick(metrics["loss"])
-            _consume(pending, tally, writer, bar, recipe, run_dir, ckpt)
+            _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
+            finite.check_state(state, epoch=epoch + 1, step=step_no, ckpt=ckpt,
+                               raw_dir=cfg.data.raw_dir)
             throughput.report()
             bar.close()
             record = tally.record(epoch, step_no, recipe.lr(step_no - 1))
@@ -311,17 +316,14 @@ class _Tally:
                 "grad_norm": self.grad_norm / max(self.n, 1)}
 
 
-def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, run_dir: Path, ckpt):
+def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, raw_dir: str, ckpt):
     step_no, metrics = pending  # metrics of step number `step_no` (1-based)
     m = jax.device_get(metrics)
     loss = float(m["loss"])
     if not math.isfinite(loss):
-        last = ckpt.latest_epoch()
-        kept = f"epoch {last} in {ckpt.dir}" if last is not None else "none written yet"
-        raise NonFiniteLossError(
-            f"the loss became {loss} at step {step_no}; training stopped. The last good "
-            f"checkpoint is kept ({kept}). Try a lower optim.lr, model.precision=float32, or "
-            f"check the data (jaxmamba check {run_dir})")
+        raise NonFiniteLossError(finite.stop_message(
+            f"the loss became {loss} at step {step_no}", last_epoch=ckpt.latest_epoch(),
+            checkpoints=ckpt.dir, raw_dir=raw_dir))
     tally.add(m)
     lr = float(recipe.lr(step_no - 1))
     writer.scalars(step_no, {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),

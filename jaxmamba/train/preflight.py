@@ -13,13 +13,14 @@ from typing import Any
 
 import jax
 
+from jaxmamba.errors import UserError
 from jaxmamba.models import total_bytes
 from jaxmamba.plans import Plan
 
 GIB = 2**30
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(UserError, RuntimeError):
     """The compiled step needs more device memory than there is."""
 
 

@@ -1,9 +1,10 @@
 """What a run writes for people to read: `metrics.jsonl`, TensorBoard events, `curves.png`.
 
 One JSON object per epoch in `metrics.jsonl` (epoch, step, train/val loss, per-class pseudo-Dice,
-its EMA, lr, norms, timings); TensorBoard scalars per step and per epoch, written with
-`tensorboard.summary.Writer` (no TensorFlow); a PNG of the curves in nnU-Net's `progress.png`
-style, redrawn every epoch. Only process 0 writes.
+its EMA, lr, norms, timings), strict JSON: a NaN or infinite value is written as null.
+TensorBoard scalars per step and per epoch, written with `tensorboard.summary.Writer` (no
+TensorFlow); a PNG of the curves in nnU-Net's `progress.png` style, redrawn every epoch. Only
+process 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 
 from jaxmamba.atomic import atomic_path, write_text
+from jaxmamba.data.io import strict_json
 
 METRICS_FILE, CURVES_FILE, TENSORBOARD_DIR = "metrics.jsonl", "curves.png", "tensorboard"
 
@@ -41,7 +43,7 @@ class RunWriter:
 
     def _rewrite_metrics(self) -> None:
         """Keep `metrics.jsonl` in step with `history` (a resumed run redoes later epochs)."""
-        write_text(self.dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+        write_text(self.dir / METRICS_FILE, "".join(_line(r) for r in self.history))
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if self.tb is not None:
@@ -54,7 +56,7 @@ class RunWriter:
         if not self.active:
             return
         with open(self.dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_line(record))
         if self.tb is not None:
             for k, v in _flat(record).items():
                 if k not in ("epoch", "step") and isinstance(v, int | float):
@@ -66,6 +68,11 @@ class RunWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _line(record: dict[str, Any]) -> str:
+    """One strict-JSON line of `metrics.jsonl` (NaN and infinities as null)."""
+    return json.dumps(strict_json(record), allow_nan=False) + "\n"
 
 
 def _tensorboard_writer(path: Path):
