@@ -133,7 +133,8 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
         image, geometry = load_volume(case.files[0])
         save_preview(output_dir / "previews" / f"{case.case_id}.png", labels, image=image,
                      spacing=geometry["spacing"], title=case.case_id,
-                     num_classes=plan.num_classes)
+                     num_classes=plan.num_classes,
+                     class_names={value: name for name, value in plan.labels})
     write_volume(path, labels, properties["geometry"])  # last: marks the case done
     return path
 
