@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import write_text
+from jaxmamba.console import progress_enabled
 from jaxmamba.data import DataError, load_volume
 from jaxmamba.infer.metrics import (
     BRATS_REGIONS,
@@ -228,13 +229,13 @@ def run(args: argparse.Namespace) -> int:
             hd95_in_mm=args.spacing, nsd_tolerance=args.nsd_tolerance,
             empty_dice=1.0 if args.paper_semantics else math.nan,
             empty_hd95=0.0 if args.paper_semantics else math.nan,
-            partial=args.partial, workers=args.workers, progress=True)
+            partial=args.partial, workers=args.workers, progress=progress_enabled())
         print(format_table(summary))
         json_path, csv_path = write_summary(summary, output)
         print(f"wrote {json_path} and {csv_path}")
         if args.preview:
             write_previews(summary, output / "previews", args.images,
-                           read_dataset_json(args.dataset_json), progress=True)
+                           read_dataset_json(args.dataset_json), progress=progress_enabled())
             print(f"previews in {output / 'previews'}")
     except (EvaluationError, DataError, ValueError) as err:
         print(f"error: {err}")

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import atomic_path
+from jaxmamba.console import progress_enabled
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
 from jaxmamba.infer.preview import save_preview
 from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
@@ -218,7 +219,7 @@ def run(args) -> int:
             apply_fns, plan, cases, args.output, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
             step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
-            preview=args.preview)
+            preview=args.preview, progress=progress_enabled())
         plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
     except (RunError, DataError, ValueError) as err:
         print(f"error: {err}")
