@@ -268,9 +268,8 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
             model = validate.merged_model(graphdef, state.params, state.rest)
             results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
                                                 mesh=mesh, progress=progress)
-            say(validate.format_results(results)
-                + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s; "
-                  f"predictions and summary.json in {run_dir / validate.FOLDER})")
+            say(validate.format_results(results, run_dir)
+                + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
             summary["final_validation"] = results
         say(f"done: {run_dir} (checkpoints in {ckpt.dir}, curves.png, metrics.jsonl)")
     return summary
