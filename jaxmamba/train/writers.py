@@ -132,6 +132,7 @@ def curves_figure(history: Sequence[dict], class_names: Sequence[str]):
     lr = ax.plot(epochs, [r["lr"] for r in history], color="C2", label="learning rate (left)",
                  **dots)
     ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", useOffset=False)  # the values, not "1e-8 + 3e-4"
     ax.set_xlabel("epoch")
     twin = ax.twinx()
     seconds = twin.plot(epochs, [r["epoch_seconds"] for r in history], color="C3", lw=0.8,
