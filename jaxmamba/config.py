@@ -86,7 +86,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    progress: bool = True  # tqdm progress bar
+    progress: bool | Literal["auto"] = "auto"  # progress bars; auto: only on a terminal
     tensorboard: bool = True  # event files in run_dir/tensorboard (needs the tensorboard package)
     plot: bool = True  # run_dir/curves.png, refreshed every epoch
 

@@ -13,10 +13,32 @@ import pytest  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-#: Reference material from the PyTorch implementation; CI has `shared/` beside the checkout.
+#: Data that is not in the repository: `shared/` beside the checkout (CI provides it there) or
+#: the folder named by JAXMAMBA_SHARED. Tests that need it skip without it, and fail in CI.
 SHARED = Path(os.environ.get("JAXMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE = SHARED / "reference"
 DATASETS = SHARED / "datasets"
+MISSING = {
+    "reference": "the reference fixtures (outputs, parameter counts and plans of the PyTorch "
+                 "reference: TamingMambas, mamba_ssm, dynamic-network-architectures)",
+    "datasets": "the MSD Hippocampus dataset in nnU-Net layout (datasets/"
+                "Dataset004_Hippocampus: Task04_Hippocampus of the Medical Segmentation "
+                "Decathlon, medicaldecathlon.com, converted with `nnUNetv2_convert_MSD_dataset "
+                "-i Task04_Hippocampus`)",
+}
+
+
+def require_shared(path: Path, what: str) -> Path:
+    """`path` if it is a folder; else skip the test, saying what is missing and how to get it
+    (fail instead where CI=true: CI must have it)."""
+    if path.is_dir():
+        return path
+    message = (f"{path} not found: {MISSING[what]}. It is not in the repository: put the "
+               f"project's shared/ folder beside the checkout, or set JAXMAMBA_SHARED to a "
+               f"folder holding {what}/")
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message} (CI=true: CI must provide it)", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture
@@ -28,13 +50,9 @@ def key(request):
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not REFERENCE.is_dir():
-        pytest.fail(f"reference fixtures not found at {REFERENCE}; set JAXMAMBA_SHARED")
-    return REFERENCE
+    return require_shared(REFERENCE, "reference")
 
 
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
-    if not DATASETS.is_dir():
-        pytest.fail(f"shared datasets not found at {DATASETS}; set JAXMAMBA_SHARED")
-    return DATASETS
+    return require_shared(DATASETS, "datasets")

@@ -99,8 +99,13 @@ def test_converted_run_predicts_without_options(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_predict_then_evaluate(setup, capsys):
+def test_predict_then_evaluate(setup, capsys, monkeypatch):
     root = setup
+    import jaxmamba.infer.predict as predict_module
+    previews = []  # the legend's class names come from the run's plan
+    real_save_preview = predict_module.save_preview
+    monkeypatch.setattr(predict_module, "save_preview", lambda path, labels, **kw: (
+        previews.append(kw["class_names"]), real_save_preview(path, labels, **kw)))
     _make_run(root / "run0", seed=1)
     _make_run(root / "run1", seed=2)
     args = ["predict", "-m", str(root / "run0"), str(root / "run1"), "-i", str(root / "in"),
@@ -114,6 +119,7 @@ def test_predict_then_evaluate(setup, capsys):
         np.testing.assert_allclose(pred.affine, np.diag([1.0, 1.0, 2.0, 1.0]))
         assert np.load(root / "out" / f"c{i}.npz")["probabilities"].shape == (3, 9, 18, 20)
         assert (root / "out" / "previews" / f"c{i}.png").read_bytes()[:4] == b"\x89PNG"
+    assert previews == [{0: "background", 1: "a", 2: "b"}] * 2
     assert main(args) == 0
     assert "skipped 2 case(s)" in capsys.readouterr().out
     assert main(["evaluate", "-p", str(root / "out"), "-g", str(root / "gt"),

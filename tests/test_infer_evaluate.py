@@ -45,8 +45,13 @@ def folders(tmp_path):
     return tmp_path, cases
 
 
-def test_evaluate_cli_writes_summary_table_and_previews(folders, capsys):
+def test_evaluate_cli_writes_summary_table_and_previews(folders, capsys, monkeypatch):
     root, cases = folders
+    import jaxmamba.infer.evaluate as evaluate_module
+    previews = []  # the legend's class names come from dataset.json
+    real_save_preview = evaluate_module.save_preview
+    monkeypatch.setattr(evaluate_module, "save_preview", lambda path, labels, **kw: (
+        previews.append(kw["class_names"]), real_save_preview(path, labels, **kw)))
     rc = main(["evaluate", "-p", str(root / "pred"), "-g", str(root / "gt"),
                "-d", str(root / "dataset.json"), "--spacing", "--nsd-tolerance", "2",
                "--preview", "-i", str(root / "img")])
@@ -78,6 +83,7 @@ def test_evaluate_cli_writes_summary_table_and_previews(folders, capsys):
     for c in cases:
         png = root / "pred" / "previews" / f"{c}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert previews == [{0: "background", 1: "liver", 2: "tumour"}] * 3
 
 
 def test_paper_semantics_regions_and_workers(folders):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmamba.console import progress_enabled
 from jaxmamba.data.io import DataError, load_header, load_volume, read_json
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
@@ -244,7 +245,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    errors, warnings = check_dataset(args.dataset, progress=True)
+    errors, warnings = check_dataset(args.dataset, progress=progress_enabled())
     for w in warnings:
         print(f"warning: {w}")
     for e in errors:

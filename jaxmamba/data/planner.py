@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmamba.console import progress_enabled
 from jaxmamba.data.normalize import scheme_for_channel
 from jaxmamba.data.resample import ANISO_THRESHOLD
 from jaxmamba.plans import Plan
@@ -199,7 +200,7 @@ def run(args) -> int:
 
     out = Path(args.output) if args.output else default_output(args.dataset)
     ds = RawDataset.open(args.dataset)
-    fp = extract_fingerprint(ds, num_workers=args.workers)
+    fp = extract_fingerprint(ds, num_workers=args.workers, progress=progress_enabled())
     write_json(fingerprint_path(out), fp)
     plan = plan_from_fingerprint(fp, ds.meta, name=Path(args.dataset).resolve().name,
                                  memory_gb=args.memory_gb)

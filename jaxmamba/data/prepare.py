@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jaxmamba.atomic import remove_stale_temporaries
+from jaxmamba.console import progress_enabled
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
 from jaxmamba.data.io import DataError, read_json, write_json
@@ -111,7 +112,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     out = Path(args.output) if args.output else default_output(args.dataset)
-    plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers)
+    plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers,
+                                      progress=progress_enabled())
     for e in errors:
         print(f"error: {e}")
     if errors:

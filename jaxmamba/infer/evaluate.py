@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import write_text
+from jaxmamba.console import progress_enabled
 from jaxmamba.data import load_volume
 from jaxmamba.data.io import strict_json
 from jaxmamba.errors import UserError
@@ -204,8 +205,11 @@ def write_summary(summary: Mapping[str, Any], output_dir: Path) -> tuple[Path, P
 
 
 def write_previews(summary: Mapping[str, Any], output_dir: Path, images_dir: Path | None,
-                   file_ending: str, *, progress: bool = False) -> None:
-    """A PNG per case: image (channel 0, if `images_dir` is given), prediction, ground truth."""
+                   dataset: Mapping[str, Any], *, progress: bool = False) -> None:
+    """A PNG per case: image (channel 0, if `images_dir` is given), prediction, ground truth,
+    with a legend of `dataset`'s (dataset.json's) class names."""
+    file_ending = dataset["file_ending"]
+    names = {v: k for k, v in dataset["labels"].items() if isinstance(v, int)}
     for case in tqdm(summary["metric_per_case"], desc="previews", unit="case",
                      disable=not progress):
         pred, _ = load_volume(case["prediction_file"], dtype=np.float32)
@@ -217,7 +221,8 @@ def write_previews(summary: Mapping[str, Any], output_dir: Path, images_dir: Pat
         title = f"{case['case']}  Dice " + ", ".join(f"{r} {m['Dice']:.3f}" for r, m in
                                                      dice.items())
         save_preview(output_dir / f"{case['case']}.png", pred.astype(np.int32), image=image,
-                     ground_truth=gt.astype(np.int32), spacing=geometry["spacing"], title=title)
+                     ground_truth=gt.astype(np.int32), spacing=geometry["spacing"], title=title,
+                     class_names=names)
 
 
 # ---------------------------------------------------------------------- `jaxmamba evaluate`
@@ -273,13 +278,13 @@ def run(args: argparse.Namespace) -> int:
         empty_hd95=0.0 if args.paper_semantics else math.nan,
         partial=args.partial, workers=args.workers,
         geometry_tolerance=None if args.ignore_geometry else args.geometry_tolerance,
-        progress=True)
+        progress=progress_enabled())
     print(format_table(summary))
     json_path, csv_path = write_summary(summary, output)
     print(f"wrote {json_path} and {csv_path}")
     if args.preview:
-        ending = read_dataset_json(args.dataset_json)["file_ending"]
-        write_previews(summary, output / "previews", args.images, ending, progress=True)
+        write_previews(summary, output / "previews", args.images,
+                       read_dataset_json(args.dataset_json), progress=progress_enabled())
         print(f"previews in {output / 'previews'}")
     return 0
 

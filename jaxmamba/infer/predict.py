@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import atomic_path, remove_stale_temporaries
+from jaxmamba.console import progress_enabled
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
 from jaxmamba.errors import UserError
 from jaxmamba.infer.preview import save_preview
@@ -152,7 +153,8 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
         image, geometry = load_volume(case.files[0])
         save_preview(output_dir / "previews" / f"{case.case_id}.png", labels, image=image,
                      spacing=geometry["spacing"], title=case.case_id,
-                     num_classes=plan.num_classes)
+                     num_classes=plan.num_classes,
+                     class_names={value: name for name, value in plan.labels})
     write_volume(path, labels, properties["geometry"])  # last: marks the case done
     return path
 
@@ -257,7 +259,7 @@ def run(args) -> int:
             apply_fns, plan, cases, args.output, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
             step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
-            preview=args.preview)
+            preview=args.preview, progress=progress_enabled())
     finally:
         plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
     if skipped:

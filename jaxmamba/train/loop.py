@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from jaxmamba import data as jdata
 from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
+from jaxmamba.console import progress_enabled
 from jaxmamba.models import build_model
 from jaxmamba.plans import Plan, PlanError
 from jaxmamba.train import finite, losses, preflight, sharding, validate
@@ -133,6 +134,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     run_dir = Path(cfg.train.run_dir).absolute()
     main = jax.process_index() == 0
     say = functools.partial(print, flush=True) if main else (lambda *a, **k: None)
+    progress = main and progress_enabled(cfg.log.progress)  # bars: on a terminal, by default
 
     # --- Resume or fresh; check the run directory before any work.
     resume = decide_resume(cfg)
@@ -148,7 +150,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
 
     # --- Data and plan.
-    plan, cache, train_ids, val_ids = prepare_data(cfg, progress=main and cfg.log.progress)
+    plan, cache, train_ids, val_ids = prepare_data(cfg, progress=progress)
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
     sharding.check_batch_size(plan.batch_size, mesh)
@@ -206,14 +208,15 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
 
     # --- Train.
-    throughput = _Throughput(plan.batch_size, say)
+    throughput = _Throughput(plan.batch_size, say if not progress else
+                             lambda line: say("\n" + line))  # below the bar
     step_no = int(state.step)  # host copy of the step counter
     t_run = time.perf_counter()
     try:
         for epoch in range(start_epoch, end_epoch):
             t_epoch = time.perf_counter()
             bar = tqdm(range(t.iters_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}",
-                       disable=not (main and cfg.log.progress), dynamic_ncols=True)
+                       disable=not progress, dynamic_ncols=True)
             tally = _Tally(len(class_names))
             pending = None
             for _ in bar:
@@ -269,10 +272,9 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             model = validate.merged_model(graphdef, state.params, state.rest)
             results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
-                                                mesh=mesh, progress=main and cfg.log.progress)
-            say(validate.format_results(results)
-                + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s; "
-                  f"predictions and summary.json in {run_dir / validate.FOLDER})")
+                                                mesh=mesh, progress=progress)
+            say(validate.format_results(results, run_dir)
+                + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
             summary["final_validation"] = results
         say(f"done: {run_dir} (checkpoints in {ckpt.dir}, curves.png, metrics.jsonl)")
     return summary
@@ -369,7 +371,7 @@ class _Throughput:
             return
         self.done = True
         dt = (time.perf_counter() - self.t0) / (self.n - 1)
-        self.say(f"\nthroughput: {1 / dt:.2f} steps/s ({1000 * dt:.0f} ms per step, "
+        self.say(f"throughput: {1 / dt:.2f} steps/s ({1000 * dt:.0f} ms per step, "
                  f"{self.batch_size / dt:.1f} patches/s) over steps 2-{self.n}")
 
 

@@ -28,7 +28,7 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
                      run_dir: str | Path, *, mesh: Mesh | None = None, progress: bool = True,
                      ) -> dict[str, dict[str, float]]:
     """Predict and score the held-out sets; returns `{set: {class or "mean": Dice}}`."""
-    raw, out_root = Path(raw_dir), Path(run_dir) / FOLDER
+    raw = Path(raw_dir)
     dataset = RawDataset.open(raw)
     sets = []
     if val_ids:
@@ -42,7 +42,7 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     apply_fn = network_apply_fn(model, mesh)
     results = {}
     for name, cases, labels, partial in sets:
-        out = out_root / name
+        out = set_folder(run_dir, name)
         predict_cases([apply_fn], plan, cases, out, overwrite=True, progress=progress)
         summary = evaluate_folder(out, labels, raw / "dataset.json", partial=partial)
         write_summary(summary, out)
@@ -50,11 +50,21 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     return results
 
 
-def format_results(results: dict[str, dict[str, float]]) -> str:
+def set_folder(run_dir: str | Path, name: str) -> Path:
+    """Where the predictions and summaries of the held-out set `name` go."""
+    return Path(run_dir) / FOLDER / name
+
+
+def format_results(results: dict[str, dict[str, float]], run_dir: str | Path) -> str:
+    """Per set: the mean and per-class Dice, and the folder of its predictions and summaries."""
+    if not results:
+        return ("final validation: no held-out cases (the fold has no validation cases and the "
+                "dataset no imagesTs with labelsTs)")
     lines = []
     for name, dice in results.items():
         per_class = ", ".join(f"{k} {v:.4f}" for k, v in dice.items() if k != "mean")
-        lines.append(f"final {name} Dice: mean {dice['mean']:.4f} ({per_class})")
+        lines += [f"final {name} Dice: mean {dice['mean']:.4f} ({per_class})",
+                  f"  in {set_folder(run_dir, name)}/: predictions, summary.json, summary.csv"]
     return "\n".join(lines)
 
 

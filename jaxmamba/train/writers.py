@@ -96,40 +96,61 @@ def _flat(record: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def plot_curves(history: Sequence[dict], path: Path, class_names: Sequence[str]) -> None:
-    """Loss, pseudo-Dice (per class, mean, EMA), learning rate and epoch time against epochs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    """Write `curves_figure(history, class_names)` as a PNG at `path`, atomically."""
+    fig = curves_figure(history, class_names)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
 
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11), sharex=True)
+
+def curves_figure(history: Sequence[dict], class_names: Sequence[str]):
+    """Loss, pseudo-Dice (per class, mean, EMA), learning rate and epoch time against the epoch,
+    counted from 1 as the console counts it (Agg canvas; `record["epoch"]` is 0-based)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] + 1 for r in history]
+    dots = {"marker": "o", "ms": 3} if len(epochs) <= 10 else {}  # a line needs two points
+    fig = Figure(figsize=(9, 11), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
     ax = axes[0]
-    ax.plot(epochs, [r["train_loss"] for r in history], label="train loss", color="C0")
+    ax.plot(epochs, [r["train_loss"] for r in history], label="train loss", color="C0", **dots)
     if any("val_loss" in r for r in history):
         ax.plot(epochs, [r.get("val_loss", math.nan) for r in history], label="val loss",
-                color="C1")
-    ax.set_ylabel("loss (CE + Dice)")
+                color="C1", **dots)
+    ax.axhline(0.0, color="0.6", lw=0.6)
+    ax.set_ylabel("loss (CE \N{MINUS SIGN} soft Dice)")
+    ax.set_title("nnU-Net's loss: cross-entropy plus the negative soft Dice of the foreground "
+                 "classes, so it falls below 0 (down to \N{MINUS SIGN}1)", fontsize=9)
     ax.legend(loc="upper right")
     ax = axes[1]
     for i, name in enumerate(class_names):
-        ax.plot(epochs, [r.get("val_dice", [math.nan] * len(class_names))[i] for r in history],
-                lw=0.8, ls="--", label=name)
-    ax.plot(epochs, [r.get("val_dice_mean", math.nan) for r in history], color="k", lw=1,
-            label="mean (pseudo-Dice)")
-    ax.plot(epochs, [r.get("val_dice_ema", math.nan) for r in history], color="g", lw=2,
-            label="EMA")
+        ax.plot(epochs, [_nan((r.get("val_dice") or [None] * len(class_names))[i])
+                         for r in history],
+                lw=0.8, ls="--", label=name, **dots)
+    ax.plot(epochs, [_nan(r.get("val_dice_mean")) for r in history], color="k", lw=1,
+            label="mean (pseudo-Dice)", **dots)
+    ax.plot(epochs, [_nan(r.get("val_dice_ema")) for r in history], color="g", lw=2,
+            label="EMA", **dots)
     ax.set_ylabel("validation pseudo-Dice")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right", fontsize="small")
     ax = axes[2]
-    ax.plot(epochs, [r["lr"] for r in history], color="C2", label="learning rate")
+    lr = ax.plot(epochs, [r["lr"] for r in history], color="C2", label="learning rate (left)",
+                 **dots)
     ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", useOffset=False)  # the values, not "1e-8 + 3e-4"
     ax.set_xlabel("epoch")
     twin = ax.twinx()
-    twin.plot(epochs, [r["epoch_seconds"] for r in history], color="C3", lw=0.8,
-              label="epoch time")
+    seconds = twin.plot(epochs, [r["epoch_seconds"] for r in history], color="C3", lw=0.8,
+                        label="seconds per epoch (right)", **dots)
     twin.set_ylabel("seconds per epoch")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    top = max((r["epoch_seconds"] for r in history), default=1.0)
+    twin.set_ylim(0, 1.3 * top if top > 0 else 1.0)  # room below the curve for the legend
+    twin.legend(handles=lr + seconds, loc="lower left", fontsize="small")  # twin: drawn on top
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else value
