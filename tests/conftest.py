@@ -38,3 +38,13 @@ def datasets_dir() -> Path:
     if not DATASETS.is_dir():
         pytest.fail(f"shared datasets not found at {DATASETS}; set JAXMAMBA_SHARED")
     return DATASETS
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend: {jax.default_backend()})")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
