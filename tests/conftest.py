@@ -56,3 +56,13 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     return require_shared(DATASETS, "datasets")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend: {jax.default_backend()})")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

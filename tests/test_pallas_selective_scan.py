@@ -1,21 +1,34 @@
-"""The Pallas selective scan in interpret mode: mamba_ssm's fixtures, the foundation issue's cases,
-phase kernels against their jnp references, the whole op against the sequential reference
-(multi-chunk, padded L/D/N, reverse, initial and final state, bf16, N=256), finite differences in
-float64, poisoned outputs, memory, tiling and dispatch.
-
-Interpret mode spends its time in XLA's CPU compiler (seconds per kernel), so every case runs as
-one top-level jit compiled without LLVM's expensive passes.
+"""The Pallas selective scan beyond the shared contract (tests/test_selective_scan.py runs that
+against `pallas` in interpret mode and compiled): each kernel phase against its jnp reference,
+padded multi-chunk cases with poisoned outputs and every saved-state stride, N=256 with the
+default tiling, finite differences in float64, memory (no (B, L, D, N) tensor; the saved and the
+backward's buffers pinned), the Triton backend's isolation, tiling and dispatch.
 """
 
 import functools
+import importlib
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_selective_scan import F32_GRAD_TOL, F32_OUT_TOL, load_cases
+from test_selective_scan import (
+    F32_GRAD_TOL,
+    F32_OUT_TOL,
+    FAST_COMPILE,
+    SMALL,
+    assert_close,
+    outputs_and_grads,
+    random_case,
+    random_inputs,
+    rel_err,
+)
 
 from jaxmamba.kernels import scan_backward as kb
 from jaxmamba.kernels import scan_common as sc
@@ -25,143 +38,75 @@ from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling, default_tiling
 from jaxmamba.ops import default_implementation, selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 
-#: 2-3x faster XLA CPU compiles of the interpreted kernels; they run in milliseconds regardless.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-#: A tiling that gives several chunks, several sub-chunks and two channel tiles on tiny shapes;
-#: short sub-chunks keep the unrolled replay, and so the compile, small.
-SMALL = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def inputs(key, b, l, d, n, dtype=jnp.float32):
-    k = jax.random.split(key, 10)
-    return dict(
-        u=jax.random.normal(k[0], (b, l, d), dtype),
-        delta=(jax.random.normal(k[1], (b, l, d)) - 1.0).astype(dtype),
-        A=-jnp.exp(jax.random.normal(k[2], (d, n))).astype(dtype),
-        B=jax.random.normal(k[3], (b, l, n), dtype),
-        C=jax.random.normal(k[4], (b, l, n), dtype),
-        D=jax.random.normal(k[5], (d,), dtype),
-        z=jax.random.normal(k[6], (b, l, d), dtype),
-        delta_bias=(0.5 * jax.random.normal(k[7], (d,))).astype(dtype),
-    ), jax.random.normal(k[8], (b, d, n)), jax.random.normal(k[9], (b, l, d))
-
-
-def outputs_and_grads(fn, args, h0, g, **kw):
-    """y, final state and the gradients (all inputs and h0) of `sum(y g) + sum(h_last h0)`."""
-    def loss(a, h0):
-        y, h = fn(**a, initial_state=h0, **kw)
-        return jnp.sum(y.astype(h.dtype) * g) + jnp.sum(h * h0), (y, h)
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(args, h0, g):
-        (_, (y, h)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(args, h0)
-        return y, h, grads
-
-    return run(args, h0, g)
-
-
-def assert_close(got, want, out_tol, grad_tol):
-    (y, h, grads), (y_r, h_r, grads_r) = got, want
-    assert y.shape == y_r.shape and h.shape == h_r.shape
-    assert rel_err(y, y_r) <= out_tol and rel_err(h, h_r) <= out_tol
-    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
-        assert np.isfinite(np.asarray(g)).all()
-        assert rel_err(g, g_r) <= grad_tol
+op_module = importlib.import_module("jaxmamba.ops.selective_scan")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pallas(tiling=SMALL, **kw):
     return functools.partial(ks.selective_scan_pallas, interpret=True, tiling=tiling, **kw)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_mamba_ssm_fixtures(reference_dir, dtype):
-    """mamba_ssm's float64 cases (B, L ≤ 1000, N ≤ 32, with and without z/D/bias/softplus): the
-    two smallest in float64, the other three in float32 (each case is a compile)."""
-    tol = (F32_OUT_TOL, F32_GRAD_TOL) if dtype == jnp.float32 else (1e-10, 1e-10)
-    cases = sorted(load_cases(reference_dir), key=lambda c: c["y"].size)
-    cases = cases[:2] if dtype == jnp.float64 else cases[2:]
-    with jax.enable_x64(dtype == jnp.float64):
-        for case in cases:
-            present = {k: jnp.asarray(v, dtype) for k, v in case["inputs"].items()
-                       if v is not None}
-            b, _, d = present["u"].shape
-            h0 = jnp.zeros((b, d, present["A"].shape[1]), dtype)
-            y, h, (grads, _) = outputs_and_grads(pallas(delta_softplus=case["softplus"]),
-                                                 present, h0, jnp.asarray(case["grad_y"], dtype))
-            assert rel_err(y, case["y"]) <= tol[0], case["name"]
-            assert rel_err(h, case["last_state"]) <= tol[0], case["name"]
-            for name, g in grads.items():
-                assert rel_err(g, case["grads"][name]) <= tol[1], (case["name"], name)
-
-
-@pytest.mark.parametrize("b,l,d,n,reverse,offset,optional", [
-    (1, 1, 4, 1, True, 0.0, True),
-    (2, 20, 6, 48, True, 0.0, True),
-    (1, 33, 4, 16, False, 30.0, True),  # δ·|A| large: decays underflow to 0
-    (1, 33, 4, 16, True, -40.0, True),  # tiny δ
-    (2, 12, 4, 3, False, 0.0, False),  # no z, D, delta_bias, no softplus
-])
-def test_foundation_cases(key, b, l, d, n, reverse, offset, optional):
-    args, h0, g = inputs(key, b, l, d, n)
-    args["delta"] = args["delta"] + offset
-    if not optional:
-        args = {k: v for k, v in args.items() if k not in ("z", "D", "delta_bias")}
-    kw = dict(reverse=reverse, delta_softplus=optional)
-    assert_close(outputs_and_grads(pallas(**kw), args, h0, g),
-                 outputs_and_grads(selective_scan_reference, args, h0, g, **kw),
-                 F32_OUT_TOL, F32_GRAD_TOL)
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_phase_kernels_match_references(key, reverse):
-    """K1 (chunk end states, Σδ) and B1 (chunk-local adjoints) against per-chunk lax.scans."""
+    """K1 (chunk end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients)
+    against their jnp references, from random chunk start states and successor adjoints."""
     b, l, d, n = 2, 48, 16, 8
-    a, _, g = inputs(key, b, l, d, n)
+    a, _, g = random_case(key, b, l, d, n)
+    u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
+                                                 "delta_bias"))
     st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
                         reverse=reverse, has_z=True, interpret=True)
-    h, s = kf.chunk_states(st, a["u"], a["delta"], a["A"], a["B"], a["delta_bias"], jnp.float32)
-    h_ref, s_ref = kf.chunk_states_reference(st, a["u"], a["delta"], a["A"], a["B"],
-                                             a["delta_bias"], jnp.float32)
-    assert h.shape == (b, l // SMALL.chunk, d, n)
+    k_in, k_mu = jax.random.split(jax.random.fold_in(key, 1))
+    n_chunks = l // SMALL.chunk
+    h_in = jax.random.normal(k_in, (b, n_chunks, d, n))
+    mu = jax.random.normal(k_mu, (b, n_chunks, d, n))
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def phases():
+        return (kf.chunk_states(st, u, dt, A, B, bias, jnp.float32),
+                kf.chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in),
+                kb.chunk_adjoints(st, u, dt, z, g, A, B, C, bias, h_in),
+                kb.chunk_gradients(st, u, dt, z, g, A, B, C, D, bias,
+                                   kb.chunk_adjoints(st, u, dt, z, g, A, B, C, bias, h_in)[0],
+                                   mu))
+
+    (h, s), y, (_, q), grads = phases()
+    h_ref, s_ref = kf.chunk_states_reference(st, u, dt, A, B, bias, jnp.float32)
+    assert h.shape == (b, n_chunks, d, n)
     assert rel_err(h, h_ref) <= F32_OUT_TOL and rel_err(s, s_ref) <= F32_OUT_TOL
-    h_in = jax.random.normal(key, h.shape)
-    _, q = kb.chunk_adjoints(st, a["u"], a["delta"], a["z"], g, a["A"], a["B"], a["C"],
-                             a["delta_bias"], h_in)
-    q_ref = kb.chunk_adjoints_reference(st, a["delta"], a["z"], g, a["A"], a["C"],
-                                        a["delta_bias"], jnp.float32)
+    assert rel_err(y, kf.chunk_outputs_reference(st, u, dt, z, A, B, C, D, bias, h_in)) \
+        <= F32_OUT_TOL
+    q_ref = kb.chunk_adjoints_reference(st, dt, z, g, A, C, bias, jnp.float32)
     assert rel_err(q, q_ref) <= F32_OUT_TOL
+    du, ddt, dz, db, dc, da, dd, dbias = grads
+    want = kb.chunk_gradients_reference(st, u, dt, z, g, A, B, C, D, bias, h_in, mu)
+    got = (du, ddt, dz, db.sum(0), dc.sum(0), da.sum((0, 1)), dd.sum((0, 1)), dbias.sum((0, 1)))
+    for name, x, x_ref in zip(("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "dbias"), got, want,
+                              strict=True):
+        assert x.shape == x_ref.shape, name
+        assert rel_err(x, x_ref) <= F32_GRAD_TOL, name
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_padded_multi_chunk_poisoned(key, reverse):
+@pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),
+                                                 (True, 2, True)])
+def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
     """L=45 (3 chunks, 3 padding rows), D=20 (2 channel tiles), N=12 (padded to 16), 8 sub-chunks
-    per chunk, initial state and final-state gradient; every kernel output starts as NaN."""
-    args, h0, g = inputs(key, 2, 45, 20, 12)
-    got = outputs_and_grads(pallas(poison_outputs=True), args, h0, g,
-                            reverse=reverse)
+    per chunk with a saved state every `stride` of them (the contract runs stride 2), saved by
+    the backward or (`fused_replay`) by the forward, initial state and final-state gradient;
+    every kernel output starts as NaN."""
+    args, h0, g = random_case(key, 2, 45, 20, 12)
+    tiling = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2,
+                        bwd_warps=1, state_stride=stride)
+    got = outputs_and_grads(pallas(tiling=tiling, poison_outputs=True, fused_replay=fused),
+                            args, h0, g, reverse=reverse)
     assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
     assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=reverse),
                  F32_OUT_TOL, F32_GRAD_TOL)
 
 
-def test_bfloat16_inputs(key):
-    """bf16 activations (fp32 states inside): y in bf16, within 2e-2 of the fp32 reference."""
-    args, h0, g = inputs(key, 1, 40, 16, 16, jnp.bfloat16)
-    got = outputs_and_grads(pallas(), args, h0, g)
-    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
-    up = {k: v.astype(jnp.float32) for k, v in args.items()}
-    assert_close(got, outputs_and_grads(selective_scan_reference, up, h0, g), 2e-2, 2e-2)
-
-
 def test_large_state(key):
     """N=256 (the deep Synapse stages' d_state) with its default tiling (4 replayed steps)."""
-    args, h0, g = inputs(key, 1, 20, 16, 256)
+    args, h0, g = random_case(key, 1, 20, 16, 256)
     assert_close(outputs_and_grads(pallas(tiling=None), args, h0, g),
                  outputs_and_grads(selective_scan_reference, args, h0, g),
                  F32_OUT_TOL, F32_GRAD_TOL)
@@ -169,11 +114,12 @@ def test_large_state(key):
 
 def test_finite_differences_float64(key):
     """The custom VJP against central differences along random directions (float64, reverse,
-    2 chunks with padding, 4 sub-chunks each, all inputs and the initial state)."""
+    2 chunks with padding, 4 sub-chunks each and 2 saved states, all inputs and the initial
+    state)."""
     tiling = ScanTiling(chunk=8, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2,
-                        bwd_warps=1)
+                        bwd_warps=1, state_stride=2)
     with jax.enable_x64(True):
-        args, h0, _ = inputs(key, 1, 11, 3, 2, jnp.float64)
+        args, h0, _ = random_case(key, 1, 11, 3, 2, dtype=jnp.float64)
         args["initial_state"] = h0.astype(jnp.float64)
 
         def f(a):
@@ -207,8 +153,8 @@ def largest_intermediate(jaxpr) -> int:
 
 
 def test_no_length_times_state_tensor():
-    """The fwd+bwd holds nothing near B·L·D·N elements (the largest is (B, L/S, D, N)); the check
-    itself sees a (B, L, D, N) product."""
+    """The fwd+bwd holds nothing near B·L·D·N elements (the largest is (B, L/(S·stride), D, N));
+    the check itself sees a (B, L, D, N) product."""
     b, l, d, n = 1, 8192, 16, 16
     shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
                   z=(b, l, d), delta_bias=(d,))
@@ -218,7 +164,8 @@ def test_no_length_times_state_tensor():
         return jnp.sum(ks.selective_scan_pallas(**a, interpret=True)[0])
 
     largest = largest_intermediate(jax.make_jaxpr(jax.grad(loss))(args).jaxpr)
-    assert largest * default_tiling(b, l, d, n).sub_chunk <= b * l * d * n
+    t = default_tiling(b, l, d, n)
+    assert largest * t.sub_chunk * t.state_stride <= b * l * d * n
 
     def materialising(a):
         return jnp.sum(jax.jit(lambda a: jnp.exp(a["delta"][..., None] * a["A"][None, None]))(a))
@@ -226,12 +173,94 @@ def test_no_length_times_state_tensor():
     assert largest_intermediate(jax.make_jaxpr(materialising)(args).jaxpr) == b * l * d * n
 
 
+def kernel_output_bytes(jaxpr) -> dict[str, int]:
+    """Bytes written by each `pallas_call` of `jaxpr` and its sub-jaxprs, by kernel name."""
+    out: dict[str, int] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = str(eqn.params["name"])
+            out[name] = out.get(name, 0) + sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                                               for a in eqn.params["out_avals"])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else [param]:
+                sub = sub.jaxpr if isinstance(sub, jax.extend.core.ClosedJaxpr) else sub
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    for k, v in kernel_output_bytes(sub).items():
+                        out[k] = out.get(k, 0) + v
+    return out
+
+
+#: Synapse stage 0 (batch 2, 48x192x192 tokens, d_inner 64, d_state 32) and a small shape.
+@pytest.mark.parametrize("b,l,d,n,fused", [(2, 1769472, 64, 32, False), (1, 4096, 16, 16, False),
+                                           (1, 4096, 16, 16, True)])
+def test_saved_and_backward_state_bytes(b, l, d, n, fused):
+    """Traced, not run. The VJP saves the inputs, the zero initial state, the chunk start states
+    and Σδ; the backward's adjoint kernel writes one state per `sub_chunk·state_stride` rows plus
+    the local adjoints: 1.79 GiB at Synapse stage 0 (a state per sub-chunk: 3.48 GiB). With
+    `fused_replay` the forward saves those states instead of the chunk start states, and the
+    adjoint kernel writes only the local adjoints."""
+    shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
+                  z=(b, l, d), delta_bias=(d,))
+    args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    t = default_tiling(b, l, d, n)
+    assert l % t.chunk == 0 and d % t.bwd_block_d == 0 and n == 2 ** (n.bit_length() - 1)
+    n_chunks, f32 = l // t.chunk, 4
+
+    def scan(a):
+        return ks.selective_scan_pallas(**a, interpret=True, fused_replay=fused)[0]
+
+    saved = jax.tree.leaves(jax.eval_shape(lambda a: jax.vjp(scan, a)[1], args))
+    inputs = sum(int(np.prod(s)) for s in shapes.values())
+    state = b * n_chunks * d * n  # one (B, nC, D, N) array
+    backward_states = state * t.saved_states
+    assert sum(x.size * x.dtype.itemsize for x in saved) == f32 * (
+        inputs + b * d * n + (backward_states if fused else state) + b * n_chunks * d)
+    written = kernel_output_bytes(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(scan(a))))(args).jaxpr)
+    assert written["selective_scan_chunk_adjoints"] == f32 * (
+        state + (0 if fused else backward_states))
+    assert t.saved_states * t.sub_chunk * 2 <= t.chunk  # at most half a state per sub-chunk
+
+
+def test_triton_backend_is_imported_only_to_compile():
+    """Importing jaxmamba and running the kernels in interpret mode never imports Pallas'
+    Triton backend (a fresh interpreter; deprecated upstream, it may go)."""
+    code = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "import jaxmamba, jaxmamba.ops, jaxmamba.layers\n"
+        "from jaxmamba.kernels.selective_scan import selective_scan_pallas as f\n"
+        "u, A, b = jnp.ones((1, 8, 4)), -jnp.ones((4, 2)), jnp.ones((1, 8, 2))\n"
+        "g = jax.grad(lambda u: f(u, u, A, b, b, interpret=True)[0].sum())(u)\n"
+        "jax.block_until_ready(g)\n"
+        "loaded = [m for m in sys.modules if m.startswith(('jax.experimental.pallas.triton',\n"
+        "                                                  'jax._src.pallas.triton'))]\n"
+        "print('triton modules:', loaded)\n"
+        "sys.exit(1 if loaded else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ,
+                                                       "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_gpu_without_triton_falls_back_to_xla_once(monkeypatch, key):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(op_module, "_pallas_unavailable", lambda: "no Triton here (test)")
+    monkeypatch.setattr(op_module, "_warned_fallback", False)
+    with pytest.warns(UserWarning, match=r"cannot compile on this GPU: no Triton here \(test\)"
+                                         r".*Falling back to implementation='xla'"):
+        assert default_implementation() == "xla"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert default_implementation() == "xla"  # warned once only
+    with pytest.raises(ValueError, match="implementation='pallas' cannot compile on this GPU"):
+        selective_scan(**random_inputs(key, 1, 8, 4, 2), implementation="pallas")
+
+
 def test_dispatch_and_interpret_warning(monkeypatch):
     assert default_implementation() == ("pallas" if jax.default_backend() == "gpu" else "xla")
     if jax.default_backend() == "gpu":
         return
     monkeypatch.setattr(ks, "_warned_interpret", False)
-    a, _, _ = inputs(jax.random.key(0), 1, 8, 4, 2)
+    a = random_inputs(jax.random.key(0), 1, 8, 4, 2)
 
     def trace():
         jax.make_jaxpr(lambda a: selective_scan(**a, implementation="pallas"))(a)
@@ -248,15 +277,19 @@ def test_dispatch_and_interpret_warning(monkeypatch):
                                      (2, 262144, 64, 16), (1, 3, 5, 1)])
 def test_default_tiling(b, l, d, n):
     t = default_tiling(b, l, d, n)
-    assert t.chunk % t.sub_chunk == 0
+    assert t.chunk % (t.sub_chunk * t.state_stride) == 0
     assert t.block_d <= max(16, d) and t.bwd_block_d <= max(16, d)
     if b * l * d >= 16 * MIN_PROGRAMS * 256:  # long sequences: full chunks, enough programs
-        assert t.chunk == 256
+        assert t.chunk == 256 and t.state_stride == 2
         assert b * (l // t.chunk) * (d // t.block_d) >= MIN_PROGRAMS
 
 
 def test_bad_tiling_is_named():
     with pytest.raises(ValueError, match="ScanTiling.block_d=24: expected a power of two"):
         ScanTiling(chunk=16, block_d=24, fwd_warps=1, bwd_block_d=16, sub_chunk=4, bwd_warps=1)
-    with pytest.raises(ValueError, match="chunk=8 is not a multiple of sub_chunk=16"):
+    with pytest.raises(ValueError, match="chunk=8 is not a multiple of sub_chunk=16 x "
+                                         "state_stride=1"):
         ScanTiling(chunk=8, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=16, bwd_warps=1)
+    with pytest.raises(ValueError, match="ScanTiling.state_stride=3: expected a power of two"):
+        ScanTiling(chunk=8, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1,
+                   state_stride=3)

@@ -1,5 +1,12 @@
-"""One test class for every selective-scan implementation, against mamba_ssm's float64 fixtures
-and the sequential reference; plus the XLA path's chunking and memory, and the op's input checks."""
+"""One contract class run against every fast selective-scan implementation (`xla`, `pallas` in
+interpret mode, `pallas` compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential
+reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
+op's input checks against every implementation.
+
+The scan helpers here (`random_inputs`, `random_case`, `rel_err`, `outputs_and_grads`) are shared
+with tests/test_pallas_selective_scan.py. Interpret mode spends its time in XLA's CPU compiler,
+so every case runs as one jit compiled without LLVM's expensive passes (`FAST_COMPILE`).
+"""
 
 import functools
 import re
@@ -9,18 +16,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmamba.kernels import selective_scan as ks
+from jaxmamba.kernels.tiling import ScanTiling
 from jaxmamba.ops import selective_scan
+from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
-#: Every implementation runs the shared class below.
-IMPLEMENTATIONS = ["reference", "xla"]
+#: The contract class runs against each of these (`pallas-gpu` only where a GPU is).
+IMPLEMENTATIONS = ["xla", "pallas-interpret", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
 
-#: ‖out − ref‖ / ‖ref‖ bounds (DESIGN §4).
+#: ‖out − ref‖ / ‖ref‖ bounds.
 F64_TOL = 1e-10
 F32_OUT_TOL = 1e-5
 F32_GRAD_TOL = 1e-4
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+#: 2-3x faster XLA CPU compiles of interpreted kernels; they run in milliseconds regardless.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+#: The Pallas tiling of interpret-mode tests: several chunks, sub-chunks, saved backward states
+#: and two channel tiles on tiny shapes; short sub-chunks keep the unrolled replay, and so the
+#: compile, small.
+SMALL = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1,
+                   state_stride=2)
 
 
 def rel_err(a, b):
@@ -57,7 +76,7 @@ def run_with_grads(impl, inputs, softplus, grad_y, dtype):
                               implementation=impl)
         return jnp.sum(y * jnp.asarray(grad_y, dtype)), (y, h)
 
-    grads, (y, h) = jax.jit(jax.grad(loss, has_aux=True))(present)
+    grads, (y, h) = jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(present)
     return y, h, grads
 
 
@@ -77,15 +96,86 @@ def random_inputs(key, b, l, d, n, *, dtype=jnp.float32, with_optional=True, dt_
     return out
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def random_case(key, b, l, d, n, *, dtype=jnp.float32, **kw):
+    """(inputs, an initial state (B, D, N), an output cotangent (B, L, D)); h0 and g float32."""
+    kx, kh, kg = jax.random.split(key, 3)
+    return (random_inputs(kx, b, l, d, n, dtype=dtype, **kw),
+            jax.random.normal(kh, (b, d, n)), jax.random.normal(kg, (b, l, d)))
+
+
+def outputs_and_grads(fn, args, h0, g, **kw):
+    """y, final state and the gradients (all inputs and h0) of `sum(y g) + sum(h_last h0)`;
+    `fn` has the signature of `selective_scan_reference` (returns y and the final state)."""
+    def loss(a, h0):
+        y, h = fn(**a, initial_state=h0, **kw)
+        return jnp.sum(y.astype(h.dtype) * g) + jnp.sum(h * h0), (y, h)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def run(args, h0, g):
+        (_, (y, h)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(args, h0)
+        return y, h, grads
+
+    return run(args, h0, g)
+
+
+def assert_close(got, want, out_tol, grad_tol):
+    """`outputs_and_grads` results: same shapes, relative errors within the tolerances."""
+    (y, h, grads), (y_r, h_r, grads_r) = got, want
+    assert y.shape == y_r.shape and h.shape == h_r.shape
+    assert rel_err(y, y_r) <= out_tol and rel_err(h, h_r) <= out_tol
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_err(g, g_r) <= grad_tol
+
+
+def op(impl, **fixed):
+    """`selective_scan` with `implementation=impl`, returning (y, final state) like the
+    reference, for `outputs_and_grads`."""
+    return functools.partial(selective_scan, implementation=impl, return_final_state=True,
+                             **fixed)
+
+
+@pytest.fixture
+def impl(request, monkeypatch):
+    """The `implementation=` argument for one contract parameter. `pallas-interpret` runs the
+    kernels in interpret mode with the `SMALL` tiling (also on a GPU machine); `pallas-gpu`
+    compiles them with the default tiling."""
+    if request.param == "xla":
+        return "xla"
+    if request.param == "pallas-interpret":
+        monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
+        monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
+        return "pallas"
+    assert request.param == "pallas-gpu", request.param  # `gpu` marker: skipped without one
+    return "pallas"
+
+
+def test_reference_matches_mamba_ssm_fixtures(reference_dir):
+    """The oracle itself: the sequential reference against mamba_ssm's float64 cases, in float64
+    and float32."""
+    for dtype, out_tol, grad_tol in [(jnp.float64, F64_TOL, F64_TOL),
+                                     (jnp.float32, F32_OUT_TOL, F32_GRAD_TOL)]:
+        with jax.enable_x64(dtype == jnp.float64):
+            for case in load_cases(reference_dir):
+                y, h, grads = run_with_grads("reference", case["inputs"], case["softplus"],
+                                             case["grad_y"], dtype)
+                assert y.dtype == dtype
+                assert rel_err(y, case["y"]) <= out_tol, case["name"]
+                assert rel_err(h, case["last_state"]) <= out_tol, case["name"]
+                for name, g in grads.items():
+                    assert rel_err(g, case["grads"][name]) <= grad_tol, (case["name"], name)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, indirect=True)
 class TestSelectiveScan:
-    """The contract every implementation meets."""
+    """The contract every fast implementation meets, through the public op."""
 
     def test_fixtures_float64(self, impl, reference_dir):
         with jax.enable_x64(True):
             for case in load_cases(reference_dir):
                 y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
                                              case["grad_y"], jnp.float64)
+                assert y.dtype == jnp.float64
                 assert rel_err(y, case["y"]) <= F64_TOL, case["name"]
                 assert rel_err(h, case["last_state"]) <= F64_TOL, case["name"]
                 for name, g in grads.items():
@@ -95,7 +185,7 @@ class TestSelectiveScan:
         for case in load_cases(reference_dir):
             y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
                                          case["grad_y"], jnp.float32)
-            assert y.dtype == jnp.float32
+            assert y.dtype == jnp.float32 and h.dtype == jnp.float32
             assert rel_err(y, case["y"]) <= F32_OUT_TOL, case["name"]
             assert rel_err(h, case["last_state"]) <= F32_OUT_TOL, case["name"]
             for name, g in grads.items():
@@ -104,27 +194,12 @@ class TestSelectiveScan:
     @pytest.mark.parametrize("b,l,d,n", [(2, 37, 8, 16), (1, 1, 4, 1), (2, 20, 6, 48)])
     @pytest.mark.parametrize("reverse", [False, True])
     def test_matches_reference(self, impl, key, b, l, d, n, reverse):
-        kx, kh, kg = jax.random.split(key, 3)
-        args = random_inputs(kx, b, l, d, n)
-        h0 = jax.random.normal(kh, (b, d, n))
-        g = jax.random.normal(kg, (b, l, d))
-
-        def outputs(which):
-            def loss(a, h0):
-                y, h = selective_scan(**a, reverse=reverse, initial_state=h0,
-                                      return_final_state=True, implementation=which)
-                return jnp.sum(y * g) + jnp.sum(h), (y, h)
-
-            grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-            (_, (y, h)), grads = jax.jit(grad_fn)(args, h0)
-            return y, h, grads
-
-        y, h, grads = outputs(impl)
-        y_ref, h_ref, grads_ref = outputs("reference")
-        assert rel_err(y, y_ref) <= F32_OUT_TOL
-        assert rel_err(h, h_ref) <= F32_OUT_TOL
-        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-            assert rel_err(got, want) <= F32_GRAD_TOL
+        """Outputs, final state and the gradients of every input and the initial state."""
+        args, h0, g = random_case(key, b, l, d, n)
+        got = outputs_and_grads(op(impl), args, h0, g, reverse=reverse)
+        assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
+        assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g,
+                                            reverse=reverse), F32_OUT_TOL, F32_GRAD_TOL)
 
     def test_reverse_is_flip(self, impl, key):
         args = random_inputs(key, 2, 19, 4, 8)
@@ -133,28 +208,33 @@ class TestSelectiveScan:
         y_flip = selective_scan(**flip, implementation=impl)[:, ::-1]
         assert rel_err(y_rev, y_flip) <= F32_OUT_TOL
 
-    @pytest.mark.parametrize("dt_scale,offset", [(1.0, 30.0), (1e-3, -40.0)])
-    def test_extreme_delta(self, impl, key, dt_scale, offset):
-        """Large δ·|A| (exp underflows to 0) and tiny δ: finite outputs and gradients."""
-        args = random_inputs(key, 1, 33, 4, 16, dt_scale=dt_scale)
+    @pytest.mark.parametrize("dt_scale,offset,reverse", [(1.0, 30.0, False), (1e-3, -40.0, True)])
+    def test_extreme_delta(self, impl, key, dt_scale, offset, reverse):
+        """Large δ·|A| (exp underflows to 0) and tiny δ: finite outputs and gradients, and both
+        match the reference."""
+        args, h0, g = random_case(key, 1, 33, 4, 16, dt_scale=dt_scale)
         args["delta"] = args["delta"] + offset
-
-        def loss(a):
-            return jnp.sum(selective_scan(**a, implementation=impl))
-
-        y = jax.jit(functools.partial(selective_scan, implementation=impl))(**args)
-        grads = jax.jit(jax.grad(loss))(args)
-        assert np.isfinite(np.asarray(y)).all()
-        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-        y_ref = selective_scan(**args, implementation="reference")
-        assert rel_err(y, y_ref) <= F32_OUT_TOL
+        got = outputs_and_grads(op(impl), args, h0, g, reverse=reverse)
+        assert np.isfinite(np.asarray(got[0])).all()
+        assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g,
+                                            reverse=reverse), F32_OUT_TOL, F32_GRAD_TOL)
 
     def test_without_optional_inputs(self, impl, key):
-        args = random_inputs(key, 2, 12, 4, 3, with_optional=False)
+        """No z, D, delta_bias and no softplus: outputs and gradients."""
+        args, h0, g = random_case(key, 2, 12, 4, 3, with_optional=False)
         args["delta"] = jnp.abs(args["delta"])  # without softplus, δ must be positive
-        y = selective_scan(**args, delta_softplus=False, implementation=impl)
-        y_ref = selective_scan(**args, delta_softplus=False, implementation="reference")
-        assert rel_err(y, y_ref) <= F32_OUT_TOL
+        got = outputs_and_grads(op(impl, delta_softplus=False), args, h0, g)
+        assert len(jax.tree.leaves(got[2])) == 6
+        assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g,
+                                            delta_softplus=False), F32_OUT_TOL, F32_GRAD_TOL)
+
+    def test_bfloat16_inputs(self, impl, key):
+        """bf16 activations (fp32 states inside): y in bf16, within 2e-2 of the fp32 reference."""
+        args, h0, g = random_case(key, 1, 40, 16, 16, dtype=jnp.bfloat16)
+        got = outputs_and_grads(op(impl), args, h0, g)
+        assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+        up = {k: v.astype(jnp.float32) for k, v in args.items()}
+        assert_close(got, outputs_and_grads(selective_scan_reference, up, h0, g), 2e-2, 2e-2)
 
 
 @pytest.mark.parametrize("l,chunk", [(37, 16), (64, 16), (5, 8), (100, 7)])
@@ -195,7 +275,10 @@ def test_xla_memory_is_linear_in_length():
     assert temp < bldn * 4, f"temp {temp / 2**20:.0f} MiB vs one BLDN {bldn * 4 / 2**20:.0f} MiB"
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, indirect=True)
 class TestBadInput:
+    """Input checks of the op, whichever implementation is asked for."""
+
     def base(self, key):
         return random_inputs(key, 2, 10, 4, 3)
 
@@ -203,35 +286,37 @@ class TestBadInput:
         ("delta", (2, 10, 5)), ("A", (5, 3)), ("B", (2, 9, 3)), ("C", (1, 10, 3)),
         ("D", (5,)), ("z", (2, 10, 3)), ("delta_bias", (4, 1)),
     ])
-    def test_mismatched_shapes_name_the_argument(self, key, name, shape):
+    def test_mismatched_shapes_name_the_argument(self, impl, key, name, shape):
         args = self.base(key)
         args[name] = jnp.ones(shape)
         with pytest.raises(ValueError, match=rf"{name} has shape \({shape[0]},.*expected"):
-            selective_scan(**args)
+            selective_scan(**args, implementation=impl)
 
-    def test_wrong_rank(self, key):
+    def test_wrong_rank(self, impl, key):
         args = self.base(key)
         args["u"] = jnp.ones((10, 4))
         with pytest.raises(ValueError, match=r"u has shape \(10, 4\), expected \(batch"):
-            selective_scan(**args)
+            selective_scan(**args, implementation=impl)
 
-    def test_initial_state_shape(self, key):
+    def test_initial_state_shape(self, impl, key):
         with pytest.raises(ValueError, match=r"initial_state has shape \(2, 4\), expected"):
-            selective_scan(**self.base(key), initial_state=jnp.ones((2, 4)))
+            selective_scan(**self.base(key), initial_state=jnp.ones((2, 4)),
+                           implementation=impl)
 
-    def test_integer_dtype(self, key):
+    def test_integer_dtype(self, impl, key):
         args = self.base(key)
         args["u"] = jnp.ones((2, 10, 4), jnp.int32)
         with pytest.raises(ValueError, match="u has dtype int32, expected a floating dtype"):
-            selective_scan(**args)
+            selective_scan(**args, implementation=impl)
 
-    def test_positive_A_when_validating(self, key):
+    def test_positive_A_when_validating(self, impl, key):
         args = self.base(key)
         args["A"] = -args["A"]
         selective_scan(**args)  # values are not checked unless asked
         with pytest.raises(ValueError, match=r"A of shape \(4, 3\) has 12 positive entries"):
-            selective_scan(**args, validate=True)
+            selective_scan(**args, validate=True, implementation=impl)
 
-    def test_unknown_implementation(self, key):
-        with pytest.raises(ValueError, match="unknown implementation='cuda'"):
-            selective_scan(**self.base(key), implementation="cuda")
+
+def test_unknown_implementation(key):
+    with pytest.raises(ValueError, match="unknown implementation='cuda'"):
+        selective_scan(**random_inputs(key, 2, 10, 4, 3), implementation="cuda")

@@ -1,4 +1,5 @@
-"""Backward kernels (jax_mamba_anchors §6.3), deterministic (no atomics), beside a jnp reference.
+"""Backward kernels (README.md beside this file), deterministic (no atomics), each beside a
+pure-jnp reference.
 
 With `a_t = exp(δ_t A)`, upstream gradient g, `gy = g·silu(z)`, the adjoint of the state obeys
 `λ_t = C_t gy_t + a_{t+1} λ_{t+1}` (same decays, opposite direction), and
@@ -6,12 +7,15 @@ With `a_t = exp(δ_t A)`, upstream gradient g, `gy = g·silu(z)`, the adjoint of
 `dA = Σ λ δ a_t h_{t-1}`, `dD = Σ gy u`, `dz = g y silu'(z)`.
 
 B1 `chunk_adjoints`: per chunk, replay the states from the chunk's true start state and save the
-start state of every sub-chunk; sweep the chunk backwards from λ = 0 and return `a_first·λ_first`.
+start state of every `state_stride`-th sub-chunk; sweep the chunk backwards from λ = 0 and return
+`a_first·λ_first`.
 B2 (XLA, in `selective_scan.py`): the adjoint scan over chunks, giving the adjoint entering each
 chunk from its successor.
-B3 `chunk_gradients`: per chunk, sub-chunks last to first: replay the sub-chunk's states into
-registers (a static unroll), then step backwards through them emitting every gradient row. dB and
-dC are partial sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up.
+B3 `chunk_gradients`: per chunk, sub-chunks last to first: replay from the saved state before the
+sub-chunk up to its start (no step when it is saved), then its states into registers (a static
+unroll), then step backwards through them emitting every gradient row. dB and dC are partial
+sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up.
+With `fused_replay` the forward's K3 saves B1's states and B1 only sweeps the adjoint.
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmamba.kernels import scan_common as sc
+from jaxmamba.kernels.scan_forward import chunk_scan_reference
 from jaxmamba.ops.scan_reference import discretize_delta
 
 
 def _chunk_adjoints_kernel(*refs, st):
     if st.has_z:
-        u_ref, dt_ref, z_ref, g_ref, a_ref, b_ref, c_ref, bias_ref, h0_ref, hf_ref, q_ref = refs
+        u_ref, dt_ref, z_ref, g_ref, a_ref, b_ref, c_ref, bias_ref, *states, q_ref = refs
     else:
-        u_ref, dt_ref, g_ref, a_ref, b_ref, c_ref, bias_ref, h0_ref, hf_ref, q_ref = refs
-    cdt = h0_ref.dtype
+        u_ref, dt_ref, g_ref, a_ref, b_ref, c_ref, bias_ref, *states, q_ref = refs
+    cdt = q_ref.dtype
     a2 = a_ref[...].astype(cdt) * sc.LOG2E
     bias = bias_ref[...].astype(cdt)
     valid = sc.valid_rows(st)
@@ -42,11 +47,17 @@ def _chunk_adjoints_kernel(*refs, st):
         d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
         return sc.state_step(h, d, u_ref[r, :].astype(cdt), b_ref[r, :].astype(cdt), a2)[0]
 
-    def sub_chunk(k, h):
-        hf_ref[k] = h
-        return lax.fori_loop(0, s, lambda j, h: forward_step(k * s + j, h), h)
+    if not st.fused_replay:  # else K3 saved the states in the forward
+        h0_ref, hf_ref = states
+        group = s * st.tiling.state_stride
 
-    lax.fori_loop(0, st.tiling.chunk // s, sub_chunk, h0_ref[...])
+        def saved_state(k, h):  # h: the start state of group k - 1
+            h = lax.fori_loop(0, group, lambda j, h: forward_step((k - 1) * group + j, h), h)
+            hf_ref[k] = h
+            return h
+
+        hf_ref[0] = h0_ref[...]
+        lax.fori_loop(1, st.tiling.saved_states, saved_state, h0_ref[...])
 
     def backward_step(i, lam_next):  # lam_next = a_{t+1} λ_{t+1}
         r = sc.row(st, st.tiling.chunk - 1 - i)
@@ -61,19 +72,26 @@ def _chunk_adjoints_kernel(*refs, st):
 
 
 def chunk_adjoints(st: sc.ScanStatics, u, dt, z, g, A, B, C, bias, h_in):
-    """B1. -> (sub-chunk start states (B, nC, T/S, Dp, Np), local adjoints (B, nC, Dp, Np))."""
+    """B1. -> (saved states (B, nC, T/(S·stride), Dp, Np), local adjoints (B, nC, Dp, Np)).
+    With `st.fused_replay` the states come from K3: `h_in` is only a shape, the result is
+    (None, local adjoints) and the kernel does not replay the chunk."""
     batch, _, dim = u.shape
     n = A.shape[1]
-    n_chunks, n_sub = h_in.shape[1], st.tiling.chunk // st.tiling.sub_chunk
-    sp = sc.Specs(st.tiling, n, st.tiling.bwd_block_d, n_sub)
+    n_chunks, n_saved = h_in.shape[1], st.tiling.saved_states
+    sp = sc.Specs(st.tiling, n, st.tiling.bwd_block_d, n_saved)
     seq_in = [u, dt] + ([z] if st.has_z else []) + [g]
-    return sc.call(
-        functools.partial(_chunk_adjoints_kernel, st=st), st, batch, dim, st.tiling.bwd_block_d,
-        in_specs=[sp.seq] * len(seq_in) + [sp.a, sp.bc, sp.bc, sp.vec, sp.state],
-        out_specs=[sp.fine, sp.state],
-        out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, n_sub, dim, n), h_in.dtype),
-                   jax.ShapeDtypeStruct(h_in.shape, h_in.dtype)],
-        warps=st.tiling.bwd_warps, name="selective_scan_chunk_adjoints",
+    local = jax.ShapeDtypeStruct((batch, n_chunks, dim, n), h_in.dtype)
+    call = functools.partial(
+        sc.call, functools.partial(_chunk_adjoints_kernel, st=st), st, batch, dim,
+        st.tiling.bwd_block_d, warps=st.tiling.bwd_warps, name="selective_scan_chunk_adjoints")
+    in_specs = [sp.seq] * len(seq_in) + [sp.a, sp.bc, sp.bc, sp.vec]
+    if st.fused_replay:
+        q = call(in_specs=in_specs, out_specs=[sp.state], out_shape=[local])(
+            *seq_in, A, B, C, bias)[0]
+        return None, q
+    return call(
+        in_specs=in_specs + [sp.state], out_specs=[sp.fine, sp.state],
+        out_shape=[jax.ShapeDtypeStruct((batch, n_chunks, n_saved, dim, n), h_in.dtype), local],
     )(*seq_in, A, B, C, bias, h_in)
 
 
@@ -92,16 +110,24 @@ def _chunk_gradients_kernel(*refs, st):
     dv = dv_ref[...].astype(cdt)
     s = st.tiling.sub_chunk
     n_sub = st.tiling.chunk // s
+    stride = st.tiling.state_stride
+
+    def replay_step(i, h):
+        r = sc.row(st, i)
+        d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
+        return sc.state_step(h, d, u_ref[r, :].astype(cdt), b_ref[r, :].astype(cdt), a2)[0]
 
     def sub_chunk(i, carry):
         lam_next, da, dd, dbias = carry
         k = n_sub - 1 - i
-        hs = [hf_ref[k]]
+        if stride == 1:
+            h = hf_ref[k]
+        else:  # from the saved state at the start of k's group up to k's start
+            first = (k // stride) * stride * s
+            h = lax.fori_loop(first, k * s, replay_step, hf_ref[k // stride])
+        hs = [h]
         for j in range(s):  # replay: the sub-chunk's states in registers
-            r = sc.row(st, k * s + j)
-            d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
-            hs.append(sc.state_step(hs[-1], d, u_ref[r, :].astype(cdt),
-                                    b_ref[r, :].astype(cdt), a2)[0])
+            hs.append(replay_step(k * s + j, hs[-1]))
         for j in reversed(range(s)):  # adjoint steps, last row first
             r = sc.row(st, k * s + j)
             d, x = sc.delta_row(st, dt_ref, bias, r, valid)
@@ -190,3 +216,14 @@ def chunk_adjoints_reference(st: sc.ScanStatics, dt, z, g, A, C, bias, dtype):
     q, _ = lax.scan(step, q0, [jnp.moveaxis(x, 1, 0) for x in (d, gy, c)],
                     reverse=not st.reverse)
     return q.reshape(batch, -1, dim, A.shape[1])
+
+
+def chunk_gradients_reference(st: sc.ScanStatics, u, dt, z, g, A, B, C, D, bias, h_in, mu):
+    """B3 as the VJP of each chunk's sequential scan from its start state `h_in`, with the
+    cotangent g on y and `mu` (the adjoint from the successor chunk) on the chunk's end state
+    (unpadded lengths). -> (du, ddelta, dz or None, dB, dC, dA, dD, dbias), totals over chunks."""
+    def scan(u, dt, z, B, C, A, D, bias):
+        return chunk_scan_reference(st, u, dt, z, A, B, C, D, bias, h_in)
+
+    _, vjp = jax.vjp(scan, u, dt, z, B, C, A, D, bias)
+    return vjp((g.astype(u.dtype), mu))

@@ -1,11 +1,11 @@
 """Shared by the selective-scan kernels: block specs, row order, per-row math, `pallas_call`.
 
 Kernel bodies use plain `jnp` on rows `(BD,)`, `(N,)` and state tiles `(BD, N)` read from refs
-with a loop index, so they lower through Triton today and need only a new wrapper for Mosaic GPU
-(jax_mamba_anchors §6.4). Layout of the padded operands: `u, delta, z, g: (B, Lp, Dp)`,
-`B, C: (B, Lp, Np)`, `A: (Dp, Np)`, `D, delta_bias: (Dp,)`, chunk states `(B, nC, Dp, Np)`; the
-grid is `(nC, B, Dp / BD)` and program `(c, b, j)` owns rows `[c·T, (c+1)·T)` of channels
-`[j·BD, (j+1)·BD)`.
+with a loop index, so they lower through Triton today (`triton_backend.py`, the one module that
+imports it) and need only a new wrapper for Mosaic GPU. Layout of the padded operands:
+`u, delta, z, g: (B, Lp, Dp)`, `B, C: (B, Lp, Np)`, `A: (Dp, Np)`, `D, delta_bias: (Dp,)`, chunk
+states `(B, nC, Dp, Np)`; the grid is `(nC, B, Dp / BD)` and program `(c, b, j)` owns rows
+`[c·T, (c+1)·T)` of channels `[j·BD, (j+1)·BD)`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
+from jaxmamba.kernels import triton_backend
 from jaxmamba.kernels.tiling import ScanTiling
 from jaxmamba.ops.scan_reference import softplus
 
@@ -37,6 +37,8 @@ class ScanStatics:
     has_z: bool
     interpret: bool
     poison_outputs: bool = False
+    #: K3 saves the backward's states in the forward (a residual), so B1 need not replay
+    fused_replay: bool = False
 
     @property
     def masked(self) -> bool:
@@ -62,14 +64,15 @@ class Specs:
 
 def call(kernel, statics: ScanStatics, batch: int, dim: int, block_d: int, *, in_specs,
          out_specs, out_shape, warps: int, name: str):
-    """`pl.pallas_call` on the Triton lowering (its parameters are ignored in interpret mode).
+    """`pl.pallas_call` on the Triton lowering (interpret mode needs no Triton and gets none).
 
     With `statics.poison_outputs` every output starts as a NaN-filled buffer aliased to it, so a
     test sees any element the kernel fails to write.
     """
     n_chunks = statics.padded_length // statics.tiling.chunk
-    params = dict(grid=(n_chunks, batch, dim // block_d), interpret=statics.interpret, name=name,
-                  compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1))
+    params = dict(grid=(n_chunks, batch, dim // block_d), interpret=statics.interpret, name=name)
+    if not statics.interpret:
+        params["compiler_params"] = triton_backend.compiler_params(warps)
     if not statics.poison_outputs:
         return pl.pallas_call(kernel, in_specs=in_specs, out_specs=out_specs,
                               out_shape=out_shape, **params)

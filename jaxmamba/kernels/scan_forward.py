@@ -1,4 +1,4 @@
-"""Forward kernels (jax_mamba_anchors §6.2), each beside its pure-jnp reference.
+"""Forward kernels (README.md beside this file), each beside its pure-jnp reference.
 
 K1 `chunk_states`: every chunk scanned from a zero state, giving its end state and `Σδ`.
 K2 (XLA, in `selective_scan.py`): the scan over chunks, giving each chunk's start state.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmamba.kernels import scan_common as sc
-from jaxmamba.ops.scan_reference import discretize_delta
+from jaxmamba.ops.scan_reference import discretize_delta, selective_scan_reference
 
 
 def _chunk_states_kernel(u_ref, dt_ref, a_ref, b_ref, bias_ref, h_ref, s_ref, *, st):
@@ -51,11 +51,11 @@ def chunk_states(st: sc.ScanStatics, u, dt, A, B, bias, dtype):
     )(u, dt, A, B, bias)
 
 
-def _chunk_outputs_kernel(*refs, st):
+def _chunk_outputs_kernel(*refs, st, save_states):
     if st.has_z:
-        u_ref, dt_ref, z_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref = refs
+        u_ref, dt_ref, z_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref, *hf = refs
     else:
-        u_ref, dt_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref = refs
+        u_ref, dt_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, h0_ref, y_ref, *hf = refs
     cdt = h0_ref.dtype
     a2 = a_ref[...].astype(cdt) * sc.LOG2E
     bias = bias_ref[...].astype(cdt)
@@ -73,21 +73,40 @@ def _chunk_outputs_kernel(*refs, st):
         y_ref[r, :] = y.astype(y_ref.dtype)
         return h
 
-    lax.fori_loop(0, st.tiling.chunk, body, h0_ref[...])
+    if not save_states:
+        lax.fori_loop(0, st.tiling.chunk, body, h0_ref[...])
+        return
+    group = st.tiling.sub_chunk * st.tiling.state_stride
+
+    def group_rows(k, h):  # the backward's saved state k, then its group of rows
+        hf[0][k] = h
+        return lax.fori_loop(k * group, (k + 1) * group, body, h)
+
+    lax.fori_loop(0, st.tiling.saved_states, group_rows, h0_ref[...])
 
 
-def chunk_outputs(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):
+def chunk_outputs(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in, *,
+                  save_states: bool = False):
     """K3. Padded operands and the chunk start states `h_in (B, nC, Dp, Np)` -> y (B, Lp, Dp)
-    in u's dtype."""
+    in u's dtype; with `save_states` also the backward's saved states (B1's first output, the
+    start state of every `sub_chunk·state_stride` rows: (B, nC, T/(S·stride), Dp, Np))."""
     batch, _, dim = u.shape
-    sp = sc.Specs(st.tiling, A.shape[1], st.tiling.block_d)
+    n = A.shape[1]
+    sp = sc.Specs(st.tiling, n, st.tiling.block_d, st.tiling.saved_states)
     seq_in = [u, dt] + ([z] if st.has_z else [])
-    return sc.call(
-        functools.partial(_chunk_outputs_kernel, st=st), st, batch, dim, st.tiling.block_d,
+    out_specs, out_shape = [sp.seq], [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+    if save_states:
+        out_specs.append(sp.fine)
+        out_shape.append(jax.ShapeDtypeStruct(
+            (batch, h_in.shape[1], st.tiling.saved_states, dim, n), h_in.dtype))
+    outs = sc.call(
+        functools.partial(_chunk_outputs_kernel, st=st, save_states=save_states), st, batch,
+        dim, st.tiling.block_d,
         in_specs=[sp.seq] * len(seq_in) + [sp.a, sp.bc, sp.bc, sp.vec, sp.vec, sp.state],
-        out_specs=sp.seq, out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype),
+        out_specs=out_specs, out_shape=out_shape,
         warps=st.tiling.fwd_warps, name="selective_scan_chunk_outputs",
     )(*seq_in, A, B, C, D, bias, h_in)
+    return outs if save_states else outs[0]
 
 
 # ----------------------------------------------------------------- pure-jnp references
@@ -114,3 +133,20 @@ def chunk_states_reference(st: sc.ScanStatics, u, dt, A, B, bias, dtype):
     h, _ = lax.scan(step, h0, [jnp.moveaxis(x, 1, 0) for x in (d, uu, bb)], reverse=st.reverse)
     n_chunks = st.padded_length // t
     return h.reshape(batch, n_chunks, dim, -1), d.sum(axis=1).reshape(batch, n_chunks, dim)
+
+
+def chunk_scan_reference(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):
+    """Every chunk scanned alone from its start state `h_in (B, nC, D, N)` by the sequential
+    reference (unpadded lengths): (y (B, L, D), chunk end states (B, nC, D, N))."""
+    batch, length, dim = u.shape
+    t, n = st.tiling.chunk, A.shape[1]
+    y, h = selective_scan_reference(
+        *(_chunked(x, t) for x in (u, dt)), A, *(_chunked(x, t) for x in (B, C)), D,
+        None if z is None else _chunked(z, t), bias, st.delta_softplus, reverse=st.reverse,
+        initial_state=h_in.reshape(-1, dim, n))
+    return y.reshape(batch, length, dim), h.reshape(h_in.shape)
+
+
+def chunk_outputs_reference(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):
+    """K3: y (B, L, D) from each chunk's start state (unpadded lengths)."""
+    return chunk_scan_reference(st, u, dt, z, A, B, C, D, bias, h_in)[0]

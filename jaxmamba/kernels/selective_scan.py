@@ -1,9 +1,9 @@
 """`selective_scan_pallas`: the chunk-parallel Pallas selective scan behind a `jax.custom_vjp`.
 
 Forward: K1 chunk states → K2 scan over chunks (XLA) → K3 outputs; backward: B1 chunk adjoints →
-B2 adjoint scan over chunks (XLA) → B3 gradients (jax_mamba_anchors §6). The VJP saves only the
-chunk start states `(B, L/T, D, N)` and `Σδ (B, L/T, D)` besides the inputs; the largest
-temporary is B1's sub-chunk start states `(B, L/S, D, N)`; no `(B, L, D, N)` tensor exists.
+B2 adjoint scan over chunks (XLA) → B3 gradients (README.md beside this file). The VJP saves only
+the chunk start states `(B, L/T, D, N)` and `Σδ (B, L/T, D)` besides the inputs; the largest
+temporary is B1's saved states `(B, L/(S·stride), D, N)`; no `(B, L, D, N)` tensor exists.
 `reverse=True` is an in-kernel row order and a reversed scan over chunks: nothing is flipped.
 """
 
@@ -61,28 +61,40 @@ def _chunk_decay(A, sdt):
     return jnp.exp(A.astype(sdt.dtype)[None, None] * sdt[..., None])
 
 
-def _forward(st, u, dt, z, A, B, C, D, bias, h0):
+def _forward(st, u, dt, z, A, B, C, D, bias, h0, *, save_states=False):
+    """-> (y, final state, chunk start states, Σδ, the backward's saved states or None)."""
     h_loc, sdt = chunk_states(st, u, dt, A, B, bias, h0.dtype)
     h_in, h_last = chunk_carries(_chunk_decay(A, sdt), h_loc, h0, reverse=st.reverse)
-    y = chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in)
-    return y, h_last, (h_in, sdt)
+    if save_states:
+        y, h_fine = chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in, save_states=True)
+        return y, h_last, h_in, sdt, h_fine
+    return chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in), h_last, h_in, sdt, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h0):
-    y, h_last, _ = _forward(st, u, dt, z, A, B, C, D, bias, h0)
+    y, h_last, *_ = _forward(st, u, dt, z, A, B, C, D, bias, h0)
     return y, h_last
 
 
 def _scan_fwd(st, u, dt, z, A, B, C, D, bias, h0):
-    y, h_last, (h_in, sdt) = _forward(st, u, dt, z, A, B, C, D, bias, h0)
-    return (y, h_last), (u, dt, z, A, B, C, D, bias, h0, h_in, sdt)
+    """Saves the inputs, Σδ and the chunk start states, or (`fused_replay`) the backward's
+    saved states, whose first per chunk is the chunk's start state."""
+    y, h_last, h_in, sdt, h_fine = _forward(st, u, dt, z, A, B, C, D, bias, h0,
+                                            save_states=st.fused_replay)
+    states = h_fine if st.fused_replay else h_in
+    return (y, h_last), (u, dt, z, A, B, C, D, bias, h0, states, sdt)
 
 
 def _scan_bwd(st, res, cotangents):
-    u, dt, z, A, B, C, D, bias, h0, h_in, sdt = res
+    u, dt, z, A, B, C, D, bias, h0, states, sdt = res
     g, g_last = cotangents
-    h_fine, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, h_in)
+    if st.fused_replay:
+        h_fine = states
+        _, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, jax.ShapeDtypeStruct(
+            states.shape[:2] + states.shape[3:], states.dtype))
+    else:
+        h_fine, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, states)
     mu, dh0 = chunk_carries(_chunk_decay(A, sdt), q_loc, g_last.astype(q_loc.dtype),
                             reverse=not st.reverse)
     du, ddt, dz, db, dc, da, dd, dbias = chunk_gradients(st, u, dt, z, g, A, B, C, D, bias,
@@ -109,7 +121,7 @@ def _pad(x, axis: int, size: int):
 def selective_scan_pallas(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
     *, reverse=False, initial_state=None, tiling: ScanTiling | None = None,
-    interpret: bool | None = None, poison_outputs: bool = False,
+    interpret: bool | None = None, poison_outputs: bool = False, fused_replay: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Same contract as `jaxmamba.ops.scan_reference.selective_scan_reference`.
 
@@ -121,6 +133,10 @@ def selective_scan_pallas(
     D to the channel tile, N to a power of two (zero B, C and A: a state that stays 0).
     `tiling` overrides `default_tiling`; `interpret=None` picks interpret mode off-GPU;
     `poison_outputs` (tests) aliases NaN-filled buffers to every kernel output.
+    `fused_replay` (experimental, for A/B timing): under differentiation the forward's output
+    kernel saves the backward's states, so the backward replays nothing before its gradient
+    kernel; those states, `(B, L/(S·stride), D, N)`, are then kept from the forward to the
+    backward instead of living only inside the backward.
     """
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
@@ -133,7 +149,7 @@ def selective_scan_pallas(
     st = sc.ScanStatics(tiling=tiling, length=length, padded_length=lp,
                         delta_softplus=bool(delta_softplus), reverse=bool(reverse),
                         has_z=z is not None, interpret=resolve_interpret(interpret),
-                        poison_outputs=poison_outputs)
+                        poison_outputs=poison_outputs, fused_replay=bool(fused_replay))
 
     u_p, dt_p = _pad(_pad(u, 1, lp), 2, dp), _pad(_pad(delta, 1, lp), 2, dp)
     z_p = None if z is None else _pad(_pad(z, 1, lp), 2, dp)

@@ -6,6 +6,7 @@ Layout is channels-last (DESIGN §4): `u, delta, z, y: (B, L, D)`, `B, C: (B, L,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -24,8 +25,19 @@ _BUILTIN: dict[str, Callable] = {
 }
 
 
+_warned_fallback = False
+
+
+def _pallas_unavailable() -> str | None:
+    """Why the compiled Pallas kernels cannot run on this GPU (None when they can)."""
+    from jaxmamba.kernels.triton_backend import unavailable_reason
+
+    return unavailable_reason()
+
+
 def _load(name: str) -> Callable:
-    """The implementation called `name`; "pallas" is imported on first use only."""
+    """The implementation called `name`; "pallas" is imported on first use only (and its Triton
+    backend only when it compiles, on a GPU)."""
     if name in _BUILTIN:
         return _BUILTIN[name]
     try:
@@ -35,17 +47,28 @@ def _load(name: str) -> Callable:
             f"selective_scan: implementation={name!r} is not available in this installation "
             f"({err}); use implementation='xla' (portable) or 'reference'."
         ) from err
+    if jax.default_backend() == "gpu" and (reason := _pallas_unavailable()):
+        raise ValueError(
+            f"selective_scan: implementation={name!r} cannot compile on this GPU: {reason}; "
+            "use implementation='xla' (or None), or a JAX whose Pallas ships the Triton lowering."
+        )
     return selective_scan_pallas
 
 
 def default_implementation() -> str:
-    """`pallas` on a GPU when its kernels are importable, `xla` elsewhere."""
-    if jax.default_backend() == "gpu":
-        try:
-            _load("pallas")
-            return "pallas"
-        except ValueError:
-            pass
+    """`pallas` on a GPU when its kernels can compile, else `xla`; a GPU that falls back to `xla`
+    warns once."""
+    global _warned_fallback
+    if jax.default_backend() != "gpu":
+        return "xla"
+    try:
+        _load("pallas")
+        return "pallas"
+    except ValueError as err:
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"{err} Falling back to implementation='xla' (several times slower).",
+                          stacklevel=3)
     return "xla"
 
 
