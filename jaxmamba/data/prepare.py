@@ -19,7 +19,7 @@ from jaxmamba.data.io import DataError, read_json, write_json
 from jaxmamba.data.planner import default_output, plan_from_fingerprint
 from jaxmamba.data.preprocess import is_done, plan_key, preprocess_to_cache
 from jaxmamba.data.splits import load_or_create_splits
-from jaxmamba.plans import Plan
+from jaxmamba.plans import Plan, PlanError
 
 PLANS_FILE = "nnUNetPlans.json"
 
@@ -105,7 +105,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     out = Path(args.output) if args.output else default_output(args.dataset)
-    plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers)
+    try:
+        plan, errors = preprocess_dataset(args.dataset, out, args.plans,
+                                          num_workers=args.workers)
+    except (DataError, PlanError) as err:  # they name the file and the key
+        print(f"preprocess: {err}")
+        return 1
     for e in errors:
         print(f"error: {e}")
     if errors:
