@@ -107,10 +107,12 @@ class Plan:
     spacing: tuple[float, ...]
     normalization_schemes: tuple[str, ...]  # per channel: "CTNormalization", "ZScoreNormalization"
     use_mask_for_norm: tuple[bool, ...]
-    strides: tuple[tuple[int, ...], ...]  # nnU-Net "pool_op_kernel_sizes", one per stage
-    kernel_sizes: tuple[tuple[int, ...], ...]  # nnU-Net "conv_kernel_sizes", one per stage
-    n_blocks_encoder: tuple[int, ...]  # "n_conv_per_stage_encoder": residual blocks per stage
-    n_blocks_decoder: tuple[int, ...]  # "n_conv_per_stage_decoder": one per decoder stage
+    strides: tuple[tuple[int, ...], ...]  # "strides" / "pool_op_kernel_sizes", one per stage
+    kernel_sizes: tuple[tuple[int, ...], ...]  # "kernel_sizes" / "conv_kernel_sizes", per stage
+    #: blocks (convolutions for PlainConvUNet) per encoder stage: `encoder_blocks_key`
+    #: ("n_blocks_per_stage" / "n_conv_per_stage") or "n_conv_per_stage_encoder"
+    n_blocks_encoder: tuple[int, ...]
+    n_blocks_decoder: tuple[int, ...]  # "n_conv_per_stage_decoder": lowest resolution first
     channel_names: tuple[str, ...]  # dataset.json "channel_names", in channel order
     labels: tuple[tuple[str, int], ...]  # dataset.json "labels" as (name, value), value order
     base_num_features: int = 32
@@ -133,6 +135,11 @@ class Plan:
     def __post_init__(self):
         if not self.image_reader_writer:
             object.__setattr__(self, "image_reader_writer", reader_writer_for(self.file_ending))
+        try:  # a class name or any path ending in it -> the canonical path
+            object.__setattr__(self, "network_class_name",
+                               network_class_path(self.network_class_name))
+        except ValueError as err:
+            raise PlanError(f"{self.source}: {err}") from None
         self.validate()
 
     # ------------------------------------------------------------------ derived quantities
@@ -170,11 +177,9 @@ class Plan:
             else "n_conv_per_stage"
 
     def with_network(self, name: str) -> Plan:
-        """A copy for network class `name` (a class name, e.g. a variant's reference class)."""
-        try:
-            return self.replace(network_class_name=network_class_path(name))
-        except ValueError as err:
-            raise PlanError(f"{self.source}: {err}") from None
+        """A copy for network class `name` (a class name, e.g. a variant's reference class, or
+        a dotted path); `PlanError` for classes not in `NETWORK_CLASSES`."""
+        return self.replace(network_class_name=name)
 
     @property
     def total_stride(self) -> tuple[int, ...]:
@@ -229,10 +234,6 @@ class Plan:
             raise PlanError(f"{src}: batch_size {self.batch_size} must be >= 1")
         if len(self.spacing) != nd:
             raise PlanError(f"{src}: spacing {list(self.spacing)} must have {nd} entries")
-        try:
-            network_class_path(self.network_class_name)
-        except ValueError as err:
-            raise PlanError(f"{src}: {err}") from None
 
     def replace(self, **changes: Any) -> Plan:
         """A copy with some fields changed (validated again)."""

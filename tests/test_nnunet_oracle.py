@@ -58,6 +58,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.residual_unets import (
     residual_encoder_unet_planners as resenc)
 pre = os.environ["nnUNet_preprocessed"]
+os.makedirs(pre, exist_ok=True)
 for job in sys.argv[2:]:
     name, planners = job.split(":")
     if not os.path.isfile(os.path.join(pre, name, "dataset_fingerprint.json")):
