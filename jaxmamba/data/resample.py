@@ -19,7 +19,7 @@ ANISO_THRESHOLD = 3.0
 def new_shape(shape: Sequence[int], spacing: Sequence[float],
               target: Sequence[float]) -> tuple[int, ...]:
     """Shape after resampling from `spacing` to `target` (nnU-Net rounds)."""
-    return tuple(int(round(s * sp / t)) for s, sp, t in zip(shape, spacing, target, strict=True))
+    return tuple(int(round(sp / t * s)) for s, sp, t in zip(shape, spacing, target, strict=True))
 
 
 def separate_z_axis(spacing: Sequence[float], target: Sequence[float],

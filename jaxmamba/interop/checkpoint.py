@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxmamba.models import build_model
+from jaxmamba.models import VARIANTS, build_model, canonical_variant
 from jaxmamba.models.unet import UNet
 from jaxmamba.plans import Plan
 
@@ -29,6 +29,8 @@ def save_run(out_dir: str | Path, model: UNet, plan: Plan, *, source: str) -> Pa
     out = Path(out_dir).absolute()
     if (out / "checkpoints").exists():
         raise FileExistsError(f"{out}: already holds checkpoints; choose a new output directory")
+    # the plan names the network, so nnU-Net rebuilds this one from the run directory
+    plan = plan.with_network(VARIANTS[canonical_variant(model.variant)].reference_name)
     plan.save(out / "nnUNetPlans.json", out / "dataset.json")
     meta = {"epoch": 0, "variant": model.variant, "precision": model.precision,
             "plan": plan.to_record(), "source": source}

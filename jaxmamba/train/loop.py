@@ -22,7 +22,7 @@ from tqdm import tqdm
 from jaxmamba import data as jdata
 from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
 from jaxmamba.console import progress_enabled
-from jaxmamba.models import build_model
+from jaxmamba.models import VARIANTS, build_model, canonical_variant
 from jaxmamba.plans import Plan, PlanError
 from jaxmamba.train import finite, losses, preflight, sharding, validate
 from jaxmamba.train import step as steps
@@ -151,6 +151,8 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
 
     # --- Data and plan.
     plan, cache, train_ids, val_ids = prepare_data(cfg, progress=progress)
+    # the run directory's plan names the network, so nnU-Net rebuilds this one from it
+    plan = plan.with_network(VARIANTS[canonical_variant(cfg.model.variant)].reference_name)
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
     sharding.check_batch_size(plan.batch_size, mesh)
