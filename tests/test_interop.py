@@ -19,7 +19,7 @@ from jaxmamba.interop.torch import (
     read_state_dict,
     write_state_dict,
 )
-from jaxmamba.models import build_model
+from jaxmamba.models import build_model, count_parameters
 from jaxmamba.plans import Plan
 
 
@@ -173,18 +173,22 @@ def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_resencunet_matches_dynamic_network_architectures(key):
-    """Same import path, another variant: DNA 0.3.1's ResidualEncoderUNet (the reference's
-    baseline) with perturbed weights, through its own state dict, gives the same outputs."""
+@pytest.mark.parametrize("dna_class,variant", [("ResidualEncoderUNet", "resencunet"),
+                                               ("PlainConvUNet", "plainconvunet")])
+def test_matches_dynamic_network_architectures(key, dna_class, variant):
+    """Same import path for DNA's own networks (the version nnunetv2 2.8 uses, >= 0.4.4):
+    `ResidualEncoderUNet` (the reference's baseline) and `PlainConvUNet` (nnU-Net's default),
+    built with nnU-Net's arguments and perturbed weights, give the same outputs through their own
+    state dicts, and export gives those state dicts back bit for bit."""
     torch = pytest.importorskip("torch")  # with the optional extra jaxmamba[torch] only
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
     plan = tiny_plan()
-    net = dna.ResidualEncoderUNet(
+    net = getattr(dna, dna_class)(
         1, plan.num_stages, plan.features_per_stage, torch.nn.Conv3d, plan.kernel_sizes,
         plan.strides, plan.n_blocks_encoder, plan.num_classes, plan.n_blocks_decoder,
         conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-        deep_supervision=True).eval()
+        nonlin_kwargs={"inplace": True}, deep_supervision=True).eval()
     gen = torch.Generator().manual_seed(int(jax.random.randint(key, (), 0, 2**30)))
     with torch.no_grad():
         for p in net.parameters():
@@ -192,10 +196,12 @@ def test_resencunet_matches_dynamic_network_architectures(key):
         x = torch.randn(2, 1, *plan.patch_size, generator=gen)
         refs = [r.numpy().transpose(0, 2, 3, 4, 1) for r in net(x)]
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
-    model = _abstract("resencunet")
+    model = _abstract(variant)
+    assert count_parameters(model) == sum(p.numel() for p in net.parameters())
     import_state_dict(model, sd)
     back = export_state_dict(model)
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
     outs = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1)))
+    assert len(outs) == len(refs) == plan.num_stages - 1
     for out, ref in zip(outs, refs, strict=True):
         assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5

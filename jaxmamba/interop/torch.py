@@ -122,6 +122,8 @@ def _describe(names) -> str:
         kind = "bisegmamba or segmambaskip (their state dicts are identical)"
     elif any(n.startswith("encoder.mamba_layers.") for n in names):
         kind = "segmamba"
+    elif any(n.startswith("encoder.stages.0.0.convs.") for n in names):
+        kind = "plainconvunet"
     elif any(n.startswith("decoder.stages.0.convs.") for n in names):
         kind = "resencunet"
     else:
