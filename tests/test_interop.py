@@ -205,3 +205,47 @@ def test_matches_dynamic_network_architectures(key, dna_class, variant):
     assert len(outs) == len(refs) == plan.num_stages - 1
     for out, ref in zip(outs, refs, strict=True):
         assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+def _nnunet_checkpoint(path, sd, plan, configuration="3d_fullres"):
+    """What nnU-Net's trainer saves: the weights and the init_args it was built from."""
+    torch = pytest.importorskip("torch")
+    plans, dataset = plan.to_nnunet()
+    torch.save({"network_weights": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": configuration, "fold": 0,
+                              "dataset_json": dataset, "device": "cpu"}}, path)
+    return path
+
+
+def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, capsys):
+    """convert-torch refuses an nnU-Net checkpoint trained with other plans (or another
+    configuration), naming the file and the key, and writes nothing; agreeing ones convert."""
+    plans = tmp_path / "plans" / "nnUNetPlans.json"
+    tiny_plan().save(plans)
+    sd = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    args = ["--plans", str(plans), "--variant", "segmamba", "--trust-checkpoint", "-o"]
+    other = tiny_plan(spacing=(2.0, 1.0, 1.0), patch_size=(8, 32, 16))
+    bad = _nnunet_checkpoint(tmp_path / "other.pth", sd, other)
+    assert cli.main(["convert-torch", str(bad), *args, str(tmp_path / "a")]) == 1
+    out = capsys.readouterr().out
+    assert str(bad) in out and "init_args.plans disagree with" in out and str(plans) in out
+    assert "patch_size: plans (8, 16, 16), checkpoint (8, 32, 16)" in out and "spacing" in out
+    lowres = _nnunet_checkpoint(tmp_path / "lowres.pth", sd, tiny_plan(), "3d_lowres")
+    assert cli.main(["convert-torch", str(lowres), *args, str(tmp_path / "b")]) == 1
+    assert "init_args.configuration is '3d_lowres'" in capsys.readouterr().out
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    good = _nnunet_checkpoint(tmp_path / "good.pth", sd, tiny_plan())
+    assert cli.main(["convert-torch", str(good), *args, str(tmp_path / "c")]) == 0
+
+
+def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", tiny_plan())
+    from jaxmamba.interop.checkpoint import save_run
+    save_run(run_dir, model, tiny_plan(), source="test")
+    tiny_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
+    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out
+    assert "checkpoints/best/0/meta" in out and "Traceback" not in out
