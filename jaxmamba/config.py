@@ -25,7 +25,8 @@ import yaml
 from jaxmamba.atomic import write_text
 from jaxmamba.errors import UserError
 
-VARIANTS = ("resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
+VARIANTS = (
+    "plainconvunet", "resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
 RECIPES = ("nnunet", "radam_cosine", "radam_onecycle")
 
 
@@ -48,8 +49,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    variant: Literal["resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba"] = (
-        "segmamba")
+    variant: Literal["plainconvunet", "resencunet", "segmamba", "bisegmamba", "segmambaskip",
+                     "multisegmamba"] = "segmamba"
     precision: Literal["float32", "bf16"] = "float32"  # convolutions; Mamba always float32
     scan_implementation: Literal["reference", "xla", "pallas"] | None = None  # None = fastest
 

@@ -44,7 +44,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["optim.lr=fast"], "optim.lr = 'fast': expected float or null"),
     (["train.epochs=1.5"], "train.epochs = 1.5: expected int"),
     (["train.epochs=true"], "train.epochs = True: expected int"),
-    (["model.variant=unet"], "model.variant = 'unet': expected one of 'resencunet'"),
+    (["model.variant=unet"], "model.variant = 'unet': expected one of 'plainconvunet', "
+                              "'resencunet'"),
     (["optim.recipe=adam"], "optim.recipe = 'adam': expected one of"),
     (["optim.onecycle_beta1=[0.9]"], "optim.onecycle_beta1 = \\[0.9\\]: expected 2 entries"),
     (["train=3"], "train must be a mapping"),

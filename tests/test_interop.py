@@ -19,7 +19,7 @@ from jaxmamba.interop.torch import (
     read_state_dict,
     write_state_dict,
 )
-from jaxmamba.models import build_model
+from jaxmamba.models import build_model, count_parameters
 from jaxmamba.plans import Plan
 
 
@@ -183,18 +183,22 @@ def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def test_resencunet_matches_dynamic_network_architectures(key):
-    """Same import path, another variant: DNA 0.3.1's ResidualEncoderUNet (the reference's
-    baseline) with perturbed weights, through its own state dict, gives the same outputs."""
+@pytest.mark.parametrize("dna_class,variant", [("ResidualEncoderUNet", "resencunet"),
+                                               ("PlainConvUNet", "plainconvunet")])
+def test_matches_dynamic_network_architectures(key, dna_class, variant):
+    """Same import path for DNA's own networks (the version nnunetv2 2.8 uses, >= 0.4.4):
+    `ResidualEncoderUNet` (the reference's baseline) and `PlainConvUNet` (nnU-Net's default),
+    built with nnU-Net's arguments and perturbed weights, give the same outputs through their own
+    state dicts, and export gives those state dicts back bit for bit."""
     torch = pytest.importorskip("torch")  # with the optional extra jaxmamba[torch] only
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
     plan = tiny_plan()
-    net = dna.ResidualEncoderUNet(
+    net = getattr(dna, dna_class)(
         1, plan.num_stages, plan.features_per_stage, torch.nn.Conv3d, plan.kernel_sizes,
         plan.strides, plan.n_blocks_encoder, plan.num_classes, plan.n_blocks_decoder,
         conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-        deep_supervision=True).eval()
+        nonlin_kwargs={"inplace": True}, deep_supervision=True).eval()
     gen = torch.Generator().manual_seed(int(jax.random.randint(key, (), 0, 2**30)))
     with torch.no_grad():
         for p in net.parameters():
@@ -202,10 +206,56 @@ def test_resencunet_matches_dynamic_network_architectures(key):
         x = torch.randn(2, 1, *plan.patch_size, generator=gen)
         refs = [r.numpy().transpose(0, 2, 3, 4, 1) for r in net(x)]
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
-    model = _abstract("resencunet")
+    model = _abstract(variant)
+    assert count_parameters(model) == sum(p.numel() for p in net.parameters())
     import_state_dict(model, sd)
     back = export_state_dict(model)
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
     outs = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1)))
+    assert len(outs) == len(refs) == plan.num_stages - 1
     for out, ref in zip(outs, refs, strict=True):
         assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+
+
+def _nnunet_checkpoint(path, sd, plan, configuration="3d_fullres"):
+    """What nnU-Net's trainer saves: the weights and the init_args it was built from."""
+    torch = pytest.importorskip("torch")
+    plans, dataset = plan.to_nnunet()
+    torch.save({"network_weights": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": configuration, "fold": 0,
+                              "dataset_json": dataset, "device": "cpu"}}, path)
+    return path
+
+
+def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, capsys):
+    """convert-torch refuses an nnU-Net checkpoint trained with other plans (or another
+    configuration), naming the file and the key, and writes nothing; agreeing ones convert."""
+    plans = tmp_path / "plans" / "nnUNetPlans.json"
+    tiny_plan().save(plans)
+    sd = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    args = ["--plans", str(plans), "--variant", "segmamba", "--trust-checkpoint", "-o"]
+    other = tiny_plan(spacing=(2.0, 1.0, 1.0), patch_size=(8, 32, 16))
+    bad = _nnunet_checkpoint(tmp_path / "other.pth", sd, other)
+    assert cli.main(["convert-torch", str(bad), *args, str(tmp_path / "a")]) == 1
+    out = capsys.readouterr().out
+    assert str(bad) in out and "init_args.plans disagree with" in out and str(plans) in out
+    assert "patch_size: plans (8, 16, 16), checkpoint (8, 32, 16)" in out and "spacing" in out
+    lowres = _nnunet_checkpoint(tmp_path / "lowres.pth", sd, tiny_plan(), "3d_lowres")
+    assert cli.main(["convert-torch", str(lowres), *args, str(tmp_path / "b")]) == 1
+    assert "init_args.configuration is '3d_lowres'" in capsys.readouterr().out
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    good = _nnunet_checkpoint(tmp_path / "good.pth", sd, tiny_plan())
+    assert cli.main(["convert-torch", str(good), *args, str(tmp_path / "c")]) == 0
+
+
+def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", tiny_plan())
+    from jaxmamba.interop.checkpoint import save_run
+    save_run(run_dir, model, tiny_plan(), source="test")
+    tiny_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
+    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out
+    assert "checkpoints/best/0/meta" in out and "Traceback" not in out

@@ -1,8 +1,10 @@
 """Preprocessing cache (DESIGN §6) and its inversion for prediction.
 
-Per case, in nnU-Net's order: crop to the non-zero region, normalise each channel by the plan's
-scheme, resample to the plan's spacing (images order 3, labels order 1 via per-label indicators,
-the coarse axis separately with order 0 when anisotropic). The cache folder holds:
+Per case, in nnU-Net's order (nnunetv2 2.8 `DefaultPreprocessor.run_case_npy`): crop to the
+non-zero region, normalise each channel by the plan's scheme (masked z-score over `seg >= 0`, as
+nnU-Net), resample to the plan's spacing by `jaxmamba.data.resample` (images order 3, labels the
+argmax of order-1 label indicators, the coarse axis separately with order 0 when anisotropic).
+The cache folder holds:
 
     nnUNetPlans.json, dataset.json      the plan used (nnU-Net field names)
     3d_fullres/CASE.npy                 (C, S0, S1, S2) float32, memory-mappable
@@ -55,11 +57,13 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, 
                         f"{plan.num_input_channels} ({list(plan.channel_names)})")
     shape_before = list(data.shape[1:])
     data, seg, bbox, mask = crop_to_nonzero(data, seg)
+    norm_mask = mask if seg is None else seg >= 0  # nnU-Net's mask: labelled voxels count too
     norm = []
     for c, scheme in enumerate(plan.normalization_schemes):
         fg = (plan.foreground_intensity_properties[c]
               if c < len(plan.foreground_intensity_properties) else None)
-        data[c] = normalize_channel(data[c], scheme, mask=mask, use_mask=plan.use_mask_for_norm[c],
+        data[c] = normalize_channel(data[c], scheme, mask=norm_mask,
+                                    use_mask=plan.use_mask_for_norm[c],
                                     ct_properties=fg)
         norm.append({"scheme": scheme, "use_mask": plan.use_mask_for_norm[c]})
     spacing = geometry["spacing"]

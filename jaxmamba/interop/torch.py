@@ -1,10 +1,12 @@
 """PyTorch / nnU-Net checkpoints ⇄ jaxmamba parameters (DESIGN §8).
 
-- `read_state_dict(path)`: an nnU-Net/TamingMambas `checkpoint_final.pth` (`network_weights`), a
-  plain `state_dict` `.pth`, or an `.npz` with `sd/<name>` keys (as the reference fixtures) ->
-  `{name: numpy array}`. `.pth` needs the optional extra `jaxmamba[torch]` and is opened with
-  `torch.load(weights_only=True)`; a file that needs a full unpickle is refused unless
-  `trust=True`. `.npz` is read with `allow_pickle=False`.
+- `read_state_dict(path)` / `read_checkpoint(path)`: an nnU-Net/TamingMambas
+  `checkpoint_final.pth` (`network_weights`), a plain `state_dict` `.pth`, or an `.npz` with
+  `sd/<name>` keys (as the reference fixtures) -> `{name: numpy array}`. `.pth` needs the
+  optional extra `jaxmamba[torch]` and is opened with `torch.load(weights_only=True)`; a file
+  that needs a full unpickle is refused unless `trust=True`. `.npz` is read with
+  `allow_pickle=False`. An nnU-Net checkpoint's `init_args` (its plans) must agree with the plan
+  it is converted for (`check_init_args`).
 - `import_state_dict(model, sd)`: checks every name, shape and alias before touching the model,
   then sets its parameters (works on an `nnx.eval_shape` model: nothing is initialised).
 - `export_state_dict(model)`: the reference's state dict, aliases included, bit for bit.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,10 +27,11 @@ from flax import nnx
 
 from jaxmamba.atomic import atomic_path
 from jaxmamba.errors import UserError
+from jaxmamba.interop.checkpoint import plan_differences
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
 from jaxmamba.models import build_model, canonical_variant
 from jaxmamba.models.unet import UNet
-from jaxmamba.plans import Plan
+from jaxmamba.plans import CONFIGURATION, Plan, PlanError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".model")
 _MAX_LINES = 12  # per kind of problem
@@ -72,6 +76,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.ndarray]:
     """`{PyTorch name: array}` from a `.pth`/`.pt` checkpoint or state dict, or an `.npz`."""
+    return read_checkpoint(path, trust=trust)[0]
+
+
+def read_checkpoint(path: str | Path, *, trust: bool = False
+                    ) -> tuple[dict[str, np.ndarray], dict | None]:
+    """`(state dict, init_args)`: the tensors as `read_state_dict`, and the `init_args` (plans,
+    configuration, dataset_json) an nnU-Net `checkpoint_final.pth` records, or None."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -91,17 +102,43 @@ def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.nd
                 f"runs code stored in the file. If you trust where the file came from, pass "
                 f"--trust-checkpoint (trust=True). Detail: {str(err).splitlines()[0]}") from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    sd = obj
+    sd, init_args = obj, None
     if isinstance(obj, Mapping):
         sd = obj.get("network_weights", obj.get("state_dict", obj))
+        init_args = obj.get("init_args") if isinstance(obj.get("init_args"), Mapping) else None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, or a checkpoint with "
                               f"'network_weights' or 'state_dict'; found {type(obj).__name__}")
     for prefix in ("_orig_mod.", "module."):  # torch.compile / DistributedDataParallel wrappers
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-            for k, v in sd.items()}
+    return ({k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+             for k, v in sd.items()}, init_args)
+
+
+def check_init_args(init_args: Mapping, plan: Plan, *, source: str) -> None:
+    """Raise `CheckpointError` when an nnU-Net checkpoint's `init_args` (the plans and
+    configuration it was trained with) disagree with `plan`, naming the file and the keys."""
+    configuration = init_args.get("configuration", CONFIGURATION)
+    if configuration != CONFIGURATION:
+        raise CheckpointError(f"{source}: init_args.configuration is {configuration!r}; jaxmamba "
+                              f"converts {CONFIGURATION} networks only")
+    plans, dataset = init_args.get("plans"), init_args.get("dataset_json")
+    if not isinstance(plans, Mapping) or not isinstance(dataset, Mapping):
+        return  # a checkpoint without its plans: the state-dict check is all there is
+    try:
+        trained = Plan.from_nnunet(dict(plans), dict(dataset), source=f"{source} init_args.plans")
+    except PlanError as err:  # a layout this version cannot read: say so, check the tensors only
+        warnings.warn(f"{source}: init_args.plans not compared with {plan.source} ({err})",
+                      stacklevel=2)
+        return
+    differences = plan_differences(plan, trained)
+    if differences:
+        raise CheckpointError(
+            f"{source}: the checkpoint's init_args.plans disagree with {plan.source} ("
+            + "; ".join(f"{key}: plans {a}, checkpoint {b}" for key, a, b in differences)
+            + "); pass the plans the network was trained with (plans.json of its nnU-Net "
+              "model folder)")
 
 
 def write_state_dict(sd: Mapping[str, np.ndarray], path: str | Path) -> None:
@@ -139,6 +176,8 @@ def _describe(names) -> str:
         kind = "bisegmamba or segmambaskip (their state dicts are identical)"
     elif any(n.startswith("encoder.mamba_layers.") for n in names):
         kind = "segmamba"
+    elif any(n.startswith("encoder.stages.0.0.convs.") for n in names):
+        kind = "plainconvunet"
     elif any(n.startswith("decoder.stages.0.convs.") for n in names):
         kind = "resencunet"
     else:
@@ -187,8 +226,11 @@ def import_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
 def load_torch(path: str | Path, variant: str, plan: Plan, *, precision: str = "float32",
                scan_implementation: str | None = None, trust: bool = False,
                deep_supervision: bool = True) -> UNet:
-    """Build `variant` for `plan` without initialising it and load a PyTorch checkpoint into it."""
-    sd = read_state_dict(path, trust=trust)
+    """Build `variant` for `plan` without initialising it and load a PyTorch checkpoint into it
+    (after checking an nnU-Net checkpoint's `init_args` against `plan`)."""
+    sd, init_args = read_checkpoint(path, trust=trust)
+    if init_args is not None:
+        check_init_args(init_args, plan, source=str(path))
     model = nnx.eval_shape(lambda: build_model(
         canonical_variant(variant), plan, precision=precision, deep_supervision=deep_supervision,
         scan_implementation=scan_implementation))

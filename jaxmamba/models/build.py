@@ -1,7 +1,8 @@
-"""`build_model(variant, plan)`: the five networks from an nnU-Net plan (paper_spec §1.3, §3.2).
+"""`build_model(variant, plan)`: the networks from an nnU-Net plan (paper_spec §1.3, §3.2).
 
 | variant         | reference class                 | Mamba module per stage            | decoder  |
 |-----------------|---------------------------------|-----------------------------------|----------|
+| `plainconvunet` | DNA `PlainConvUNet` (nnU-Net's default; plain conv encoder) | none | plain |
 | `resencunet`    | DNA `ResidualEncoderUNet`       | none                              | plain    |
 | `segmamba`      | `SegMamba`                      | MambaLayer(MambaTrans), d ≤ 256   | residual |
 | `bisegmamba`    | `PanSegMamba`                   | MambaLayer(PanMambaTrans), d ≤ 256| residual |
@@ -19,22 +20,25 @@ from flax import nnx
 
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
 from jaxmamba.models.precision import compute_dtype
-from jaxmamba.models.unet import ResidualEncoder, UNet, UNetDecoder
+from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 from jaxmamba.plans import Plan
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """What distinguishes the five networks."""
+    """What distinguishes the networks."""
 
     reference_name: str  # class name in TamingMambas / dynamic-network-architectures
     mamba: str | None  # None, "uni", "bi" or "multi"
     d_state_cap: int = 256
     mamba_on_skips_only: bool = False
     residual_decoder: bool = True
+    residual_encoder: bool = True  # False: DNA's PlainConvEncoder (plan n_conv_per_stage_encoder)
 
 
 VARIANTS: dict[str, Variant] = {
+    "plainconvunet": Variant("PlainConvUNet", None, residual_decoder=False,
+                             residual_encoder=False),
     "resencunet": Variant("ResEncUNet", None, residual_decoder=False),
     "segmamba": Variant("SegMamba", "uni"),
     "bisegmamba": Variant("PanSegMamba", "bi"),
@@ -102,10 +106,14 @@ def build_model(variant: str, plan: Plan, *, precision: str = "float32",
     if spec.mamba is not None:
         mamba = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap,
                                   scan_implementation, rngs)
-    encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes, plan.strides,
-                              plan.n_blocks_encoder, mamba=mamba,
-                              mamba_on_skips_only=spec.mamba_on_skips_only, dtype=dtype,
-                              rngs=rngs)
+    if spec.residual_encoder:
+        encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes,
+                                  plan.strides, plan.n_blocks_encoder, mamba=mamba,
+                                  mamba_on_skips_only=spec.mamba_on_skips_only, dtype=dtype,
+                                  rngs=rngs)
+    else:
+        encoder = PlainConvEncoder(plan.num_input_channels, features, plan.kernel_sizes,
+                                   plan.strides, plan.n_blocks_encoder, dtype=dtype, rngs=rngs)
     decoder = UNetDecoder(features, plan.kernel_sizes, plan.strides, plan.n_blocks_decoder,
                           plan.num_classes, residual=spec.residual_decoder,
                           deep_supervision=deep_supervision, dtype=dtype, rngs=rngs)

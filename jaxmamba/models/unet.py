@@ -1,10 +1,11 @@
-"""The residual encoder, the two decoders and the U-Net that joins them (paper_spec §1.3, §3.2).
+"""The two encoders, the two decoders and the U-Net that joins them (paper_spec §1.3, §3.2).
 
 Channels-last: input `(B, S0, S1, S2, C_in)`, outputs `(B, *S / scale, num_classes)` logits in
 float32. Attribute names follow the PyTorch state dict (`encoder.stem.convs.0`,
 `encoder.stages.s.blocks.b`, `encoder.mamba_layers.s`, `decoder.stages.j`,
-`decoder.transpconvs.j`, `decoder.seg_layers.j`); the reference's `decoder.encoder` is the same
-module as `encoder`, so it has no attribute here (`jaxmamba.interop` writes the copy).
+`decoder.transpconvs.j`, `decoder.seg_layers.j`; the plain encoder's `encoder.stages.s.0.convs.i`);
+the reference's `decoder.encoder` is the same module as `encoder`, so it has no attribute here
+(`jaxmamba.interop` writes the copy).
 """
 
 from __future__ import annotations
@@ -63,13 +64,39 @@ class ResidualEncoder(nnx.Module):
         return skips
 
 
+class PlainConvEncoder(nnx.Module):
+    """dynamic-network-architectures' `PlainConvEncoder` (pool="conv"), the encoder of
+    `PlainConvUNet`: per stage `StackedConvBlocks`, the first conv strided; no stem.
+
+    `stages[s]` is a one-element list, as DNA wraps each stage in an `nn.Sequential` (hence the
+    state-dict names `encoder.stages.s.0.convs.i`). `__call__(x) -> skips`, the bottleneck last.
+    """
+
+    def __init__(self, in_channels: int, features: Sequence[int],
+                 kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+                 n_convs: Sequence[int], *, dtype=None, rngs: nnx.Rngs):
+        cin, stages = in_channels, []
+        for c, k, s, n in zip(features, kernel_sizes, strides, n_convs, strict=True):
+            stages.append(nnx.List([StackedConvBlocks(n, cin, c, k, s, dtype=dtype, rngs=rngs)]))
+            cin = c
+        self.stages = nnx.List(stages)
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        skips = []
+        for (stage,) in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
 class UNetDecoder(nnx.Module):
     """From the bottleneck up: `up = transpconv(below)`, `stage(concat[up, skip])`, 1×1×1 head.
 
     Stages are `StackedResidualBlocks` (the Mamba U-Nets' `UNetResDecoder`) or, with
     `residual=False`, `StackedConvBlocks` (dynamic-network-architectures' `UNetDecoder`, used by
-    `ResidualEncoderUNet`). Heads exist for every stage; with `deep_supervision` all outputs are
-    returned, full resolution first, otherwise only the full-resolution one.
+    `ResidualEncoderUNet` and `PlainConvUNet`). Heads exist for every stage; with
+    `deep_supervision` all outputs are returned, full resolution first, otherwise only the
+    full-resolution one.
     """
 
     def __init__(self, features: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
@@ -108,7 +135,8 @@ class UNet(nnx.Module):
     """`encoder` + `decoder`; `__call__(x (B, S0, S1, S2, C_in))` -> tuple of logits, full
     resolution first (one entry unless `deep_supervision`)."""
 
-    def __init__(self, encoder: ResidualEncoder, decoder: UNetDecoder, *, variant: str,
+    def __init__(self, encoder: ResidualEncoder | PlainConvEncoder, decoder: UNetDecoder, *,
+                 variant: str,
                  precision: str):
         self.encoder = encoder
         self.decoder = decoder
