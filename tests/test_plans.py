@@ -113,9 +113,9 @@ def test_plan_and_preprocess_cli_print_one_line_errors(tmp_path, capsys, synapse
     bad.write_text(json.dumps(plans))
     (bad.parent / "dataset.json").write_text((raw / "dataset.json").read_text())
     assert main(["preprocess", str(raw), "-p", str(bad), "-o", str(tmp_path / "c")]) == 1
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == [f"preprocess: {bad}: configurations.3d_fullres.UNet_class_name: unknown "
+    out = capsys.readouterr().err.strip().splitlines()
+    assert out == [f"error: {bad}: configurations.3d_fullres.UNet_class_name: unknown "
                    f"network class 'MyUNet'; jaxmamba builds {', '.join(NETWORK_CLASSES)}"]
     assert main(["plan", str(raw), "--planner", "nnUNetPlannerResEncXXL"]) == 1
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("plan: unknown planner 'nnUNetPlannerResEncXXL'")
+    out = capsys.readouterr().err.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("error: unknown planner 'nnUNetPlannerResEncXXL'")

@@ -36,7 +36,7 @@ import numpy as np
 from jaxmamba.console import progress_enabled
 from jaxmamba.data.normalize import scheme_for_channel
 from jaxmamba.data.resample import ANISO_THRESHOLD, new_shape
-from jaxmamba.plans import Plan, network_class_path, reader_writer_for
+from jaxmamba.plans import Plan, PlanError, network_class_path, reader_writer_for
 
 MIN_FEATURE_MAP = 4
 BASE_FEATURES, MAX_FEATURES = 32, 320
@@ -81,7 +81,7 @@ def get_planner(name: str) -> Planner:
     """A planner by nnU-Net class name, plans name or short name (`default`, `resencm`, ...)."""
     key = PLANNER_ALIASES.get(name.lower().replace("-", ""))
     if key is None:
-        raise ValueError(f"unknown planner {name!r}; expected one of {', '.join(PLANNERS)} "
+        raise PlanError(f"unknown planner {name!r}; expected one of {', '.join(PLANNERS)} "
                          f"(or default, resencm, resencl, resencxl)")
     return PLANNERS[key]
 
