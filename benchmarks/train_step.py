@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from jaxmamba.config import RECIPES, OptimConfig  # noqa: E402
+from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
     build_model,
@@ -125,12 +126,13 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     plan = plan.replace(patch_size=tuple(args.patch or plan.patch_size),
                         batch_size=args.batch or plan.batch_size)
     batch = plan.batch_size * n_devices  # weak scaling: the per-device batch stays
-    kw = dict(precision=args.precision, scan_implementation=args.scan)
+    kw = dict(precision=args.precision, scan_implementation=args.scan, remat=args.remat)
     device = jax.devices()[0]
     mesh = sharding.make_mesh(n_devices)
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),
            "batch": batch, "devices": n_devices, "precision": args.precision,
-           "scan": args.scan or "default", "loss": args.loss, "optimizer": args.optimizer,
+           "scan": args.scan or "default", "remat": args.remat, "loss": args.loss,
+           "optimizer": args.optimizer,
            "device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
 
     abstract = nnx.eval_shape(lambda: build_model(args.variant, plan, **kw))
@@ -205,6 +207,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float32", "bf16"], default="float32")
     parser.add_argument("--scan", choices=["xla", "pallas", "reference"],
                         help="selective-scan implementation (default: fastest available)")
+    parser.add_argument("--remat", choices=REMAT, default=DEFAULT_REMAT,
+                        help="what the Mamba layers keep for the backward (model.remat)")
     parser.add_argument("--loss", choices=sorted(LOSSES), default="ce")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     parser.add_argument("--devices", type=int, nargs="+", default=[1],
@@ -229,12 +233,13 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("| variant | patch | batch | devices | precision | scan | loss + optimizer | preflight "
-          "fwd+bwd | preflight step | peak | step (median) | all-reduce | efficiency | device | "
-          "jax |")
+    print("| variant | patch | batch | devices | precision | scan | remat | loss + optimizer | "
+          "preflight fwd+bwd | preflight step | peak | step (median) | all-reduce | efficiency | "
+          "device | jax |")
     for row in rows:
         print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['devices']} | "
-              f"{row['precision']} | {row['scan']} | {row['loss']} + {row['optimizer']} | "
+              f"{row['precision']} | {row['scan']} | {row['remat']} | "
+              f"{row['loss']} + {row['optimizer']} | "
               f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
               f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | "
               f"{row.get('allreduce_ms', 0):.1f} ms | {row['efficiency']:.2f} | "

@@ -53,6 +53,9 @@ class ModelConfig:
                      "multisegmamba"] = "segmamba"
     precision: Literal["float32", "bf16"] = "float32"  # convolutions; Mamba always float32
     scan_implementation: Literal["reference", "xla", "pallas"] | None = None  # None = fastest
+    # what the Mamba layers keep for the backward (jaxmamba.layers.remat): "none" everything,
+    # "scan" the scan's output and chunk states, "states" only the chunk states (least memory)
+    remat: Literal["none", "scan", "states"] = "states"
 
 
 @dataclasses.dataclass(frozen=True)

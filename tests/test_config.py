@@ -47,6 +47,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.variant=unet"], "model.variant = 'unet': expected one of 'plainconvunet', "
                               "'resencunet'"),
     (["optim.recipe=adam"], "optim.recipe = 'adam': expected one of"),
+    (["model.remat=all"], "model.remat = 'all': expected one of 'none', 'scan', 'states'"),
     (["optim.onecycle_beta1=[0.9]"], "optim.onecycle_beta1 = \\[0.9\\]: expected 2 entries"),
     (["train=3"], "train must be a mapping"),
     (["train.epochs=0"], "train.epochs = 0: must be > 0"),

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxmamba.layers.init import torch_layer_norm, torch_linear
 from jaxmamba.layers.mamba import Mamba
+from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat, rematerialised
 
 #: MultiSegMamba's axis orders: `itertools.permutations([2, 3, 4])` items 0, 1, 2, 4 of the
 #: reference's NCDHW tensor, written here for the spatial axes 1, 2, 3 of (B, S0, S1, S2, C).
@@ -67,10 +68,14 @@ class MultiMambaTrans(nnx.Module):
     """MultiSegMamba's block: the mean over 4 axis orders of a `PanMambaTrans` scan each.
 
     Input and output (B, S0, S1, S2, C); runs in float32. No outer LayerNorm (paper_spec §1.2).
+    `remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
+    recomputed from the input, one per axis order, shared by its forward and reverse scans.
     """
 
     def __init__(self, dim: int, *, d_state: int | None = None,
-                 scan_implementation: str | None = None, rngs: nnx.Rngs):
+                 scan_implementation: str | None = None, remat: str = DEFAULT_REMAT,
+                 rngs: nnx.Rngs):
+        self.remat = check_remat(remat, "MultiMambaTrans")
         self.mambas = nnx.List([
             PanMambaTrans(dim, d_state=d_state or d_state_for(dim, 64),
                           scan_implementation=scan_implementation, rngs=rngs)
@@ -78,6 +83,9 @@ class MultiMambaTrans(nnx.Module):
         ])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return rematerialised(MultiMambaTrans._forward, self.remat)(self, x)
+
+    def _forward(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         outs = []
         for order, block in zip(MULTI_AXIS_ORDERS, self.mambas, strict=True):
@@ -93,16 +101,22 @@ class MambaLayer(nnx.Module):
 
     The block is `MambaTrans` (SegMamba) or `PanMambaTrans` (`bidirectional=True`: BiSegMamba,
     SegMambaSkip). It computes in float32 whatever the input dtype, as the reference's
-    `autocast(enabled=False)`, and returns the input's dtype.
+    `autocast(enabled=False)`, and returns the input's dtype. `remat` is what the backward keeps
+    (`jaxmamba.layers.remat`).
     """
 
     def __init__(self, dim: int, *, bidirectional: bool, d_state: int | None = None,
-                 scan_implementation: str | None = None, rngs: nnx.Rngs):
+                 scan_implementation: str | None = None, remat: str = DEFAULT_REMAT,
+                 rngs: nnx.Rngs):
+        self.remat = check_remat(remat, "MambaLayer")
         self.norm = torch_layer_norm(dim, rngs=rngs)
         block = PanMambaTrans if bidirectional else MambaTrans
         self.mamba = block(dim, d_state=d_state, scan_implementation=scan_implementation,
                            rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return rematerialised(MambaLayer._forward, self.remat)(self, x)
+
+    def _forward(self, x: jax.Array) -> jax.Array:
         y = self.mamba(self.norm(_tokens(x.astype(jnp.float32))))
         return y.reshape(x.shape).astype(x.dtype)

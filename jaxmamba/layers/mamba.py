@@ -12,8 +12,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmamba.layers.init import torch_linear, uniform
+from jaxmamba.layers.remat import SCAN_OUTPUT
 from jaxmamba.ops import causal_conv1d, selective_scan
 
 
@@ -79,4 +81,4 @@ class Mamba(nnx.Module):
         y = selective_scan(xc, dt, a, b, c, D=self.D[...], z=z,
                            delta_bias=self.dt_proj.bias[...], delta_softplus=True,
                            reverse=reverse, implementation=self.scan_implementation)
-        return self.out_proj(y)
+        return self.out_proj(checkpoint_name(y, SCAN_OUTPUT))  # what remat="scan" keeps

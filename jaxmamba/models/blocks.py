@@ -77,7 +77,12 @@ class ConvNormAct(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.norm(self.conv(x))
+        return nnx.remat(ConvNormAct._norm_act, prevent_cse=True)(self, self.conv(x))
+
+    def _norm_act(self, x: jax.Array) -> jax.Array:
+        """Norm and activation, rematerialised: the backward keeps only the conv output and
+        recomputes the statistics and the float32 intermediates (3 float32 copies otherwise)."""
+        x = self.norm(x)
         return jax.nn.leaky_relu(x, LEAKY_SLOPE) if self.act else x
 
 

@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
+from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat
 from jaxmamba.models.precision import compute_dtype
 from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 from jaxmamba.plans import Plan
@@ -77,27 +78,28 @@ class KeyStream:
         return jax.random.fold_in(self._key, self._count - 1)
 
 
-def _mamba_module(kind: str, cap: int, scan_implementation: str | None, rngs: KeyStream,
-                  channels: int) -> nnx.Module:
-    d_state = d_state_for(channels, cap)
+def _mamba_module(kind: str, cap: int, scan_implementation: str | None, remat: str,
+                  rngs: KeyStream, channels: int) -> nnx.Module:
+    kw = dict(d_state=d_state_for(channels, cap), scan_implementation=scan_implementation,
+              remat=remat, rngs=rngs)
     if kind == "multi":
-        return MultiMambaTrans(channels, d_state=d_state, scan_implementation=scan_implementation,
-                               rngs=rngs)
-    return MambaLayer(channels, bidirectional=kind == "bi", d_state=d_state,
-                      scan_implementation=scan_implementation, rngs=rngs)
+        return MultiMambaTrans(channels, **kw)
+    return MambaLayer(channels, bidirectional=kind == "bi", **kw)
 
 
 def build_model(variant: str, plan: Plan, *, precision: str = "float32",
                 deep_supervision: bool = True, scan_implementation: str | None = None,
-                rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
+                remat: str = DEFAULT_REMAT, rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
     """The network `variant` for `plan`, initialised as the reference (paper_spec §3.3).
 
     `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
     parameters and the Mamba path stay float32. `scan_implementation` is passed to
-    `selective_scan` (None picks the fastest available). Use `nnx.eval_shape(lambda:
+    `selective_scan` (None picks the fastest available). `remat` is what the Mamba layers keep
+    for the backward (`jaxmamba.layers.remat.REMAT`). Use `nnx.eval_shape(lambda:
     build_model(...))` for shapes only.
     """
     name = canonical_variant(variant)
+    check_remat(remat, "build_model")
     spec = VARIANTS[name]
     dtype = compute_dtype(precision)
     rngs = KeyStream(rngs) if isinstance(rngs, int) else rngs
@@ -105,7 +107,7 @@ def build_model(variant: str, plan: Plan, *, precision: str = "float32",
     mamba = None
     if spec.mamba is not None:
         mamba = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap,
-                                  scan_implementation, rngs)
+                                  scan_implementation, remat, rngs)
     if spec.residual_encoder:
         encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes,
                                   plan.strides, plan.n_blocks_encoder, mamba=mamba,

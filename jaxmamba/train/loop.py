@@ -164,7 +164,8 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     t = cfg.train
     recipe = build_recipe(cfg.optim, epochs=t.epochs, iters_per_epoch=t.iters_per_epoch)
     model = build_model(cfg.model.variant, plan, precision=cfg.model.precision,
-                        scan_implementation=cfg.model.scan_implementation, rngs=cfg.seed)
+                        scan_implementation=cfg.model.scan_implementation,
+                        remat=cfg.model.remat, rngs=cfg.seed)
     graphdef, state = steps.init_state(model, recipe.tx)
     del model
     state = sharding.replicate(state, mesh)

@@ -1,0 +1,102 @@
+"""`model.remat`: what each Mamba layer kind keeps for the backward, as an exact byte count, and
+the same outputs and gradients under every choice."""
+
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmamba.config import ModelConfig
+from jaxmamba.kernels.tiling import default_tiling, padded_state
+from jaxmamba.layers import MambaLayer, MultiMambaTrans
+from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT, saved_bytes
+from jaxmamba.models.blocks import ConvNormAct
+
+C, N = 8, 4  # channels, d_state; E = 2C inner channels
+SHAPE = (2, 4, 6, 10)  # (B, S0, S1, S2): L = 240 tokens, not a multiple of every chunk size
+#: kind -> (module, scan directions)
+KINDS = {
+    "uni": (lambda **kw: MambaLayer(C, bidirectional=False, **kw), 1),
+    "bi": (lambda **kw: MambaLayer(C, bidirectional=True, **kw), 2),
+    "multi": (lambda **kw: MultiMambaTrans(C, **kw), 8),
+}
+
+
+def functional(module):
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    return (lambda p, x: nnx.merge(graphdef, p, rest)(x)), params
+
+
+def layer_saved(kind, remat, scan="pallas"):
+    make, _ = KINDS[kind]
+    layer = nnx.eval_shape(lambda: make(d_state=N, scan_implementation=scan, remat=remat,
+                                        rngs=nnx.Rngs(0)))
+    f, params = functional(layer)
+    return saved_bytes(f, params, jax.ShapeDtypeStruct((*SHAPE, C), jnp.bfloat16))
+
+
+def expected_saved(kind, remat):
+    """Per scan direction, float32: the Pallas forward's chunk states (B, L/T, D_p, N_p) and Σδ
+    per chunk (B, L/T, D_p); with "scan" also the scan output (B, L, E). Nothing else: the
+    layer input is an argument, everything token-sized is recomputed."""
+    b, length, e = SHAPE[0], int(np.prod(SHAPE[1:])), 2 * C
+    tiling = default_tiling(b, length, e, N)
+    chunks = -(-length // tiling.chunk)
+    tile_d = max(tiling.block_d, tiling.bwd_block_d)
+    d_p = -(-e // tile_d) * tile_d
+    per_direction = b * chunks * d_p * (padded_state(N) + 1) * 4
+    if remat == "scan":
+        per_direction += b * length * e * 4
+    return KINDS[kind][1] * per_direction
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("remat", ["scan", "states"])
+def test_saved_bytes_are_the_formula(kind, remat):
+    assert layer_saved(kind, remat) == expected_saved(kind, remat)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_without_remat_every_intermediate_is_kept(kind):
+    """The switch matters: "none" keeps at least ten (B, L, E) float32 arrays per direction."""
+    b, length, e = SHAPE[0], int(np.prod(SHAPE[1:])), 2 * C
+    assert layer_saved(kind, "none") > 10 * KINDS[kind][1] * b * length * e * 4
+
+
+def test_conv_norm_act_keeps_only_the_conv_output():
+    """The norm and activation are recomputed: the bf16 conv output (and the bf16 copy of the
+    conv kernel) is all that is kept, not 3 float32 copies of the output."""
+    block = nnx.eval_shape(lambda: ConvNormAct(4, 8, (3, 3, 3), dtype=jnp.bfloat16,
+                                               rngs=nnx.Rngs(0)))
+    f, params = functional(block)
+    assert saved_bytes(f, params, jax.ShapeDtypeStruct((2, 6, 6, 6, 4), jnp.bfloat16)) == (
+        2 * 6**3 * 8 * 2 + 3**3 * 4 * 8 * 2)
+
+
+@pytest.mark.parametrize("kind, scan", [("bi", "pallas"), ("multi", "xla")])
+def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
+    make, _ = KINDS[kind]
+    x = jax.random.normal(jax.random.key(0), (1, 2, 3, 4, C))
+    results = []
+    for remat in REMAT:
+        f, params = functional(make(d_state=N, scan_implementation=scan, remat=remat,
+                                    rngs=nnx.Rngs(1)))
+        g = jax.random.normal(jax.random.key(1), x.shape)
+        y, vjp = jax.vjp(f, params, x)
+        results.append((y, *vjp(g)))
+    for got in results[1:]:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[0]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_config_default_and_choices_are_the_layers():
+    assert ModelConfig().remat == DEFAULT_REMAT
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["remat"]) == REMAT
+
+
+def test_unknown_remat_lists_the_choices():
+    with pytest.raises(ValueError, match="remat='all': expected one of 'none', 'scan', 'states'"):
+        MambaLayer(C, bidirectional=False, remat="all", rngs=nnx.Rngs(0))
