@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
                                   description=COMMANDS[known.command][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    status = int(module.run(args) or 0)
+    if "jax" in sys.modules:  # not imported by every command: only then can it be distributed
+        from jaxmamba.distributed import leave
+        status = leave(status)
+    return status
 
 
 if __name__ == "__main__":

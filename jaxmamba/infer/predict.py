@@ -196,10 +196,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Predict every case; on several processes (`jaxmamba.distributed`) each predicts its share
+    of the cases (round robin) on its own devices and writes its own outputs."""
+    from jaxmamba import distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.runs import RunError, check_same_plan, load_run
 
+    written, skipped, error = [], [], None
     try:
+        distributed.initialize()
+        say = print if distributed.is_main() else (lambda *a, **k: None)
         mirror_axes = None if args.no_mirroring else tuple(
             int(a) for a in args.mirror_axes.split(",") if a.strip())
         if mirror_axes and not set(mirror_axes) <= {0, 1, 2}:
@@ -209,22 +215,37 @@ def run(args) -> int:
         plan = runs[0].plan
         cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
         for r in runs:
-            print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
-        print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
-              f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
+            say(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
+        over = (f" over {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
+            f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
+            f"device(s) per process")
         apply_fns = [network_apply_fn(r.model) for r in runs]
         written, skipped = predict_cases(
-            apply_fns, plan, cases, args.output, overwrite=args.overwrite,
+            apply_fns, plan, distributed.split(cases), args.output, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
             step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
             preview=args.preview)
-        plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
+        if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
+            plan.save(args.output / "nnUNetPlans.json")
     except (RunError, DataError, ValueError) as err:
-        print(f"error: {err}")
+        error = str(err)
+    if not jax.distributed.is_initialized():
+        reports = [{"written": len(written), "skipped": len(skipped), "error": error}]
+    else:  # every process learns how the others did, so all end the same way
+        reports = distributed.agree("predicted", {"written": len(written),
+                                                  "skipped": len(skipped), "error": error})
+    errors = [(i, r["error"]) for i, r in enumerate(reports) if r["error"]]
+    if errors:
+        for i, e in errors:
+            print(f"error: {e}" if len(reports) == 1 else f"error: process {i}: {e}")
         return 1
-    if skipped:
-        print(f"skipped {len(skipped)} case(s) already predicted in {args.output} (--overwrite "
+    if jax.process_index() != 0:
+        return 0
+    n_written, n_skipped = (sum(r[k] for r in reports) for k in ("written", "skipped"))
+    if n_skipped:
+        print(f"skipped {n_skipped} case(s) already predicted in {args.output} (--overwrite "
               f"to predict them again)")
-    print(f"wrote {len(written)} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
+    print(f"wrote {n_written} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
           f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
     return 0

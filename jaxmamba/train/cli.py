@@ -53,27 +53,32 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from jaxmamba.data import DataError
+    from jaxmamba.distributed import DistributedError, is_main, process_prefix
     from jaxmamba.plans import PlanError
     from jaxmamba.train.checkpoint import CheckpointError
     from jaxmamba.train.loop import NonFiniteLossError
     from jaxmamba.train.loop import run as train
     from jaxmamba.train.preflight import DoesNotFitError
+    from jaxmamba.train.signals import Stopped
 
     try:
         summary = train(cfg, max_epochs=args.max_epochs)
     except (CheckpointError, DataError, PlanError, DoesNotFitError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as err:
+            DistributedError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
-    run_dir = summary["run_dir"]
-    print(f"next: jaxmamba predict -m {run_dir} -i IMAGES_DIR -o PREDICTIONS_DIR, then "
-          f"jaxmamba evaluate -p PREDICTIONS_DIR -g LABELS_DIR -d {run_dir}/dataset.json")
+    except Stopped as stop:  # every process says what it did
+        print(f"\n{process_prefix()}{stop}", file=sys.stderr)
+        return stop.status
+    if is_main():
+        run_dir = summary["run_dir"]
+        print(f"next: jaxmamba predict -m {run_dir} -i IMAGES_DIR -o PREDICTIONS_DIR, then "
+              f"jaxmamba evaluate -p PREDICTIONS_DIR -g LABELS_DIR -d {run_dir}/dataset.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from jaxmamba.distributed import leave
+    return leave(run(parser.parse_args(argv)))
