@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
                                   description=COMMANDS[known.command][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
-    status = int(module.run(args) or 0)
+    try:
+        status = int(module.run(args) or 0)
+    except Exception:
+        if "jax" not in sys.modules:
+            raise
+        from jaxmamba.distributed import leave_after_error
+        return leave_after_error()
     if "jax" in sys.modules:  # not imported by every command: only then can it be distributed
         from jaxmamba.distributed import leave
         status = leave(status)

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,15 @@ def is_main() -> bool:
 def process_prefix() -> str:
     """`"process i: "` on several processes, else `""` (for messages every process prints)."""
     return f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+
+
+def leave_after_error() -> int:
+    """For an `except` block around a command: on one process the error goes on as usual; on
+    several its traceback is printed and the process leaves at once (see `leave`)."""
+    if not jax.distributed.is_initialized():
+        raise  # noqa: PLE0704 (the error being handled by the caller)
+    traceback.print_exc()
+    return leave(1)
 
 
 def leave(status: int) -> int:

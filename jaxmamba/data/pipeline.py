@@ -12,10 +12,16 @@ int32, one per deep-supervision scale of the plan, full resolution first}`.
 
 Multiprocess workers (`num_workers > 0`) need `if __name__ == "__main__":` in the main script
 (workers re-import it); `absl.flags.FLAGS.mark_as_parsed()` is called here (grain 0.2.18 bug).
+Workers ignore SIGINT and SIGTERM (the training process handles them and closes its workers) and
+end when the training process ends, even by `kill -9`.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,6 +111,20 @@ def _share(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count:
     return local[shard_index::shard_count] if shard_count > 1 else local
 
 
+def _worker_init(index: int, count: int) -> None:
+    """grain's `worker_init_fn`: see the module docstring."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def end_with_parent() -> None:
+        while os.getppid() == parent:  # a dead parent's children are adopted by another
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=end_with_parent, daemon=True, name="end-with-parent").start()
+
+
 def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
     # A few batches of read-ahead: grain's default (500 elements, 16 threads) would compute
     # hundreds of augmented batches nobody asked for yet. Workers parallelise across processes.
@@ -114,7 +134,8 @@ def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterato
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=_worker_init)
     return iter(it_ds)
 
 

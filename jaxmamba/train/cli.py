@@ -80,5 +80,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        status = run(args)
+    except Exception:
+        from jaxmamba.distributed import leave_after_error
+        return leave_after_error()
     from jaxmamba.distributed import leave
-    return leave(run(parser.parse_args(argv)))
+    return leave(status)

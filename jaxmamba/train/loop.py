@@ -156,9 +156,13 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
 
 
 def _saved_line(run_dir: Path) -> str:
-    epochs = _checkpoint_epochs(run_dir)
-    return (f"the last complete epoch ({epochs[-1]}) is saved in {run_dir}; run the same "
-            f"command again to go on from there" if epochs else "no epoch was saved yet")
+    """What a run stopped outside the training steps has on disk (no save is in flight then)."""
+    epochs, steps = _checkpoint_epochs(run_dir), _checkpoint_epochs(run_dir, PREEMPTED)
+    saved = [f"the last complete epoch ({epochs[-1]})"] if epochs else []
+    saved += [f"the state at step {steps[-1]}"] if steps else []
+    return (f"{' and '.join(saved)} {'is' if len(saved) == 1 else 'are'} saved in {run_dir}; "
+            f"run the same command again to go on from there" if saved
+            else "no epoch was saved yet")
 
 
 def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, main: bool, say
@@ -169,7 +173,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     if resume:
         distributed.run_once("clean checkpoints", lambda: [str(p) for p in clean_stale(run_dir)])
         peek = Checkpointer(run_dir)
-        meta = peek.read_meta()
+        meta = peek.read_meta(_resume_from(peek))
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
@@ -249,6 +253,11 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         f"{mesh.shape[sharding.DATA_AXIS]} device(s), {jax.devices()[0].device_kind})")
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
+    if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
+        eval_step = eval_step.lower(state, first).compile()
+    # Compiling takes each process its own time (cache hits, load): meet before the first step,
+    # whose collectives give up when the processes arrive more than 30 s apart (gloo on CPU).
+    distributed.barrier("compiled")
 
     # --- Train.
     throughput = _Throughput(plan.batch_size, say)

@@ -56,11 +56,6 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
                          f"{jax.process_count()} processes")
 
 
-def local_batch_size(batch_size: int) -> int:
-    """The share of the global batch that this process loads."""
-    return batch_size // jax.process_count()
-
-
 def global_batch(local: dict, mesh: Mesh):
     """Assemble a sharded global batch from this process's numpy batch (any pytree of arrays
     whose leading axis is the local batch)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import jax
 
@@ -43,6 +44,8 @@ class StopOnSignal:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only: leave them alone
         for s in SIGNALS:
             if s == signal.SIGTERM and self.multiprocess:
                 continue  # JAX's preemption service listens to it
@@ -70,7 +73,8 @@ class StopOnSignal:
     def after_training(self) -> None:
         """The loop is over: from now on signals (SIGTERM too) stop at once."""
         self.deferring = False
-        if self.multiprocess and signal.SIGTERM not in self._previous:
+        if (self.multiprocess and signal.SIGTERM not in self._previous
+                and threading.current_thread() is threading.main_thread()):
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
     def should_stop(self, step: int) -> bool:

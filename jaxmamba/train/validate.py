@@ -54,7 +54,7 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     for name, cases, labels, partial in sets:
         out = out_root / name
         predict_cases([apply_fn], plan, distributed.split(cases), out, overwrite=True,
-                      progress=progress)
+                      mesh=mesh, progress=progress)
         distributed.barrier(f"final validation {name}")
         results[name] = distributed.run_once(
             f"score {name}", lambda out=out, labels=labels, partial=partial: _score(
