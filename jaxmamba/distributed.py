@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -124,6 +125,13 @@ def leave(status: int) -> int:
     if status and jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
+        try:  # when all fail (a bad config, say) they meet here, so that process 0, which
+            # hosts the coordinator, ends last: its end aborts any process still there
+            _client().wait_at_barrier("jaxmamba/leaving", 10_000)
+            if is_main():
+                time.sleep(2)
+        except Exception:  # noqa: BLE001 (the others are still working: leave alone)
+            pass
         os._exit(status)
     return status
 

@@ -6,7 +6,9 @@ and, once it says yes, saves and raises `Stopped`. On several processes the proc
 at the same step: JAX's preemption service (started by `jax.distributed.initialize`) owns
 SIGTERM there and `reached_preemption_sync_point` agrees on the step, so SIGINT is passed on to
 it as SIGTERM. A second signal stops at once without saving. Outside the loop (compiling, the
-final validation) a signal raises `Stopped` at once: there is nothing half-done to save.
+final validation) a signal raises `Stopped` at once: there is nothing half-done to save (on
+several processes SIGTERM before the loop belongs to JAX, and the loop stops after its first
+step). Orbax never sees an exception in the middle of a save this way.
 
 Exit statuses (`jaxmamba train`, `train.py`): 143 after SIGTERM, 130 after SIGINT (128 + the
 signal number, as shells report), whether the step was saved or not; the message says which.

@@ -8,7 +8,8 @@ NIfTI files in `RUN_DIR/final_validation/<set>/` with `summary.json` and `summar
 killed before it redoes the validation when started again).
 
 On several processes the cases are split over them (round robin); each predicts its own on its
-local devices, so the predictions, and the Dice, are those of one process. Process 0 scores.
+local devices, so the predictions, and the Dice, are those of one process with as many devices.
+Process 0 scores.
 """
 
 from __future__ import annotations
