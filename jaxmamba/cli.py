@@ -68,18 +68,27 @@ def run_command(name: str, argv: list[str], *, prog: str | None = None,
     args = parser.parse_args(argv)
     debug = debug or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
     except (UserError, OSError) as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        status = 2 if isinstance(err, ConfigError) else 1
     except ValueError as err:  # not one of ours: say so, but still without a wall of text
         if debug:
             raise
         print(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)",
               file=sys.stderr)
-        return 1
+        status = 1
+    except Exception:
+        if "jax" not in sys.modules:
+            raise
+        from jaxmamba.distributed import leave_after_error
+        return leave_after_error()
+    if "jax" in sys.modules:  # not imported by every command: only then can it be distributed
+        from jaxmamba.distributed import leave
+        status = leave(status)
+    return status
 
 
 if __name__ == "__main__":

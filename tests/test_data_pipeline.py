@@ -160,3 +160,54 @@ def test_batches_shard_over_a_data_axis(cache):
     sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
     assert sharded["image"].sharding.shard_shape(sharded["image"].shape)[0] == 1
     np.testing.assert_array_equal(np.asarray(sharded["target"][0]), batch["target"][0])
+
+
+def test_workers_end_when_the_training_process_is_killed(cache, tmp_path):
+    """`kill -9` of the process that iterates: its grain workers end too (they used to stay)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    out, _ = cache
+    code = (f"import time; from jaxmamba.data import fold_cases, load_plan, train_iterator\n"
+            f"it = train_iterator({str(out)!r}, load_plan({str(out)!r}), "
+            f"fold_cases({str(out)!r}, 0)[0], seed=0, num_workers=2)\n"
+            f"next(it); print('ready', flush=True); time.sleep(300)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env,
+                              cwd=root)
+    try:
+        assert parent.stdout.readline().strip() == b"ready"
+        workers = [p for p in _children(parent.pid) if p != parent.pid]
+        assert len(workers) >= 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(stat))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -171,3 +171,70 @@ def test_plainconvunet_trains(phantom):
     assert load_config(run_dir / "config.yaml").model.variant == "plainconvunet"
     hippocampus = load_config(TINY.parent / "hippocampus" / "plainconvunet.yaml")
     assert hippocampus.model.variant == "plainconvunet" and hippocampus.optim.recipe == "nnunet"
+
+
+def test_ctrl_c_in_final_validation_exits_cleanly_and_rerun_finishes_it(phantom, uninterrupted,
+                                                                         monkeypatch):
+    import os
+    import signal
+    import time
+
+    from jaxmamba.train import validate
+    from jaxmamba.train.signals import Stopped
+    run_dir = phantom / "runs" / "ctrl-c-in-validation"
+    cfg = _cfg(phantom, run_dir)
+    real = validate.predict_cases
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+        raise AssertionError("SIGINT did not stop the validation")
+
+    monkeypatch.setattr(validate, "predict_cases", interrupted)
+    with pytest.raises(Stopped) as stopped:
+        run(cfg)
+    assert stopped.value.status == 130
+    assert "the last complete epoch (2) is saved" in str(stopped.value)
+    assert validate.done(run_dir, 2) is None
+    monkeypatch.setattr(validate, "predict_cases", real)
+    again = run(cfg)  # used to say "nothing to do" and never validate
+    assert again["final_validation"] == uninterrupted[1]["final_validation"]
+    assert validate.done(run_dir, 2) == again["final_validation"]
+
+
+def test_sigint_mid_epoch_saves_that_step_and_resumes_exactly(phantom, monkeypatch):
+    import os
+    import signal
+
+    import jax
+
+    from jaxmamba.train import loop
+    from jaxmamba.train.signals import Stopped
+    opts = ("train.iters_per_epoch=3", "train.epochs=1", "train.final_validation=false")
+    whole = run(_cfg(phantom, phantom / "runs" / "sigint-whole", *opts))
+    run_dir = phantom / "runs" / "sigint"
+    real = loop._consume
+
+    def consume(pending, *args, **kwargs):  # step 1's metrics are read while step 2 runs
+        if pending[0] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(pending, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_consume", consume)
+    with pytest.raises(Stopped) as stopped:
+        run(_cfg(phantom, run_dir, *opts))
+    assert stopped.value.status == 130 and stopped.value.saved
+    assert "at step 2 (2 of 3 steps of epoch 1)" in str(stopped.value)
+    assert _checkpoint_steps(run_dir, "preempted") == ["2"]
+    monkeypatch.setattr(loop, "_consume", real)
+    resumed = run(_cfg(phantom, run_dir, *opts))
+    assert _losses(resumed["history"]) == _losses(whole["history"])
+    for a, b in zip(jax.tree.leaves(resumed["state"].params),
+                    jax.tree.leaves(whole["state"].params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _checkpoint_steps(run_dir, "preempted") == []
+
+
+def _checkpoint_steps(run_dir, which):
+    folder = run_dir / "checkpoints" / which
+    return sorted(p.name for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []

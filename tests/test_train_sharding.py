@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxmamba import distributed
 from jaxmamba.config import OptimConfig
 from jaxmamba.models import build_model
 from jaxmamba.plans import Plan
@@ -60,8 +61,8 @@ def test_distributed_launch_needs_all_variables(monkeypatch):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
     with pytest.raises(ValueError, match="set JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
-        sharding.initialize_distributed()
+        distributed.initialize()
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a single task: nothing to initialise
-    sharding.initialize_distributed()
+    distributed.initialize()
     assert jax.process_count() == 1

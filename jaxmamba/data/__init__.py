@@ -20,12 +20,13 @@ Splits
     `load_or_create_splits(cache, case_ids)` → nnU-Net's `splits_final.json` list.
 Batches
     `train_iterator(cache, plan, case_ids, *, seed, batch_size=None, num_workers=0,
-    augment=True, oversample=0.33, shard_index=0)`: infinite grain iterator of
+    augment=True, oversample=0.33, shard_index=0, shard_count=1)`: infinite grain iterator of
     `{"image": (B, S0, S1, S2, C) float32, "target": tuple of (B, s0, s1, s2) int32}`, one
     target per `plan.deep_supervision_scales`, full resolution first; `get_state()/set_state()`
     and `grain.checkpoint.CheckpointSave(it)/CheckpointRestore(it)` for orbax.
-    `val_iterator(cache, plan, case_ids, *, num_batches=50, seed=0, batch_size=None)`: the same
-    un-augmented batches on every call.
+    `val_iterator(cache, plan, case_ids, *, num_batches=50, seed=0, batch_size=None,
+    shard_index=0, shard_count=1)`: the same un-augmented batches on every call. `batch_size` is
+    the global batch; with `shard_count` processes each yields its consecutive share of it.
 Raw data
     `RawDataset.open(root)`, `check_dataset(root) -> (errors, warnings)`, `load_volume(path)`,
     `DataError` (bad input; the message names the case and the file).

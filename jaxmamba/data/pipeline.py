@@ -12,10 +12,16 @@ int32, one per deep-supervision scale of the plan, full resolution first}`.
 
 Multiprocess workers (`num_workers > 0`) need `if __name__ == "__main__":` in the main script
 (workers re-import it); `absl.flags.FLAGS.mark_as_parsed()` is called here (grain 0.2.18 bug).
+Workers ignore SIGINT and SIGTERM (the training process handles them and closes its workers) and
+end when the training process ends, even by `kill -9`.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,8 +94,35 @@ class PatchSampler(grain.transforms.RandomMap):
                 "target": deep_supervision_targets(y, self.scales)}
 
 
-def _seed(seed: int, shard_index: int) -> int:
-    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+def _seed(seed: int) -> int:
+    return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+
+
+def _share(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count: int
+           ) -> grain.MapDataset:
+    """Batches of this process's share of each global batch of `ds` (one sample per element):
+    global batch `k` is elements `k·B .. k·B + B-1`; process `p` of `n` gets `B/n` consecutive
+    ones from `k·B + p·B/n`. Each sample's random draws depend on its global index only (grain
+    seeds a random map per element index), so the global stream does not change with `n`."""
+    if batch_size % shard_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {shard_count} "
+                         f"processes")
+    local = ds.batch(batch_size // shard_count, drop_remainder=True)
+    return local[shard_index::shard_count] if shard_count > 1 else local
+
+
+def _worker_init(index: int, count: int) -> None:
+    """grain's `worker_init_fn`: see the module docstring."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def end_with_parent() -> None:
+        while os.getppid() == parent:  # a dead parent's children are adopted by another
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=end_with_parent, daemon=True, name="end-with-parent").start()
 
 
 def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
@@ -101,44 +134,47 @@ def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterato
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=_worker_init)
     return iter(it_ds)
 
 
 def train_dataset(cache: str | Path, plan: Plan, case_ids: Sequence[str], *, seed: int,
                   batch_size: int | None = None, augment: bool | AugmentConfig = True,
-                  oversample: float = OVERSAMPLE_FOREGROUND, shard_index: int = 0
-                  ) -> grain.MapDataset:
+                  oversample: float = OVERSAMPLE_FOREGROUND, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.MapDataset:
     """The infinite training `MapDataset` of batches (before iteration / workers)."""
     batch_size = batch_size or plan.batch_size
     cfg = augment if isinstance(augment, AugmentConfig) else (
         AugmentConfig.for_plan(plan) if augment else None)
     sampler = PatchSampler(cache, case_ids, plan, batch_size, cfg, oversample)
-    return (grain.MapDataset.range(batch_size).repeat().seed(_seed(seed, shard_index))
-            .random_map(sampler).batch(batch_size, drop_remainder=True))
+    ds = grain.MapDataset.range(batch_size).repeat().seed(_seed(seed)).random_map(sampler)
+    return _share(ds, batch_size, shard_index, shard_count)
 
 
 def train_iterator(cache: str | Path, plan: Plan, case_ids: Sequence[str], *, seed: int,
                    batch_size: int | None = None, num_workers: int = 0,
                    augment: bool | AugmentConfig = True, oversample: float = OVERSAMPLE_FOREGROUND,
-                   shard_index: int = 0) -> grain.DatasetIterator:
+                   shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of training batches. Stable API.
 
-    `batch_size` is the per-process batch (default: the plan's); on several hosts pass
-    `shard_index=jax.process_index()` so each host draws different samples.
+    `batch_size` is the global batch (default: the plan's); foreground oversampling is decided
+    on it. On several hosts pass `shard_index=jax.process_index()` and
+    `shard_count=jax.process_count()`: each process then yields its `batch_size / shard_count`
+    samples of every global batch, and the global stream is the same for any process count.
     """
     ds = train_dataset(cache, plan, case_ids, seed=seed, batch_size=batch_size, augment=augment,
-                       oversample=oversample, shard_index=shard_index)
+                       oversample=oversample, shard_index=shard_index, shard_count=shard_count)
     return _to_iterator(ds, num_workers)
 
 
 def val_iterator(cache: str | Path, plan: Plan, case_ids: Sequence[str], *, num_batches: int = 50,
-                 seed: int = 0, batch_size: int | None = None, num_workers: int = 0
-                 ) -> grain.DatasetIterator:
-    """`num_batches` un-augmented batches (with foreground oversampling), the same on every call.
-    Stable API."""
+                 seed: int = 0, batch_size: int | None = None, num_workers: int = 0,
+                 shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+    """`num_batches` un-augmented global batches (with foreground oversampling), the same on every
+    call; `shard_*` as for `train_iterator`. Stable API."""
     batch_size = batch_size or plan.batch_size
     sampler = PatchSampler(cache, case_ids, plan, batch_size, None)
     ds = (grain.MapDataset.range(batch_size).repeat(num_batches, reseed_each_epoch=True)
-          .seed(seed).random_map(sampler).batch(batch_size, drop_remainder=True))
-    return _to_iterator(ds, num_workers)
+          .seed(seed).random_map(sampler))
+    return _to_iterator(_share(ds, batch_size, shard_index, shard_count), num_workers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,34 +239,61 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Predict every case; on several processes (`jaxmamba.distributed`) each predicts its share
+    of the cases (round robin) on its own devices and writes its own outputs."""
     import jax
 
+    from jaxmamba import distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.runs import check_same_plan, load_run
 
-    mirror_axes = None if args.no_mirroring else _parse_axes(args.mirror_axes)
-    runs = [load_run(d, args.checkpoint, allow_non_finite=args.allow_non_finite)
-            for d in args.model]
-    check_same_plan(runs)
-    plan = runs[0].plan
-    cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
-    for r in runs:
-        print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
-    print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
-          f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
-    apply_fns = [network_apply_fn(r.model) for r in runs]
+    written, skipped, error = [], [], None
     try:
-        written, skipped = predict_cases(
-            apply_fns, plan, cases, args.output, overwrite=args.overwrite,
-            save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
-            step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
-            preview=args.preview, progress=progress_enabled())
-    finally:
-        plan.save(args.output / "nnUNetPlans.json")  # and dataset.json, for `jaxmamba evaluate`
-    if skipped:
-        print(f"skipped {len(skipped)} case(s) already predicted in {args.output} (--overwrite "
+        distributed.initialize()
+        say = print if distributed.is_main() else (lambda *a, **k: None)
+        mirror_axes = None if args.no_mirroring else _parse_axes(args.mirror_axes)
+        runs = [load_run(d, args.checkpoint, allow_non_finite=args.allow_non_finite)
+                for d in args.model]
+        check_same_plan(runs)
+        plan = runs[0].plan
+        cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
+        for r in runs:
+            say(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
+        over = (f" over {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
+            f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
+            f"device(s) per process")
+        apply_fns = [network_apply_fn(r.model) for r in runs]
+        try:
+            written, skipped = predict_cases(
+                apply_fns, plan, distributed.split(cases), args.output,
+                overwrite=args.overwrite, save_probabilities=args.save_probabilities,
+                mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
+                accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())
+        finally:
+            if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
+                plan.save(args.output / "nnUNetPlans.json")
+    except (UserError, ValueError) as err:
+        if not jax.distributed.is_initialized():
+            raise  # one process: the CLI entry reports it in one line
+        error = str(err)
+    if not jax.distributed.is_initialized():
+        reports = [{"written": len(written), "skipped": len(skipped), "error": error}]
+    else:  # every process learns how the others did, so all end the same way
+        reports = distributed.agree("predicted", {"written": len(written),
+                                                  "skipped": len(skipped), "error": error})
+    errors = [(i, r["error"]) for i, r in enumerate(reports) if r["error"]]
+    if errors:
+        for i, e in errors:
+            print(f"error: process {i}: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() != 0:
+        return 0
+    n_written, n_skipped = (sum(r[k] for r in reports) for k in ("written", "skipped"))
+    if n_skipped:
+        print(f"skipped {n_skipped} case(s) already predicted in {args.output} (--overwrite "
               f"to predict them again)")
-    print(f"wrote {len(written)} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
+    print(f"wrote {n_written} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
           f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
     return 0
 

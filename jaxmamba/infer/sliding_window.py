@@ -95,8 +95,9 @@ def pad_to_patch(image: np.ndarray,
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis `data` (`BATCH_AXIS`) over `devices` (default: all), auto-sharded."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A 1-D mesh with axis `data` (`BATCH_AXIS`) over `devices`, auto-sharded. Default: this
+    process's devices (with several processes each predicts its own cases on its own)."""
+    devices = list(jax.local_devices() if devices is None else devices)
     return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=devices)
 
@@ -118,7 +119,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
         logits averaged); `None` or `()` switches mirroring off.
       batch_size: windows per network call, rounded up to a multiple of the mesh size (default:
         one per device).
-      mesh: devices to shard windows over (axis `data`); default all devices.
+      mesh: devices to shard windows over (axis `data`); default this process's devices.
       accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
         `"auto"` (the device when the accumulator takes under half its free memory).
       progress: show a progress bar over windows (a string is used as its description).

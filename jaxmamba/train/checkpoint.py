@@ -8,18 +8,26 @@ RUN_DIR/
   checkpoints/latest/<epoch>/ params, train (optimizer state, step, non-parameter state),
                               data (grain iterator state, one file per process), meta (JSON)
   checkpoints/best/<epoch>/   params, meta: the epoch with the best EMA pseudo-Dice
+  checkpoints/preempted/<step>/  as latest, written when a signal stopped training mid-epoch
+                              (meta also holds the epoch's partial sums); removed once the
+                              epoch it belongs to is complete
   metrics.jsonl, curves.png, tensorboard/
 ```
 `<epoch>` counts completed epochs. `meta` holds the epoch, the step, the variant and the plan
 (checked on resume), and the logger's history. Orbax writes each checkpoint to a temporary
 directory and renames it when complete, and deletes the previous `latest` only after that, so an
-interrupted save keeps the last good checkpoint.
+interrupted save keeps the last good checkpoint; `clean_stale` removes what a killed save or
+deletion leaves behind (orbax temporaries, older steps) before the next run opens the folders.
+
+On several processes each manager has its own barrier prefix: `latest` and `best` save the same
+step in the same epoch, and orbax's barrier names are made of the step alone.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,9 @@ from grain import checkpoint as grain_checkpoint
 
 from jaxmamba.errors import UserError, brief
 
-LATEST, BEST = "latest", "best"
+LATEST, BEST, PREEMPTED = "latest", "best", "preempted"
+_ITEMS = {LATEST: ("params", "train", "data", "meta"), BEST: ("params", "meta"),
+          PREEMPTED: ("params", "train", "data", "meta")}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -61,15 +71,15 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, *, async_save: bool = True):
         self.dir = Path(run_dir).absolute() / "checkpoints"
-        options = dict(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
         self.managers = {
-            LATEST: ocp.CheckpointManager(self.dir / LATEST,
-                                          options=ocp.CheckpointManagerOptions(**options),
-                                          item_names=("params", "train", "data", "meta")),
-            BEST: ocp.CheckpointManager(self.dir / BEST,
-                                        options=ocp.CheckpointManagerOptions(**options),
-                                        item_names=("params", "meta")),
-        }
+            which: ocp.CheckpointManager(self.dir / which, item_names=items,
+                                         options=ocp.CheckpointManagerOptions(
+                                             max_to_keep=1, enable_async_checkpointing=async_save,
+                                             create=True,
+                                             multiprocessing_options=ocp.options.
+                                             MultiprocessingOptions(
+                                                 barrier_sync_key_prefix=f"jaxmamba_{which}")))
+            for which, items in _ITEMS.items()}
 
     def latest_epoch(self, which: str = LATEST) -> int | None:
         return self.managers[which].latest_step()
@@ -77,13 +87,23 @@ class Checkpointer:
     def save(self, epoch: int, *, params, train, data_state: Any, meta: dict,
              best: bool) -> None:
         """Start an async save of `latest` (and `best`) for `epoch` completed epochs."""
-        self.managers[LATEST].save(epoch, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-            data=grain_checkpoint.CheckpointSave(IteratorSnapshot(copy.deepcopy(data_state))),
-            meta=ocp.args.JsonSave(meta)))
+        self.managers[LATEST].save(epoch, args=_full_args(params, train, data_state, meta))
         if best:
             self.managers[BEST].save(epoch, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
+    def save_preempted(self, step: int, *, params, train, data_state: Any, meta: dict) -> None:
+        """Save the state at step `step`, inside an epoch, and wait until it is on disk."""
+        self.managers[PREEMPTED].save(step, args=_full_args(params, train, data_state, meta))
+        self.wait()
+
+    def drop_preempted(self) -> None:
+        """Remove the mid-epoch checkpoint once `latest` holds a later state (waits for it)."""
+        manager = self.managers[PREEMPTED]
+        if manager.latest_step() is not None:
+            self.managers[LATEST].wait_until_finished()
+            for step in manager.all_steps():
+                manager.delete(step)
 
     def read_meta(self, which: str = LATEST, epoch: int | None = None) -> dict:
         epoch = self.latest_epoch(which) if epoch is None else epoch
@@ -104,7 +124,7 @@ class Checkpointer:
             raise CheckpointError(f"{self.dir / which}: no checkpoint to restore")
         items = dict(params=ocp.args.StandardRestore(_abstract(abstract_params)),
                      meta=ocp.args.JsonRestore())
-        if with_train and which == LATEST:
+        if with_train and which in (LATEST, PREEMPTED):
             items.update(train=ocp.args.StandardRestore(_abstract(abstract_train)),
                          data=grain_checkpoint.CheckpointRestore(IteratorSnapshot()))
         out = self._restore(which, epoch, **items)
@@ -130,6 +150,29 @@ class Checkpointer:
     def close(self) -> None:
         for m in self.managers.values():
             m.close()
+
+
+def _full_args(params, train, data_state, meta) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+        data=grain_checkpoint.CheckpointSave(IteratorSnapshot(copy.deepcopy(data_state))),
+        meta=ocp.args.JsonSave(meta))
+
+
+def clean_stale(run_dir: str | Path) -> list[Path]:
+    """Remove what killed saves and deletions leave in `RUN_DIR/checkpoints/*/`: orbax's
+    temporary folders and every step but the newest (a half-deleted older checkpoint). Call on
+    one process, before any `Checkpointer` opens the folders; returns what was removed."""
+    removed = []
+    for folder in (Path(run_dir) / "checkpoints" / w for w in _ITEMS):
+        if not folder.is_dir():
+            continue
+        steps = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        stale = [p for p in folder.iterdir() if ".orbax-checkpoint-tmp" in p.name] + steps[:-1]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _like(target, restored):

@@ -46,15 +46,21 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
+    from jaxmamba.distributed import is_main, process_prefix
     from jaxmamba.train.loop import run as train
+    from jaxmamba.train.signals import Stopped
 
     try:
         summary = train(cfg, max_epochs=args.max_epochs)
-    except KeyboardInterrupt:
+    except Stopped as stop:  # every process says what it did
+        print(f"\n{process_prefix()}{stop}", file=sys.stderr)
+        return stop.status
+    except KeyboardInterrupt:  # before the loop's signal handlers are in place
         return 130
-    run_dir = summary["run_dir"]
-    print(f"next: jaxmamba predict -m {run_dir} -i IMAGES_DIR -o PREDICTIONS_DIR, then "
-          f"jaxmamba evaluate -p PREDICTIONS_DIR -g LABELS_DIR -d {run_dir}/dataset.json")
+    if is_main():
+        run_dir = summary["run_dir"]
+        print(f"next: jaxmamba predict -m {run_dir} -i IMAGES_DIR -o PREDICTIONS_DIR, then "
+              f"jaxmamba evaluate -p PREDICTIONS_DIR -g LABELS_DIR -d {run_dir}/dataset.json")
     return 0
 
 

@@ -20,13 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmamba import data as jdata
+from jaxmamba import distributed
 from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
 from jaxmamba.console import progress_enabled
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
 from jaxmamba.plans import Plan, PlanError
-from jaxmamba.train import finite, losses, preflight, sharding, validate
+from jaxmamba.train import finite, losses, preflight, sharding, signals, validate
 from jaxmamba.train import step as steps
-from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
+from jaxmamba.train.checkpoint import PREEMPTED, Checkpointer, CheckpointError, clean_stale
 from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.writers import RunWriter
@@ -86,22 +87,31 @@ def prepare_data(cfg: Config, *, progress: bool = True):
 
 
 # ---------------------------------------------------------------------- resume decision
-def _checkpoint_epochs(run_dir: Path) -> list[int]:
-    latest = run_dir / "checkpoints" / "latest"
-    return sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) if latest.is_dir() \
+def _checkpoint_epochs(run_dir: Path, which: str = "latest") -> list[int]:
+    folder = run_dir / "checkpoints" / which
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() \
         else []
 
 
 def decide_resume(cfg: Config) -> bool:
     """Resume or start fresh, per `train.resume`; never overwrite another run's checkpoints."""
     run_dir = Path(cfg.train.run_dir)
-    found = _checkpoint_epochs(run_dir)
-    if found and cfg.train.resume is False:
-        raise CheckpointError(f"train.run_dir = {run_dir} holds a checkpoint (epoch {found[-1]}) "
+    found, preempted = _checkpoint_epochs(run_dir), _checkpoint_epochs(run_dir, PREEMPTED)
+    if (found or preempted) and cfg.train.resume is False:
+        what = f"epoch {found[-1]}" if found else f"step {preempted[-1]}"
+        raise CheckpointError(f"train.run_dir = {run_dir} holds a checkpoint ({what}) "
                               f"and train.resume=false: choose a new train.run_dir, or resume")
-    if not found and cfg.train.resume is True:
+    if not (found or preempted) and cfg.train.resume is True:
         raise CheckpointError(f"train.resume=true but {run_dir} has no checkpoint to resume")
-    return bool(found)
+    return bool(found or preempted)
+
+
+def _resume_from(ckpt: Checkpointer) -> str:
+    """`latest`, or `preempted` when a signal stopped the epoch after the latest one."""
+    if ckpt.latest_epoch(PREEMPTED) is None:
+        return "latest"
+    done = ckpt.latest_epoch()
+    return PREEMPTED if done is None or ckpt.read_meta(PREEMPTED)["epoch"] >= done else "latest"
 
 
 def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -> None:
@@ -129,19 +139,44 @@ def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -
 # ---------------------------------------------------------------------- the run
 def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns a summary. `max_epochs` stops this call after that many
-    epochs (the run resumes from there), e.g. for time-limited cluster jobs."""
-    sharding.initialize_distributed()
-    run_dir = Path(cfg.train.run_dir).absolute()
-    main = jax.process_index() == 0
-    say = functools.partial(print, flush=True) if main else (lambda *a, **k: None)
-    progress = main and progress_enabled(cfg.log.progress)  # bars: on a terminal, by default
+    epochs (the run resumes from there), e.g. for time-limited cluster jobs.
 
+    On several processes (`jaxmamba.distributed`) every process runs this with the same config
+    (checked first); process 0 prepares the data and writes the run directory's files. SIGTERM
+    or SIGINT raise `signals.Stopped` after a save at the next step boundary (see there)."""
+    distributed.initialize()
+    distributed.check_same_config(cfg.to_dict())
+    main = distributed.is_main()
+    say = functools.partial(print, flush=True) if main else (lambda *a, **k: None)
+    run_dir = Path(cfg.train.run_dir).absolute()
+    with signals.StopOnSignal(say) as stop:
+        try:
+            return _run(cfg, max_epochs, stop, run_dir, main, say)
+        except signals.Stopped as err:
+            if err.saved:
+                raise
+            raise signals.Stopped(err.signum, f"{err}; {_saved_line(run_dir)}") from None
+
+
+def _saved_line(run_dir: Path) -> str:
+    """What a run stopped outside the training steps has on disk (no save is in flight then)."""
+    epochs, steps = _checkpoint_epochs(run_dir), _checkpoint_epochs(run_dir, PREEMPTED)
+    saved = [f"the last complete epoch ({epochs[-1]})"] if epochs else []
+    saved += [f"the state at step {steps[-1]}"] if steps else []
+    return (f"{' and '.join(saved)} {'is' if len(saved) == 1 else 'are'} saved in {run_dir}; "
+            f"run the same command again to go on from there" if saved
+            else "no epoch was saved yet")
+
+
+def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, main: bool, say
+         ) -> dict[str, Any]:
     # --- Resume or fresh; check the run directory before any work.
     resume = decide_resume(cfg)
     meta = {}
     if resume:
+        distributed.run_once("clean checkpoints", lambda: [str(p) for p in clean_stale(run_dir)])
         peek = Checkpointer(run_dir)
-        meta = peek.read_meta()
+        meta = peek.read_meta(_resume_from(peek))
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
@@ -149,14 +184,18 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     if "batch_size" in cfg.data.plan_overrides:  # known before any preprocessing
         sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
 
-    # --- Data and plan.
-    plan, cache, train_ids, val_ids = prepare_data(cfg, progress=progress)
+    # --- Data and plan: built and preprocessed by process 0, then read by all.
+    progress = main and progress_enabled(cfg.log.progress)  # bars: on a terminal, by default
+    prepared = []
+    distributed.run_once("prepare the data", lambda: prepared.append(
+        prepare_data(cfg, progress=progress)))
+    plan, cache, train_ids, val_ids = prepared[0] if prepared else prepare_data(cfg,
+                                                                                 progress=False)
     # the run directory's plan names the network, so nnU-Net rebuilds this one from it
     plan = plan.with_network(VARIANTS[canonical_variant(cfg.model.variant)].reference_name)
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
     sharding.check_batch_size(plan.batch_size, mesh)
-    local_batch = sharding.local_batch_size(plan.batch_size)
     class_names = [name for name, _ in plan.labels[1:]]
     ckpt = Checkpointer(run_dir)
 
@@ -170,33 +209,46 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     del model
     state = sharding.replicate(state, mesh)
     train_it = jdata.train_iterator(cache, plan, train_ids, seed=cfg.seed + 1,
-                                    batch_size=local_batch, num_workers=cfg.data.num_workers,
-                                    shard_index=jax.process_index())
-    start_epoch, history, best_ema = 0, [], None
+                                    batch_size=plan.batch_size, num_workers=cfg.data.num_workers,
+                                    shard_index=jax.process_index(),
+                                    shard_count=jax.process_count())
+    start_epoch, history, best_ema, partial = 0, [], None, None
     if resume:
+        which = _resume_from(ckpt)
         params, train, data_state, meta = ckpt.restore(
-            state.params, {"step": state.step, "rest": state.rest, "opt": state.opt_state})
+            state.params, {"step": state.step, "rest": state.rest, "opt": state.opt_state},
+            which=which)
         state = steps.TrainState(train["step"], params, train["rest"], train["opt"])
-        finite.check_restored(state, ckpt.dir / "latest" / str(meta["epoch"]))
+        finite.check_restored(state, ckpt.dir / which)
         train_it.set_state(data_state)
         start_epoch, history, best_ema = meta["epoch"], meta["history"], meta["best_ema"]
-        say(f"resumed {run_dir} at epoch {start_epoch} (step {int(state.step)})")
+        partial = meta.get("partial_epoch")  # a mid-epoch checkpoint: the epoch's sums so far
+        inside = f", {partial['steps']} steps into it" if partial else ""
+        say(f"resumed {run_dir} at epoch {start_epoch}{inside} (step {int(state.step)})")
         resolved = run_dir / "config.yaml"
-        if resolved.is_file() and cfg.to_dict() != _read_yaml(resolved):
+        if main and resolved.is_file() and cfg.to_dict() != _read_yaml(resolved):
             save_config(cfg, run_dir / f"config.resumed-epoch{start_epoch}.yaml")
-    else:
+    elif main:
         save_config(cfg, run_dir / "config.yaml")
-        if main:
-            plan.save(run_dir / "nnUNetPlans.json")
+        plan.save(run_dir / "nnUNetPlans.json")
     writer = RunWriter(run_dir, class_names, history=history, tensorboard=cfg.log.tensorboard,
                        plot=cfg.log.plot)
 
     end_epoch = t.epochs if max_epochs is None else min(t.epochs, start_epoch + max_epochs)
     if start_epoch >= end_epoch:
-        say(f"{run_dir} has already trained {start_epoch} of {t.epochs} epochs; nothing to do")
         writer.close()
         ckpt.close()
-        return _summary(run_dir, start_epoch, state, graphdef, plan, writer, best_ema)
+        summary = _summary(run_dir, start_epoch, state, graphdef, plan, writer, best_ema)
+        if (start_epoch == t.epochs and t.final_validation
+                and validate.done(run_dir, t.epochs) is None):
+            say(f"{run_dir} has trained all {t.epochs} epochs; its final validation is missing")
+            stop.after_training()
+            summary["final_validation"] = _final_validation(cfg, state, graphdef, plan, val_ids,
+                                                            run_dir, main, say)
+        else:
+            say(f"{run_dir} has already trained {start_epoch} of {t.epochs} epochs; nothing "
+                f"to do")
+        return summary
 
     # --- Compile ahead, check memory.
     train_step, eval_step = steps.jit_steps(
@@ -209,19 +261,27 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         f"{mesh.shape[sharding.DATA_AXIS]} device(s), {jax.devices()[0].device_kind})")
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
+    if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
+        eval_step = eval_step.lower(state, first).compile()
+    # Compiling takes each process its own time (cache hits, load): meet before the first step,
+    # whose collectives give up when the processes arrive more than 30 s apart (gloo on CPU).
+    distributed.barrier("compiled")
 
     # --- Train.
     throughput = _Throughput(plan.batch_size, say if not progress else
                              lambda line: say("\n" + line))  # below the bar
     step_no = int(state.step)  # host copy of the step counter
     t_run = time.perf_counter()
+    stop.deferring = True  # from here a signal stops at the next step boundary
     try:
         for epoch in range(start_epoch, end_epoch):
             t_epoch = time.perf_counter()
-            bar = tqdm(range(t.iters_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}",
+            done = partial["steps"] if partial else 0  # steps of this epoch before a resume
+            tally = _Tally.restore(partial, len(class_names))
+            partial = None
+            bar = tqdm(range(done, t.iters_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}",
                        disable=not progress, dynamic_ncols=True)
-            tally = _Tally(len(class_names))
-            pending = None
+            pending, stopping = None, False
             for _ in bar:
                 batch = first if first is not None else sharding.global_batch(next(train_it),
                                                                               mesh)
@@ -230,17 +290,34 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
                 if pending is not None:  # read the previous step while this one runs
                     _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
                 step_no += 1
+                done += 1
                 pending = (step_no, metrics)
                 throughput.tick(metrics["loss"])
+                if stop.should_stop(step_no):
+                    stopping = True
+                    break
             _consume(pending, tally, writer, bar, recipe, cfg.data.raw_dir, ckpt)
             finite.check_state(state, epoch=epoch + 1, step=step_no, ckpt=ckpt,
                                raw_dir=cfg.data.raw_dir)
             throughput.report()
             bar.close()
+            meta = {"epoch": epoch, "variant": cfg.model.variant,
+                    "processes": jax.process_count(), "plan": plan.to_record(),
+                    "history": writer.history, "best_ema": best_ema, "config": cfg.to_dict()}
+            train_state = {"step": state.step, "rest": state.rest, "opt": state.opt_state}
+            if done < t.iters_per_epoch:  # stopped inside the epoch: save exactly here
+                ckpt.save_preempted(step_no, params=state.params, train=train_state,
+                                    data_state=train_it.get_state(),
+                                    meta={**meta, "partial_epoch": tally.state(done)})
+                raise signals.Stopped(stop.signum, f"stopped by {signals.NAMES[stop.signum]} "
+                                      f"at step {step_no} ({done} of {t.iters_per_epoch} steps "
+                                      f"of epoch {epoch + 1}); saved in {ckpt.dir / PREEMPTED}. "
+                                      f"Run the same command again to resume from this step",
+                                      saved=True)
             record = tally.record(epoch, step_no, recipe.lr(step_no - 1))
             if val_ids and t.val_iters:
                 record.update(_validate(eval_step, state, cache, plan, val_ids, t.val_iters,
-                                        local_batch, mesh))
+                                        mesh))
                 mean, prev = record["val_dice_mean"], history_ema(writer.history)
                 if mean is not None:  # nnU-Net: EMA 0.9·old + 0.1·new; best by the EMA
                     ema = mean if prev is None else 0.9 * prev + 0.1 * mean
@@ -252,35 +329,42 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
             elapsed = time.perf_counter() - t_run
             eta = elapsed / (epoch + 1 - start_epoch) * (t.epochs - epoch - 1)
             say(_epoch_line(record, class_names) + (f"; run ETA {_hms(eta)}" if eta else ""))
-            ckpt.save(epoch + 1, params=state.params,
-                      train={"step": state.step, "rest": state.rest, "opt": state.opt_state},
+            ckpt.save(epoch + 1, params=state.params, train=train_state,
                       data_state=train_it.get_state(),
-                      meta={"epoch": epoch + 1, "variant": cfg.model.variant,
-                            "processes": jax.process_count(),
-                            "plan": plan.to_record(), "history": writer.history,
-                            "best_ema": best_ema, "config": cfg.to_dict()},
+                      meta={**meta, "epoch": epoch + 1, "history": writer.history,
+                            "best_ema": best_ema},
                       best=record.get("best", False))
-    except KeyboardInterrupt:
-        ckpt.wait()
-        say(f"\ninterrupted; the last complete epoch is saved in {run_dir}. Run the same "
-            f"command again to resume.")
-        raise
+            ckpt.drop_preempted()
+            if stopping:
+                ckpt.wait()
+                raise signals.Stopped(stop.signum, f"stopped by {signals.NAMES[stop.signum]} "
+                                      f"after epoch {epoch + 1}, saved in {ckpt.dir}. Run the "
+                                      f"same command again to resume", saved=True)
     finally:
         ckpt.wait()
         writer.close()
+        train_it.close()
     ckpt.close()
+    stop.after_training()
     summary = _summary(run_dir, end_epoch, state, graphdef, plan, writer, best_ema)
     if end_epoch == t.epochs:
-        if t.final_validation and jax.process_count() == 1:
-            t0 = time.perf_counter()
-            model = validate.merged_model(graphdef, state.params, state.rest)
-            results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
-                                                mesh=mesh, progress=progress)
-            say(validate.format_results(results, run_dir)
-                + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
-            summary["final_validation"] = results
+        if t.final_validation:
+            summary["final_validation"] = _final_validation(cfg, state, graphdef, plan, val_ids,
+                                                            run_dir, main, say)
         say(f"done: {run_dir} (checkpoints in {ckpt.dir}, curves.png, metrics.jsonl)")
     return summary
+
+
+def _final_validation(cfg, state, graphdef, plan, val_ids, run_dir, main, say) -> dict:
+    """Sliding-window validation of the held-out cases, split over the processes."""
+    t0 = time.perf_counter()
+    model = validate.merged_model(graphdef, state.params, state.rest)
+    results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
+                                        epoch=cfg.train.epochs,
+                                        progress=main and progress_enabled(cfg.log.progress))
+    say(validate.format_results(results, run_dir)
+        + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
+    return results
 
 
 def history_ema(history: list[dict]) -> float | None:
@@ -315,6 +399,19 @@ class _Tally:
     def dice(self) -> np.ndarray:
         return losses.pseudo_dice(self.counts)
 
+    def state(self, steps: int) -> dict:
+        """JSON-able sums after `steps` steps of the epoch (for a mid-epoch checkpoint)."""
+        return {"steps": steps, "n": self.n, "loss": self.loss, "grad_norm": self.grad_norm,
+                "counts": self.counts.tolist()}
+
+    @classmethod
+    def restore(cls, state: dict | None, n_classes: int) -> _Tally:
+        tally = cls(n_classes)
+        if state:
+            tally.n, tally.loss, tally.grad_norm = state["n"], state["loss"], state["grad_norm"]
+            tally.counts = np.asarray(state["counts"], np.float64)
+        return tally
+
     def record(self, epoch: int, step: int, lr) -> dict:
         return {"epoch": epoch, "step": step, "train_loss": self.loss / max(self.n, 1),
                 "train_dice": _nan_to_none(self.dice()), "lr": float(lr),
@@ -340,12 +437,13 @@ def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, raw_dir: st
                     lr=f"{lr:.2e}", refresh=False)
 
 
-def _validate(eval_step, state, cache, plan, val_ids, n_batches, local_batch, mesh) -> dict:
-    """nnU-Net's online validation: summed tp/fp/fn over `n_batches` fixed validation patches."""
+def _validate(eval_step, state, cache, plan, val_ids, n_batches, mesh) -> dict:
+    """nnU-Net's online validation: summed tp/fp/fn over `n_batches` fixed validation patches
+    (global batches: each process loads its share)."""
     counts, loss, n = 0.0, 0.0, 0
-    # each process draws its own share of the global batch (seed 0 on one process)
-    for b in jdata.val_iterator(cache, plan, val_ids, num_batches=n_batches,
-                                batch_size=local_batch, seed=jax.process_index()):
+    for b in jdata.val_iterator(cache, plan, val_ids, num_batches=n_batches, seed=0,
+                                batch_size=plan.batch_size, shard_index=jax.process_index(),
+                                shard_count=jax.process_count()):
         m = jax.device_get(eval_step(state, sharding.global_batch(b, mesh)))
         counts, loss, n = counts + np.asarray(m["counts"]), loss + float(m["loss"]), n + 1
     dice = losses.pseudo_dice(counts)

@@ -3,13 +3,11 @@
 A 1-D mesh with a `data` axis spans the devices; the global batch is sharded along it and the
 parameters and optimizer state are replicated. The mesh axis is `Auto` (the compiler propagates
 shardings through the network), not `jax.make_mesh`'s default `Explicit`, so the model code needs
-no sharding annotations. On several hosts, call `initialize_distributed()` first; each process
-then feeds its local share of the batch (`global_batch`).
+no sharding annotations. On several hosts, call `jaxmamba.distributed.initialize()` first; each
+process then feeds its local share of the batch (`global_batch`).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
@@ -19,25 +17,6 @@ from jax.sharding import PartitionSpec as P
 from jaxmamba.ops.batch_parallel import BATCH_AXIS
 
 DATA_AXIS = BATCH_AXIS  # the axis that ops split kernels' batches over
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when launched as several processes; a no-op otherwise.
-
-    Under SLURM (`srun`, `SLURM_NTASKS` > 1) JAX finds the coordinator itself. Elsewhere set
-    `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` per process.
-    """
-    if jax.distributed.is_initialized():
-        return
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        try:
-            n, i = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
-        except (KeyError, ValueError) as err:
-            raise ValueError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES and "
-                             "JAX_PROCESS_ID (integers) for every process too") from err
-        jax.distributed.initialize(num_processes=n, process_id=i)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
 
 
 def make_mesh(num_devices: int = -1) -> Mesh:
@@ -75,11 +54,6 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     if batch_size % jax.process_count():
         raise ValueError(f"batch size {batch_size} is not divisible by the "
                          f"{jax.process_count()} processes")
-
-
-def local_batch_size(batch_size: int) -> int:
-    """The share of the global batch that this process loads."""
-    return batch_size // jax.process_count()
 
 
 def global_batch(local: dict, mesh: Mesh):

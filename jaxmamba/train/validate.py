@@ -3,32 +3,45 @@ scored like `jaxmamba evaluate` (paper_spec §5; nnU-Net's `perform_actual_valid
 
 Two sets, when they exist: `validation` (the fold's validation cases from `imagesTr`) and `test`
 (`imagesTs` with `labelsTs`, e.g. the demo's held-out blocks, never trained on). Predictions are
-NIfTI files in `RUN_DIR/final_validation/<set>/` with `summary.json` and `summary.csv` beside.
+NIfTI files in `RUN_DIR/final_validation/<set>/` with `summary.json` and `summary.csv` beside;
+`RUN_DIR/final_validation/results.json` is written last and marks the validation done (a run
+killed before it redoes the validation when started again).
+
+On several processes the cases are split over them (round robin); each predicts its own on its
+local devices, so the predictions, and the Dice, are those of one process with as many devices.
+Process 0 scores.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxmamba import distributed
+from jaxmamba.atomic import write_text
 from jaxmamba.data import RawDataset
 from jaxmamba.infer.evaluate import evaluate_folder, write_summary
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.predict import InputCase, find_cases, predict_cases
 from jaxmamba.plans import Plan
 
-FOLDER = "final_validation"
+FOLDER, DONE = "final_validation", "results.json"
 
 
 def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids: Sequence[str],
-                     run_dir: str | Path, *, mesh: Mesh | None = None, progress: bool = True,
-                     ) -> dict[str, dict[str, float]]:
-    """Predict and score the held-out sets; returns `{set: {class or "mean": Dice}}`."""
-    raw = Path(raw_dir)
+                     run_dir: str | Path, *, epoch: int, mesh: Mesh | None = None,
+                     progress: bool = True) -> dict[str, dict[str, float]]:
+    """Predict and score the held-out sets with the network of `epoch` epochs; returns
+    `{set: {class or "mean": Dice}}`. `mesh`: this process's devices (default: all local)."""
+    raw, out_root = Path(raw_dir), Path(run_dir) / FOLDER
+    if distributed.is_main():
+        (out_root / DONE).unlink(missing_ok=True)
     dataset = RawDataset.open(raw)
     sets = []
     if val_ids:
@@ -37,17 +50,33 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     if (raw / "imagesTs").is_dir() and (raw / "labelsTs").is_dir():
         cases = find_cases([raw / "imagesTs"], plan.num_input_channels, plan.file_ending)
         sets.append(("test", cases, raw / "labelsTs", False))
-    if not sets:
-        return {}
     apply_fn = network_apply_fn(model, mesh)
     results = {}
     for name, cases, labels, partial in sets:
         out = set_folder(run_dir, name)
-        predict_cases([apply_fn], plan, cases, out, overwrite=True, progress=progress)
-        summary = evaluate_folder(out, labels, raw / "dataset.json", partial=partial)
-        write_summary(summary, out)
-        results[name] = {region: m["Dice"] for region, m in summary["mean"].items()}
+        predict_cases([apply_fn], plan, distributed.split(cases), out, overwrite=True,
+                      mesh=mesh, progress=progress)
+        distributed.barrier(f"final validation {name}")
+        results[name] = distributed.run_once(
+            f"score {name}", lambda out=out, labels=labels, partial=partial: _score(
+                out, labels, raw / "dataset.json", partial))
+    if distributed.is_main():
+        write_text(out_root / DONE, json.dumps({"epoch": epoch, "results": results}, indent=1))
+    distributed.barrier("final validation written")
     return results
+
+
+def _score(out: Path, labels: Path, dataset_json: Path, partial: bool) -> dict[str, float]:
+    summary = evaluate_folder(out, labels, dataset_json, partial=partial)
+    write_summary(summary, out)
+    return {region: m["Dice"] for region, m in summary["mean"].items()}
+
+
+def done(run_dir: str | Path, epoch: int) -> dict | None:
+    """The results of a completed final validation of `run_dir` after `epoch` epochs, or None."""
+    path = Path(run_dir) / FOLDER / DONE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return record["results"] if record.get("epoch") == epoch else None
 
 
 def set_folder(run_dir: str | Path, name: str) -> Path:
@@ -69,5 +98,8 @@ def format_results(results: dict[str, dict[str, float]], run_dir: str | Path) ->
 
 
 def merged_model(graphdef: nnx.GraphDef, params, rest) -> nnx.Module:
-    """The trained network as a module (for prediction), from the train state's parts."""
-    return nnx.merge(graphdef, jax.device_get(params), jax.device_get(rest))
+    """The trained network as a module (for prediction), from the train state's parts: host
+    copies of this process's replica (the state is replicated over all processes' devices)."""
+    def host(x):
+        return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
+    return nnx.merge(graphdef, jax.tree.map(host, params), jax.tree.map(host, rest))

@@ -1,0 +1,196 @@
+"""Training and prediction as 2 real processes x 2 fake CPU devices on 127.0.0.1 (gloo), in a
+clean environment, every launch under a deadline: what a multi-host user runs, end to end.
+
+The reference runs are one process in this test process (4 fake CPU devices, tests/conftest.py).
+"""
+
+import json
+import signal
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+from flax import nnx
+from launching import ROOT, launch, wait_for
+
+from jaxmamba.config import load_config
+from jaxmamba.data import fold_cases
+from jaxmamba.infer.sliding_window import data_mesh
+from jaxmamba.interop.checkpoint import load_run
+from jaxmamba.train import loop, validate
+
+pytestmark = pytest.mark.slow
+LIMIT = 900  # seconds a launch may take before it counts as a hang (slow compiles, 2 cores)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    from jaxmamba.datasets import build
+    build("phantom", root / "raw", n_cases=6, shape=(10, 24, 24))
+    return root
+
+
+def _args(setup, run_dir, *more):
+    return ["train.py", "configs/tiny.yaml", f"data.raw_dir={setup / 'raw'}",
+            f"data.preprocessed_dir={setup / 'cache'}", f"train.run_dir={run_dir}",
+            "train.iters_per_epoch=2", "log.progress=false", "log.tensorboard=false",
+            "log.plot=false", *more]
+
+
+def _params(run_dir):
+    model, _ = load_run(run_dir, which="latest")
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def _history(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a, b):
+    """Bit for bit: parameters and every logged loss and pseudo-Dice."""
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    keys = ("step", "train_loss", "train_dice", "val_loss", "val_dice", "val_dice_ema", "best")
+    assert [{k: r.get(k) for k in keys} for r in _history(a)] == \
+        [{k: r.get(k) for k in keys} for r in _history(b)]
+
+
+def _no_orbax_leftovers(run_dir):
+    return not list(run_dir.glob("checkpoints/*/*orbax-checkpoint-tmp*"))
+
+
+@pytest.fixture(scope="module")
+def two_by_two(setup):
+    """The uninterrupted 2-process run: 2 epochs of 2 steps, final validation."""
+    run_dir = setup / "runs" / "2x2"
+    run = launch(_args(setup, run_dir), setup / "logs" / "2x2", cache_dir=setup / "xla")
+    codes = run.wait(LIMIT)
+    print(f"2 x 2 training run: {run.seconds():.0f} s")
+    assert codes == [0, 0], run.output()
+    return run_dir, run
+
+
+def test_two_processes_train_validate_and_write_once(setup, two_by_two):
+    run_dir, run = two_by_two
+    # latest and best were saved in the same epoch (the first is always the best so far)
+    assert _history(run_dir)[0]["best"] is True
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "latest").iterdir()) == ["2"]
+    assert [p.name for p in (run_dir / "checkpoints" / "best").iterdir() if p.name.isdigit()]
+    assert _no_orbax_leftovers(run_dir)
+    # shared work and closing lines once, on process 0
+    assert run.log(0).count("next: jaxmamba predict") == 1 and "next:" not in run.log(1)
+    assert "building the phantom dataset" not in run.log(1)
+    # the final validation, split over the processes, equals one process's of the same network
+    results = json.loads((run_dir / "final_validation" / "results.json").read_text())
+    assert results["epoch"] == 2
+    assert (run_dir / "final_validation" / "validation" / "summary.json").is_file()
+    model, plan = load_run(run_dir, which="latest")
+    _, val_ids = fold_cases(setup / "cache", 0)
+    assert len(val_ids) == 2  # one per process
+    alone = validate.final_validation(model, plan, setup / "raw", val_ids, setup / "alone",
+                                      epoch=2, mesh=data_mesh(jax.devices()[:2]),
+                                      progress=False)
+    assert alone == results["results"]
+
+
+def test_one_process_of_four_devices_matches_two_of_two(setup, two_by_two):
+    """The global patch stream and foreground oversampling do not depend on the process count:
+    1 process x 4 devices computes what 2 x 2 do, up to float rounding of the reductions."""
+    run_dir, _ = two_by_two
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", _args(setup, setup / "runs" / "1x4")[2:]
+                      + ["train.final_validation=false"])
+    one = loop.run(cfg)["history"]
+    two = _history(run_dir)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["val_dice"], b["val_dice"], rtol=1e-4)
+
+
+def test_kill_both_processes_and_restart_is_bit_exact(setup, two_by_two):
+    run_dir = setup / "runs" / "killed"
+    args = _args(setup, run_dir, "train.final_validation=false")
+    run = launch(args, setup / "logs" / "killed", cache_dir=setup / "xla")
+    wait_for(lambda: (run_dir / "checkpoints" / "latest" / "1").is_dir(), LIMIT, run,
+             "the checkpoint of epoch 1")
+    run.kill(signal.SIGKILL)
+    again = launch(args, setup / "logs" / "killed-again", cache_dir=setup / "xla")
+    assert again.wait(LIMIT) == [0, 0], again.output()
+    print(f"restart after kill -9: {again.seconds():.0f} s")
+    assert "resumed" in again.log(0)
+    _assert_same_run(run_dir, two_by_two[0])
+    assert _no_orbax_leftovers(run_dir)
+
+
+def test_sigterm_saves_on_every_process_and_resumes_exactly(setup, two_by_two):
+    """SLURM's preemption notice: SIGTERM to one process stops both at the same step, saved."""
+    run_dir = setup / "runs" / "preempted"
+    args = _args(setup, run_dir, "train.final_validation=false")
+    run = launch(args, setup / "logs" / "preempted", cache_dir=setup / "xla")
+    wait_for(lambda: "compiled the train step" in run.log(0), LIMIT, run, "training start")
+    run.procs[1].send_signal(signal.SIGTERM)
+    assert run.wait(LIMIT) == [143, 143], run.output()
+    for i in range(2):
+        assert f"process {i}: stopped by SIGTERM" in run.log(i) and "saved in" in run.log(i)
+        assert "Traceback" not in run.log(i)
+    again = launch(args, setup / "logs" / "preempted-again", cache_dir=setup / "xla")
+    assert again.wait(LIMIT) == [0, 0], again.output()
+    _assert_same_run(run_dir, two_by_two[0])
+    assert not list((run_dir / "checkpoints" / "preempted").glob("[0-9]*"))
+
+
+def test_predict_two_processes_under_slurm_equals_one_process(setup, two_by_two):
+    """`srun` as SLURM starts it (simulated SLURM_* variables): the cases split over the two
+    processes, and the outputs equal those of one process with as many devices bit for bit."""
+    run_dir = two_by_two[0]
+    common = ["-m", "jaxmamba.cli", "predict", "-m", str(run_dir), "-i",
+              str(setup / "raw" / "imagesTr"), "--no-mirroring", "--save-probabilities"]
+    two = launch([*common, "-o", str(setup / "pred2")], setup / "logs" / "predict",
+                 cache_dir=setup / "xla", slurm=True)
+    one = launch([*common, "-o", str(setup / "pred1")], setup / "logs" / "predict1",
+                 cache_dir=setup / "xla", processes=1)
+    assert two.wait(LIMIT) == [0, 0], two.output()
+    print(f"2-process predict: {two.seconds():.0f} s")
+    assert one.wait(LIMIT) == [0], one.output()
+    assert "over 2 processes" in two.log(0) and "wrote 6 prediction(s)" in two.log(0)
+    written = sorted((setup / "pred1").glob("*.nii.gz"))
+    assert [p.name for p in written] == sorted(p.name for p in (setup / "pred2").glob("*.nii.gz"))
+    assert len(written) == 6
+    for p in written:
+        a, b = nib.load(p), nib.load(setup / "pred2" / p.name)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+        pa = np.load(p.with_name(p.name.replace(".nii.gz", ".npz")))["probabilities"]
+        pb = np.load(setup / "pred2" / p.name.replace(".nii.gz", ".npz"))["probabilities"]
+        np.testing.assert_array_equal(pa, pb)
+
+
+def test_bad_launches_end_every_process_quickly_writing_nothing(setup):
+    """A batch the devices cannot split, different configs, an unreachable coordinator and a
+    process that never joins: a message on every process, exit 1, nothing in the run dir."""
+    runs = setup / "runs"
+    quick = {"JAXMAMBA_JOIN_TIMEOUT": "5"}
+    cases = {
+        "batch": (launch(_args(setup, runs / "batch6", "data.plan_overrides.batch_size=6"),
+                         setup / "logs" / "batch6"), runs / "batch6",
+                  "batch size 6 is not divisible by the 4 devices"),
+        "configs": (launch(_args(setup, runs / "differ"), setup / "logs" / "differ",
+                           extra_args={1: ["optim.lr=0.001"]}), runs / "differ",
+                    "different configs (hashes"),
+        "unreachable": (launch(_args(setup, runs / "alone1"), setup / "logs" / "alone1",
+                               only=[1], env=quick), runs / "alone1", "nothing answers at"),
+        "never joins": (launch(_args(setup, runs / "alone0"), setup / "logs" / "alone0",
+                               only=[0], env=quick), runs / "alone0",
+                        "did not all join at 127.0.0.1"),
+    }
+    for name, (run, run_dir, message) in cases.items():
+        codes = run.wait(180)
+        assert codes == [1] * len(run.procs), (name, run.output())
+        for i in range(len(run.procs)):
+            assert message in run.log(i), (name, run.output())
+            assert "Traceback" not in run.log(i), (name, run.output())
+        assert not run_dir.exists(), name
+    assert "differ in optim.lr (optim.lr: process 0 None, process 1 0.001)" in \
+        cases["configs"][0].log(1)
