@@ -1,6 +1,6 @@
 """Data pipeline throughput: patches per second per worker with nnU-Net's full augmentation chain.
 
-Setting (issue 5): the Synapse plan (`../shared/reference/plans`, patch 48x192x192, dummy-2D
+Setting (issue 5): the reference's Synapse plan (README "Development"; patch 48x192x192, dummy-2D
 augmentation, initial patch 48x225x225, 14 labels), CT-sized cached cases of 147x512x512
 (synthetic: smooth noise with 13 organ-like blobs; the cost of sampling and augmentation does
 not depend on the anatomy; `--plans` and `--shape` measure other settings). Reports the mean

@@ -1,12 +1,13 @@
 r"""Prediction benchmark: one CT-sized case (147×512×512) at the Synapse plan, with and without
-mirroring, on one GPU (issue 7, DESIGN §9).
+mirroring, on one GPU (issue 7; results in docs/benchmarks.md).
 
 Run on a GPU machine from the repository root:
 
     python benchmarks/predict.py --variant segmamba --json predict.json
 
-It builds the network from `../shared/reference/plans/Dataset090_SynapseAbdomen.nnUNetPlans.json`
-(patch 48×192×192; random weights: timing does not depend on them), warms up (compiles) on one
+It builds the network from the reference's `Dataset090_SynapseAbdomen.nnUNetPlans.json` (in the
+reference fixtures folder, README "Development"; patch 48×192×192; random weights: timing does
+not depend on them), warms up (compiles) on one
 window, then times `predict_logits` over a random preprocessed volume of `--shape` (default
 147×512×512, the plan's median image) end to end: window gathering, the network, mirroring,
 Gaussian accumulation on the device and the transfer of the logits to the host. The network runs

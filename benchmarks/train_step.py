@@ -1,4 +1,4 @@
-"""Memory preflight and one measured train step of a network at an nnU-Net plan (DESIGN §9).
+"""Memory preflight and one measured train step of a network at an nnU-Net plan.
 
     python benchmarks/train_step.py --variant segmamba --plans PLANS.json --batch 2 \
         --patch 48 192 192 --json $OUT/train_step.json
@@ -63,7 +63,7 @@ from jaxmamba.train.optim import build_recipe  # noqa: E402
 
 
 def dc_ce_deep_supervision(outputs, labels):
-    """The training loss (paper_spec §4.1): DC+CE on every deep-supervision output, batch dice;
+    """nnU-Net's training loss: DC+CE on every deep-supervision output, batch dice;
     each output's target is the labels sampled with its stride (nearest neighbour)."""
     targets = [labels[(slice(None), *(slice(None, None, labels.shape[a] // out.shape[a])
                                       for a in range(1, labels.ndim)))] for out in outputs]

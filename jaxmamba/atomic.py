@@ -1,4 +1,4 @@
-"""Atomic writes: a file appears under its final name complete or not at all (DESIGN §3).
+"""Atomic writes: a file appears under its final name complete or not at all.
 
 Every module that writes results (plans, configs, caches, checkpoints' side files, predictions,
 summaries, plots) writes through `atomic_path`, so an interrupted run never leaves a truncated file.

@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses, YAML loading, `key=value` overrides (DESIGN §7).
+"""Typed run configuration: dataclasses, YAML loading, `key=value` overrides (configs/README.md).
 
 A config file is YAML whose keys mirror the dataclasses below; `base: other.yaml` (relative to the
 file) merges the file onto another one first. Command-line overrides use dotted keys
@@ -42,7 +42,7 @@ class DataConfig:
     preprocessed_dir: str = ""  # preprocessing cache; "" = <raw_dir>_preprocessed
     plans: str | None = None  # nnUNetPlans.json to use; None = plan from the dataset fingerprint
     build: Literal["demo", "phantom"] | None = None  # build this dataset at raw_dir if it is absent
-    fold: int = 0  # nnU-Net 5-fold split (splits_final.json), paper_spec §3.4
+    fold: int = 0  # nnU-Net 5-fold split (splits_final.json), nnunetv2 `generate_crossval_split`
     num_workers: int = 0  # grain worker processes for training patches (0 = in-process)
     plan_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Plan fields
 
@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Recipe and its hyper-parameters; defaults are the reference's (paper_spec §4.1–4.2)."""
+    """Recipe and its hyper-parameters; defaults are the reference's (configs/README.md)."""
 
     recipe: Literal["nnunet", "radam_cosine", "radam_onecycle"] = "nnunet"
     lr: float | None = None  # None = recipe default: 1e-2 (nnunet), 3e-4 (RAdam recipes)

@@ -163,7 +163,7 @@ class Plan:
 
     @property
     def features_per_stage(self) -> tuple[int, ...]:
-        """`min(base · 2^s, max)` for each stage (paper_spec §3.2)."""
+        """`min(base · 2^s, max)` for each stage (as nnU-Net's `ExperimentPlanner`)."""
         return tuple(min(self.base_num_features * 2**s, self.max_num_features)
                      for s in range(self.num_stages))
 
@@ -192,7 +192,10 @@ class Plan:
 
     @property
     def deep_supervision_scales(self) -> tuple[tuple[float, ...], ...]:
-        """Each decoder output's scale relative to the patch, full resolution first (spec §4.1)."""
+        """Each decoder output's scale relative to the patch, full resolution first.
+
+        As nnU-Net's `nnUNetTrainer._get_deep_supervision_scales`.
+        """
         scales, cum = [], [1] * len(self.patch_size)
         for stride in self.strides[:-1]:
             cum = [c * s for c, s in zip(cum, stride, strict=True)]

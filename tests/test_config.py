@@ -126,7 +126,7 @@ def test_shipped_configs_load_and_build_their_recipe(path):
     reference = {"segmamba": ("radam_cosine", 1000), "bisegmamba": ("radam_cosine", 300),
                  "segmambaskip": ("radam_cosine", 1000), "multisegmamba": ("radam_onecycle", 300),
                  "resencunet": ("nnunet", 1000)}
-    if path.parent.name in ("synapse", "brats", "acdc"):  # the reference's recipes, §4.2
+    if path.parent.name in ("synapse", "brats", "acdc"):  # reference recipes: configs/README.md
         want = ("nnunet", 1000) if path.stem.endswith("_nnunet") else reference[path.stem]
         assert (cfg.optim.recipe, cfg.train.epochs) == want
         assert cfg.model.variant == path.stem.removesuffix("_nnunet")

@@ -1,4 +1,4 @@
-"""Augmentation (paper_spec §4.1): each transform changes what it should; labels stay aligned."""
+"""Augmentation (nnU-Net's chain): each transform changes what it should; labels stay aligned."""
 
 import dataclasses
 import os

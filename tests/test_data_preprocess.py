@@ -175,7 +175,7 @@ def test_bad_input_is_reported_per_case_and_file(tmp_path):
 
 
 def test_reference_plans_load_unchanged(reference_dir):
-    """TamingMambas nnUNetPlans.json → the plans the networks use (paper_spec §3.4)."""
+    """TamingMambas nnUNetPlans.json → the plans the networks use (3d_fullres)."""
     plans = {p.name.split(".")[0]: Plan.load(p)
              for p in sorted((reference_dir / "plans").glob("*.nnUNetPlans.json"))}
     syn = plans["Dataset090_SynapseAbdomen"]

@@ -31,7 +31,7 @@ def np_layer_norm(x, scale, bias):
 
 
 def np_mamba(p, x, prefix=""):
-    """paper_spec §2.2 steps 1–9 in float64 NumPy, with a sequential scan."""
+    """mamba_ssm `Mamba.forward` (slow path) in float64 NumPy, with a sequential scan."""
     g = lambda name: p[prefix + name]  # noqa: E731
     sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
     xz = x @ g("in_proj/kernel")

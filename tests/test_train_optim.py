@@ -1,4 +1,4 @@
-"""Recipes and schedules against the closed forms of paper_spec §4.2 and numpy transcriptions of
+"""Recipes and schedules against the closed forms of torch's schedulers and numpy transcriptions of
 torch's SGD (Nesterov) and RAdam update rules."""
 
 import math
@@ -33,7 +33,7 @@ def test_cosine_is_periodic_as_torch_step_epoch():
     assert _lr_at_epoch(r, 0) == pytest.approx(3e-4, rel=1e-6)
     assert _lr_at_epoch(r, 100) == pytest.approx(5e-6, rel=1e-5)
     assert _lr_at_epoch(r, 200) == pytest.approx(3e-4, rel=1e-6)
-    assert _lr_at_epoch(r, 299) == pytest.approx(5.07e-6, rel=1e-3)  # paper_spec §4.2
+    assert _lr_at_epoch(r, 299) == pytest.approx(5.07e-6, rel=1e-3)  # cosine, period 200 epochs
     e = 37
     want = 5e-6 + (3e-4 - 5e-6) * (1 + math.cos(math.pi * e / 100)) / 2
     assert _lr_at_epoch(r, e) == pytest.approx(want, rel=1e-5)

@@ -1,4 +1,4 @@
-"""Data: nnU-Net raw folders → fingerprint, plan → preprocessed cache → grain batches (DESIGN §6).
+"""Data: nnU-Net raw folders → fingerprint, plan → preprocessed cache → grain batches.
 
 Stable API (other packages build on these names and signatures):
 

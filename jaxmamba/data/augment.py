@@ -1,4 +1,7 @@
-"""nnU-Net's training augmentation chain, in order (paper_spec §4.1, batchgenerators 0.25).
+"""nnU-Net's augmentation chain, in order (`get_training_transforms`, batchgenerators 0.25).
+
+As `nnUNetTrainer.get_training_transforms` of TamingMambas' nnU-Net fork
+(`tamingmambas/nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py`).
 
 Arrays are one sample, channels-first: `data (C, S0, S1, S2)` float32 and `seg (S0, S1, S2)`
 int (-1 = outside the image or the non-zero mask). Each transform takes a `numpy.random.Generator`
@@ -22,7 +25,7 @@ _DEG = math.pi / 180
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Probabilities and ranges of the chain; the defaults are nnU-Net's (paper_spec §4.1)."""
+    """Probabilities and ranges of the chain; the defaults are nnU-Net's."""
 
     patch_size: tuple[int, ...]
     dummy_2d: bool = False

@@ -1,4 +1,4 @@
-"""Crop to the non-zero region, as nnU-Net does before anything else (ecosystem.md §2.1)."""
+"""Crop to the non-zero region, as nnU-Net does before anything else (`crop_to_nonzero`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NIfTI reading and writing in nnU-Net's axis order (DESIGN §3).
+"""NIfTI reading and writing in nnU-Net's axis order (docs/architecture.md, "Conventions").
 
 Volumes are returned as the NIfTI voxel axes reversed (`z, y, x`, what SimpleITK and nnU-Net's
 `NibabelIO` give), with the spacing reversed to match. The affine and the header travel with the

@@ -1,4 +1,4 @@
-"""Per-channel intensity normalisation, nnU-Net's schemes (ecosystem.md §2.1 "Normalization").
+"""Per-channel intensity normalisation, nnU-Net's schemes (`default_normalization_schemes.py`).
 
 - `CTNormalization`: clip to the dataset's foreground [0.5, 99.5] percentiles, then z-score with
   the dataset's foreground mean and std (from the fingerprint, in the plan).

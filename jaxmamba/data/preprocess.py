@@ -1,4 +1,4 @@
-"""Preprocessing cache (DESIGN §6) and its inversion for prediction.
+"""Preprocessing cache (nnU-Net's `DefaultPreprocessor`) and its inversion for prediction.
 
 Per case, in nnU-Net's order (nnunetv2 2.8 `DefaultPreprocessor.run_case_npy`): crop to the
 non-zero region, normalise each channel by the plan's scheme (masked z-score over `seg >= 0`, as

@@ -1,4 +1,4 @@
-"""Patch sampling with nnU-Net's foreground oversampling (paper_spec §4.1 "Sampling").
+"""Patch sampling with nnU-Net's foreground oversampling (nnunetv2 `nnUNetDataLoader`).
 
 A sample at position `j` of a batch of `B` is forced to contain foreground iff
 `j >= round(B · (1 - 0.33))` (with B = 2, exactly the second sample). A forced sample picks a label

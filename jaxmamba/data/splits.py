@@ -1,4 +1,4 @@
-"""nnU-Net's 5-fold cross-validation splits, `splits_final.json` (ecosystem.md §2.1 "Splits").
+"""nnU-Net's 5-fold cross-validation splits, `splits_final.json`.
 
 Created like nnU-Net's `generate_crossval_split`: sklearn `KFold(5, shuffle=True,
 random_state=12345)` over the sorted case ids, re-implemented without sklearn (same permutation,

@@ -1,4 +1,4 @@
-"""Inference and evaluation (DESIGN §8).
+"""Inference and evaluation (README "Predict and evaluate").
 
 - `jaxmamba.infer.sliding_window`: `predict_logits` (sliding windows, Gaussian weighting, mirror
   test-time augmentation, sharded over devices) for any `apply_fn`.

@@ -1,9 +1,10 @@
-"""`jaxmamba evaluate`: metrics of a folder of predictions against the ground truth (DESIGN §8).
+"""`jaxmamba evaluate`: metrics of a folder of predictions against the ground truth.
 
 Cases are paired by file name (`CASE<file_ending>` in both folders), never by sorted order. Per
 case and per class (or region), Dice, HD95 and optionally NSD (`jaxmamba.infer.metrics` says
 exactly how each is defined); means over cases per class, and the mean over classes, as the
-reference reports them (paper_spec §5.2). Writes `summary.json` (nnU-Net-like layout: settings,
+reference reports them (TamingMambas `evaluation/<dataset>/eval.py`).
+Writes `summary.json` (nnU-Net-like layout: settings,
 `metric_per_case`, `mean`) and `summary.csv`, prints the per-case table, and with `--preview`
 draws a PNG per case.
 """

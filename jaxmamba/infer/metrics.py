@@ -1,4 +1,4 @@
-"""Segmentation metrics with numpy and scipy only (paper_spec §5.2, ecosystem §3.6).
+"""Segmentation metrics with numpy and scipy only (TamingMambas `evaluation/*/eval.py`).
 
 - **Dice** as nnU-Net: `2 TP / (2 TP + FP + FN)`, NaN when both masks are empty (nnU-Net leaves such
   cases out of the mean). The reference's evaluation scripts use 1 (or 100) instead:
@@ -13,7 +13,7 @@
   masks that lie within the tolerance of the other mask's surface. This is the voxel-surface variant
   (MONAI `SurfaceDiceMetric(use_subvoxels=False)`), with the medpy surface above; DeepMind's
   `surface-distance` weights each surface element by its area instead, so the two differ slightly
-  (ecosystem §3.6). NaN when both masks are empty, 0 when exactly one is.
+  (`compute_surface_dice_at_tolerance`). NaN when both masks are empty, 0 when exactly one is.
 
 All functions take boolean (or 0/1) arrays of one shape; `spacing` is per axis, in the arrays' axis
 order.
@@ -112,7 +112,8 @@ def parse_regions(spec: str) -> dict[str, tuple[int, ...]]:
     return regions
 
 
-#: BraTS regions from the argmax labels, as the reference evaluates them (paper_spec §5.2).
+#: BraTS regions from the argmax labels, as the reference evaluates them
+#: (TamingMambas `evaluation/Dataset001_BrainTumour/eval.py`).
 BRATS_REGIONS = {"WT": (1, 2, 3), "TC": (2, 3), "ET": (3,)}
 
 

@@ -15,7 +15,7 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
     """A jitted `windows (n, *patch, C) -> logits (n, *patch, K)` of an NNX U-Net.
 
     Deep supervision is switched off (the full-resolution head only, as the reference predicts,
-    paper_spec §5.1) and the network's state is replicated over `mesh` (default: this process's
+    `nnUNetPredictor`) and the network's state is replicated over `mesh` (default: this process's
     devices) so that windows sharded over its `data` axis run in parallel.
     """
     if hasattr(model, "set_deep_supervision"):

@@ -1,4 +1,4 @@
-"""Prediction of raw NIfTI cases with nnU-Net's pipeline (paper_spec §5.1, DESIGN §8).
+"""Prediction of raw NIfTI cases with nnU-Net's pipeline (`nnUNetPredictor`).
 
 Per case: preprocess exactly as in training with the plan (`jaxmamba.data.preprocess_case`),
 sliding-window logits (Gaussian weights, mirroring; averaged over the networks of an ensemble, as

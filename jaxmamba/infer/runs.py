@@ -1,4 +1,4 @@
-"""Run directories as prediction inputs (DESIGN §8: a run directory is self-contained).
+"""Run directories as prediction inputs (a run directory is self-contained).
 
 Training's runs and `jaxmamba convert-torch` outputs share one layout (`jaxmamba.train.checkpoint`,
 `jaxmamba.interop.checkpoint`): `nnUNetPlans.json` and `dataset.json` at the top, parameters and

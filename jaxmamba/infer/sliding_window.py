@@ -1,11 +1,11 @@
-"""Sliding-window prediction of a whole volume, as nnU-Net does it (paper_spec §5.1, DESIGN §8).
+"""Sliding-window prediction of a whole volume, as nnU-Net does it.
 
 The volume is padded to at least the patch size, cut into windows at nnU-Net's positions (50%
 overlap by default), each window is predicted (optionally under mirror test-time augmentation,
 logits averaged over all flip combinations), weighted by a Gaussian importance map and accumulated;
 the sum is divided by the summed weights and cropped back to the input size.
 
-Arrays are channels-last in nnU-Net axis order (DESIGN §3): an image is `(S0, S1, S2, C)`, the
+Arrays are channels-last in nnU-Net axis order: an image is `(S0, S1, S2, C)`, the
 network is any `apply_fn(windows (n, *patch, C)) -> logits (n, *patch, K)`, the result is
 `(S0, S1, S2, K)` float32 logits. Windows are batched on the device and sharded over the `data` axis
 of a mesh when it has several devices; the accumulator lives on the first device when it fits there
@@ -107,7 +107,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
                    mirror_axes: Sequence[int] | None = (0, 1, 2), batch_size: int | None = None,
                    mesh: Mesh | None = None, accumulate: Accumulate = "auto",
                    progress: bool | str = False) -> np.ndarray:
-    """Sliding-window logits of a whole volume (paper_spec §5.1).
+    """Sliding-window logits of a whole volume (`predict_sliding_window_return_logits`).
 
     Args:
       apply_fn: the network, `(n, *patch, C) -> (n, *patch, num_classes)`; jit it beforehand, with

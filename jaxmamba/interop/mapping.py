@@ -1,4 +1,4 @@
-"""The rule between jaxmamba parameters and PyTorch state-dict names and layouts (paper_spec §2.4).
+"""The rule between jaxmamba parameters and PyTorch state-dict names and layouts.
 
 A parameter at module path `a/b/0/c` with leaf `kernel` is the PyTorch tensor `a.b.0.c.weight`;
 the layout change depends only on the module type (`_LAYOUTS`). The reference's state dict also

@@ -1,4 +1,4 @@
-"""PyTorch / nnU-Net checkpoints ⇄ jaxmamba parameters (DESIGN §8).
+"""PyTorch / nnU-Net checkpoints ⇄ jaxmamba parameters (README "Networks and PyTorch checkpoints").
 
 - `read_state_dict(path)` / `read_checkpoint(path)`: an nnU-Net/TamingMambas
   `checkpoint_final.pth` (`network_weights`), a plain `state_dict` `.pth`, or an `.npz` with

@@ -1,4 +1,4 @@
-"""The Mamba blocks of TamingMambas (paper_spec §1.2), on tokens or channels-last volumes.
+"""The Mamba blocks of TamingMambas, on tokens or channels-last volumes.
 
 Mirrors `tamingmambas/nnunetv2/nets/{SegMamba,PanSegMamba,MultiSegMamba}.py`: `MambaTrans`,
 `PanMambaTrans` (the paper's bidirectional block), `MultiMambaTrans` and `MambaLayer`. Attribute
@@ -67,7 +67,8 @@ def _tokens(x: jax.Array) -> jax.Array:
 class MultiMambaTrans(nnx.Module):
     """MultiSegMamba's block: the mean over 4 axis orders of a `PanMambaTrans` scan each.
 
-    Input and output (B, S0, S1, S2, C); runs in float32. No outer LayerNorm (paper_spec §1.2).
+    Input and output (B, S0, S1, S2, C); runs in float32. No outer LayerNorm (TamingMambas'
+    MultiSegMamba.py).
     `remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
     recomputed from the input, one per axis order, shared by its forward and reverse scans.
     """
@@ -97,7 +98,7 @@ class MultiMambaTrans(nnx.Module):
 
 
 class MambaLayer(nnx.Module):
-    """`Block(LN(tokens))` on a volume (B, S0, S1, S2, C), no residual (paper_spec §1.2, §7.1).
+    """`Block(LN(tokens))` on a volume (B, S0, S1, S2, C), no residual (SegMamba.py `MambaLayer`).
 
     The block is `MambaTrans` (SegMamba) or `PanMambaTrans` (`bidirectional=True`: BiSegMamba,
     SegMambaSkip). It computes in float32 whatever the input dtype, as the reference's

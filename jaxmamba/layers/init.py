@@ -20,7 +20,7 @@ def uniform(bound: float):
 
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
                  weight_bound: float | None = None) -> nnx.Linear:
-    """`nn.Linear`: weight and bias `U(-1/√in, 1/√in)` (paper_spec §2.1). Kernel is `(in, out)`."""
+    """`nn.Linear`: weight and bias `U(-1/√in, 1/√in)`. Kernel is `(in, out)`."""
     bound = 1.0 / math.sqrt(in_features)
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, rngs=rngs, param_dtype=jnp.float32,

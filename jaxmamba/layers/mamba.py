@@ -1,4 +1,4 @@
-"""The Mamba block of mamba_ssm (`Mamba`, v1.2–2.0), channels-last, Flax NNX (paper_spec §2).
+"""The Mamba block of mamba_ssm (`Mamba`, v1.2–2.0), channels-last, Flax NNX.
 
 Attribute names equal mamba_ssm's module names (`in_proj`, `conv1d`, `x_proj`, `dt_proj`, `A_log`,
 `D`, `out_proj`), so a PyTorch parameter path maps to a jaxmamba one by a rule: Linear `weight` is
@@ -34,7 +34,7 @@ class DepthwiseConv1d(nnx.Module):
 
 
 def dt_bias_init(key, dim: int, dt_min: float, dt_max: float, dt_init_floor: float) -> jax.Array:
-    """Inverse softplus of `dt ~ exp(U[ln dt_min, ln dt_max])`, floored (paper_spec §2.1)."""
+    """Inverse softplus of `dt ~ exp(U[ln dt_min, ln dt_max])`, floored (as `Mamba.__init__`)."""
     dt = jnp.exp(jax.random.uniform(key, (dim,)) * (math.log(dt_max) - math.log(dt_min))
                  + math.log(dt_min))
     dt = jnp.maximum(dt, dt_init_floor)

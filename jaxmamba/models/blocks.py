@@ -1,4 +1,8 @@
-"""Convolutional building blocks of the nnU-Net residual U-Net (paper_spec §3.1, §3.3).
+"""Convolutional building blocks of the nnU-Net residual U-Net.
+
+As dynamic-network-architectures' `ConvDropoutNormReLU`, `BasicBlockD`, `StackedResidualBlocks`
+(`building_blocks/{simple_conv_blocks,residual}.py`), initialised by `InitWeights_He(1e-2)` and
+`init_last_bn_before_add_to_0` (`initialization/weight_init.py`).
 
 Channels-last throughout: volumes are `(B, S0, S1, S2, C)`. Attribute names equal the PyTorch
 module names of dynamic-network-architectures 0.3.1 (`conv`, `norm`, `conv1`, `conv2`, `skip`,
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-#: Negative slope of nnU-Net's LeakyReLU and the `a` of its He initialisation (paper_spec §3.3).
+#: Negative slope of nnU-Net's LeakyReLU and the `a` of its He initialisation (`InitWeights_He`).
 LEAKY_SLOPE = 1e-2
 #: InstanceNorm3d epsilon of PyTorch (Flax's norms default to 1e-6).
 NORM_EPS = 1e-5
@@ -160,9 +164,9 @@ class StackedConvBlocks(nnx.Module):
 class TransposedConv(nnx.Module):
     """ConvTranspose3d with kernel = stride, as an exact non-overlapping "pixel shuffle" einsum.
 
-    `out[b, i·s + p, o] = Σ_c x[b, i, c] · kernel[p, c, o] + bias[o]` per axis (paper_spec §2.4).
+    `out[b, i·s + p, o] = Σ_c x[b, i, c] · kernel[p, c, o] + bias[o]` per axis.
     `kernel` is `(s0, s1, s2, cin, cout)`; PyTorch's weight is `(cin, cout, s0, s1, s2)`. He init
-    uses PyTorch's fan-in of a transposed conv, `cout · prod(s)` (paper_spec §3.3).
+    uses PyTorch's fan-in of a transposed conv, `cout · prod(s)` (as `InitWeights_He`).
     """
 
     def __init__(self, cin: int, cout: int, stride: Sequence[int], *, dtype=None,

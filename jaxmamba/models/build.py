@@ -1,4 +1,7 @@
-"""`build_model(variant, plan)`: the networks from an nnU-Net plan (paper_spec §1.3, §3.2).
+"""`build_model(variant, plan)`: the networks from an nnU-Net plan.
+
+Reference classes are in TamingMambas' `tamingmambas/nnunetv2/nets/<class>.py` (built by its
+`get_*_from_plans`); DNA is dynamic-network-architectures (`architectures/unet.py`).
 
 | variant         | reference class                 | Mamba module per stage            | decoder  |
 |-----------------|---------------------------------|-----------------------------------|----------|
@@ -90,7 +93,7 @@ def _mamba_module(kind: str, cap: int, scan_implementation: str | None, remat: s
 def build_model(variant: str, plan: Plan, *, precision: str = "float32",
                 deep_supervision: bool = True, scan_implementation: str | None = None,
                 remat: str = DEFAULT_REMAT, rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
-    """The network `variant` for `plan`, initialised as the reference (paper_spec §3.3).
+    """The network `variant` for `plan`, initialised as the reference's `get_*_from_plans`.
 
     `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
     parameters and the Mamba path stay float32. `scan_implementation` is passed to

@@ -1,7 +1,7 @@
 """The precision policy: one switch for the computation dtype of convolutions and norms.
 
 Parameters are always float32. The Mamba path always computes in float32, as the reference's
-`autocast(enabled=False)` (paper_spec §1.2, §7.4; DESIGN §3): `jaxmamba.layers` casts at its own
+`autocast(enabled=False)` (TamingMambas `MambaLayer`): `jaxmamba.layers` casts at its own
 boundary, so nothing here or in the networks casts anywhere else. Norm statistics are float32 too.
 """
 

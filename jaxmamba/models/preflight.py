@@ -1,4 +1,4 @@
-"""Compile-ahead memory preflight of a network's forward + backward (DESIGN §7, maxtext-style).
+"""Compile-ahead memory preflight of a network's forward + backward (maxtext-style).
 
 `memory_preflight(model, plan, batch_size)` lowers and compiles `value_and_grad` of a loss of the
 network's outputs on abstract inputs (nothing is allocated or run) and returns XLA's

@@ -1,4 +1,7 @@
-"""The two encoders, the two decoders and the U-Net that joins them (paper_spec §1.3, §3.2).
+"""The two encoders, the two decoders and the U-Net that joins them.
+
+As TamingMambas' `ResidualMambaEncoder` and `UNetResDecoder` (`tamingmambas/nnunetv2/nets/`) and
+dynamic-network-architectures' `ResidualEncoderUNet` (plain-conv decoder).
 
 Channels-last: input `(B, S0, S1, S2, C_in)`, outputs `(B, *S / scale, num_classes)` logits in
 float32. Attribute names follow the PyTorch state dict (`encoder.stem.convs.0`,
@@ -32,7 +35,7 @@ class ResidualEncoder(nnx.Module):
 
     `__call__(x) -> skips`, one per stage, the bottleneck last. With `mamba_on_skips_only`
     (SegMambaSkip) the Mamba output goes to the skip only and the next stage gets the conv
-    output; otherwise the Mamba output replaces the stage features (paper_spec §1.3).
+    output; otherwise the Mamba output replaces the stage features (TamingMambas `nets/`).
     """
 
     def __init__(self, in_channels: int, features: Sequence[int],

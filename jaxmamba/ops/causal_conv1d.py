@@ -15,7 +15,7 @@ def causal_conv1d(
     """`y[t, d] = bias[d] + Σ_k weight[k, d] · x[t - (W-1) + k, d]`, zeros before the first token.
 
     Cross-correlation as PyTorch: `weight[W-1]` multiplies the current token
-    (paper_spec §2.2 step 2).
+    (mamba_ssm `Mamba.forward`: `conv1d(x)[..., :L]`).
     With `reverse=True` the convolution looks at the current and *following* tokens, so that
     `causal_conv1d(x, reverse=True) == flip(causal_conv1d(flip(x)))` without copying flips.
 

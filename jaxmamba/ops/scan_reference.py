@@ -1,6 +1,6 @@
 """The definition of the selective scan: a sequential `lax.scan`, dtype-generic.
 
-Mirrors mamba_ssm's `selective_scan_ref` (paper_spec §2.3) in jaxmamba's channels-last layout:
+Mirrors mamba_ssm's `selective_scan_ref` in jaxmamba's channels-last layout:
 `u, delta, z: (B, L, D)`, `B, C: (B, L, N)`, `A: (D, N)`, `D, delta_bias: (D,)`, state `(B, D, N)`.
 It runs in float32, or float64 when any input is float64 (under `jax_enable_x64`).
 """

@@ -3,7 +3,7 @@
 Each chunk's body is rematerialised (`jax.checkpoint`), so a forward+backward keeps only the inputs,
 the outputs and one state `(B, D, N)` per chunk: memory O(B·L·D + B·(L/T)·D·N) plus the work
 arrays of a single chunk, O(B·T·D·N). No `(B, L, D, N)` tensor is ever allocated
-(jax_mamba_anchors §5.2).
+(measured: docs/benchmarks.md, "Selective scan").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`selective_scan`: the public op, its argument checks and the dispatcher over implementations.
 
-Layout is channels-last (DESIGN §4): `u, delta, z, y: (B, L, D)`, `B, C: (B, L, N)`, `A: (D, N)`,
+Layout is channels-last: `u, delta, z, y: (B, L, D)`, `B, C: (B, L, N)`, `A: (D, N)`,
 `D, delta_bias: (D,)`, `initial_state` and the final state `(B, D, N)`.
 """
 
@@ -140,7 +140,7 @@ def selective_scan(
     implementation: str | None = None,
     validate: bool = False,
 ):
-    """Mamba-1 selective scan (mamba_ssm `selective_scan_fn`, paper_spec §2.2 steps 5–8).
+    """Mamba-1 selective scan (`selective_scan_fn` of mamba_ssm/ops/selective_scan_interface.py).
 
     `δ = softplus(delta + delta_bias)`; `h_t = exp(δ_t A) ⊙ h_{t-1} + δ_t u_t B_t` from
     `h_{-1} = initial_state` (zeros by default); `y_t = <C_t, h_t> + D u_t`; `y *= silu(z)`.

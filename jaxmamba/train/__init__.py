@@ -1,4 +1,4 @@
-"""Training (DESIGN §7): `jaxmamba.train.loop.run(config)` behind `python train.py CONFIG`.
+"""Training (README "Training"): `jaxmamba.train.loop.run(config)` behind `python train.py CONFIG`.
 
 - `losses`: nnU-Net DC+CE with deep supervision, confusion counts for the pseudo-Dice.
 - `optim`: the reference recipes as optax chains with per-epoch torch schedules.

@@ -1,4 +1,4 @@
-"""Run directory and checkpoints (orbax `CheckpointManager`, async; DESIGN §7).
+"""Run directory and checkpoints (orbax `CheckpointManager`, async; README "Training").
 
 ```
 RUN_DIR/

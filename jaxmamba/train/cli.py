@@ -1,4 +1,4 @@
-"""`python train.py [CONFIG] [key=value ...]` and `jaxmamba train ...` (DESIGN §1, §7)."""
+"""`python train.py [CONFIG] [key=value ...]` and `jaxmamba train ...` (README "Training")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop: `run(config)` (DESIGN §7; big_vision-style sections, one readable function).
+"""The training loop: `run(config)` (big_vision-style sections, one readable function).
 
 Order of work: decide resume or fresh (refusing to touch a run directory that does not match),
 prepare the data (build the bundled dataset if asked, preprocess, plan, split), build the mesh,

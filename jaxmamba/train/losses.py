@@ -1,4 +1,4 @@
-"""nnU-Net's training loss: cross-entropy + soft Dice, with deep supervision (paper_spec §4.1).
+"""nnU-Net's training loss (`nnUNetTrainer._build_loss`): CE + soft Dice, deep supervision.
 
 Shapes are channels-last: logits `(B, *S, K)` (K classes, background first), integer targets
 `(B, *S)`. The Dice term is nnU-Net's `MemoryEfficientSoftDiceLoss` (softmax, `do_bg=False`,
@@ -19,7 +19,7 @@ SMOOTH = 1e-5
 def deep_supervision_weights(n: int) -> np.ndarray:
     """`[1, 1/2, 1/4, ..., 0] / sum`: nnU-Net's weights, the lowest output weighted 0.
 
-    For 5 outputs: `[1, 1/2, 1/4, 1/8, 0] / 1.875` (paper_spec §4.1).
+    For 5 outputs: `[1, 1/2, 1/4, 1/8, 0] / 1.875` (`nnUNetTrainer._build_loss`).
     """
     w = np.array([1.0 / 2**i for i in range(n)])
     if n > 1:
@@ -82,7 +82,7 @@ def confusion_counts(logits: jax.Array, target: jax.Array) -> jax.Array:
     """Per foreground class `(tp, fp, fn)` of the argmax prediction, summed over batch and space.
 
     Returns `(3, K-1)` float32; nnU-Net's online pseudo-Dice is `2tp / (2tp + fp + fn)` of the sums
-    over the validation batches of an epoch (paper_spec §4.1).
+    over the validation batches of an epoch (`nnUNetTrainer.on_validation_epoch_end`).
     """
     k = logits.shape[-1]
     pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), k, dtype=jnp.float32)[..., 1:]

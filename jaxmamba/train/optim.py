@@ -1,4 +1,8 @@
-"""Optimizer recipes of the reference trainers as optax chains (paper_spec §4.1–4.2).
+"""Optimizer recipes of the reference trainers as optax chains.
+
+The trainers are TamingMambas' `nnUNetTrainer` (nnU-Net's default, `configure_optimizers`) and
+`nnUNetTrainer{SegMamba,PanSegMamba,SegMambaSkip,MultiSegMamba}` on `nnUNetTrainerVanillaRAdam3en4`
+(`tamingmambas/nnunetv2/training/nnUNetTrainer/`).
 
 Schedules are stepped once per epoch, as the PyTorch trainers call `scheduler.step(epoch)`: every
 schedule here is a function of the optimizer step that reads `epoch = step // iters_per_epoch`
@@ -6,7 +10,7 @@ and evaluates torch's closed form at that epoch.
 
 - `nnunet`: clip 12 → coupled L2 3e-5 → SGD Nesterov 0.99, lr `1e-2·(1 − e/E)^0.9`.
 - `radam_cosine`: clip 12 → coupled L2 3e-5 → torch RAdam → lr of `CosineAnnealingLR(T_max=100,
-  eta_min=5e-6)` in closed form, periodic with period 200 epochs (paper_spec §7.8).
+  eta_min=5e-6)` in closed form, periodic with period 200 epochs (torch's `_get_closed_form_lr`).
 - `radam_onecycle`: as above with `OneCycleLR(max_lr=3e-4, total_steps=E, pct_start=0.1,
   anneal='cos', div_factor=25, final_div_factor=1e8)`, which also cycles RAdam's β1 0.95 ↔ 0.85.
 """

@@ -1,4 +1,4 @@
-"""Compile-ahead memory preflight of the train step (maxtext `train_compile` style; DESIGN §7).
+"""Compile-ahead memory preflight of the train step (maxtext `train_compile` style).
 
 The whole train step (network, loss, optimizer) is lowered and compiled before any training, and
 the executable is the one that trains; XLA's `memory_analysis()` gives the bytes one device needs

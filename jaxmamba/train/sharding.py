@@ -1,4 +1,4 @@
-"""Data parallelism as one program for 1..N devices and hosts (DESIGN §7; no `pmap`).
+"""Data parallelism as one program for 1..N devices and hosts (README "Training"; no `pmap`).
 
 A 1-D mesh with a `data` axis spans the devices; the global batch is sharded along it and the
 parameters and optimizer state are replicated. The mesh axis is `Auto` (the compiler propagates

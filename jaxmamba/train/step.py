@@ -1,4 +1,4 @@
-"""The train state and the pure, jitted train and eval steps (big_vision style; DESIGN §7).
+"""The train state and the pure, jitted train and eval steps (big_vision style).
 
 The network is split once into a static graph and two pytrees: parameters (trained) and the rest
 (non-parameter variables, carried unchanged). The steps are pure functions of
@@ -40,7 +40,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
     """`(train_step, eval_step)`, pure functions.
 
     `train_step(state, batch) -> (state, metrics)`: one optimizer update on the DC+CE
-    deep-supervision loss (paper_spec §4.1); metrics hold `loss`, `grad_norm`, `param_norm`,
+    deep-supervision loss (`jaxmamba.train.losses`); metrics hold `loss`, `grad_norm`, `param_norm`,
     `update_norm` and the `(3, K-1)` confusion counts of the full-resolution output.
     `eval_step(state, batch) -> metrics` with `loss` and `counts` (nnU-Net's online pseudo-Dice).
     """

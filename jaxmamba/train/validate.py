@@ -1,5 +1,5 @@
 """Final validation at the end of training: sliding-window prediction of whole held-out cases,
-scored like `jaxmamba evaluate` (paper_spec §5; nnU-Net's `perform_actual_validation`).
+scored like `jaxmamba evaluate` (nnU-Net's `nnUNetTrainer.perform_actual_validation`).
 
 Two sets, when they exist: `validation` (the fold's validation cases from `imagesTr`) and `test`
 (`imagesTs` with `labelsTs`, e.g. the demo's held-out blocks, never trained on). Predictions are
