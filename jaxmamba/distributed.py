@@ -28,6 +28,8 @@ from typing import Any
 
 import jax
 
+from jaxmamba.errors import UserError
+
 JOIN_TIMEOUT_ENV = "JAXMAMBA_JOIN_TIMEOUT"
 #: How long a process waits for process 0's shared work or for the others at a barrier. Long on
 #: purpose (preprocessing a large dataset takes hours): a process that dies is noticed sooner by
@@ -38,7 +40,7 @@ _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
 _sequence = [0]  # calls of agree/run_once/barrier so far: the same on every process
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """Processes that cannot work together; the message says which and what to do."""
 
 

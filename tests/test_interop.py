@@ -238,12 +238,12 @@ def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, 
     other = tiny_plan(spacing=(2.0, 1.0, 1.0), patch_size=(8, 32, 16))
     bad = _nnunet_checkpoint(tmp_path / "other.pth", sd, other)
     assert cli.main(["convert-torch", str(bad), *args, str(tmp_path / "a")]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert str(bad) in out and "init_args.plans disagree with" in out and str(plans) in out
     assert "patch_size: plans (8, 16, 16), checkpoint (8, 32, 16)" in out and "spacing" in out
     lowres = _nnunet_checkpoint(tmp_path / "lowres.pth", sd, tiny_plan(), "3d_lowres")
     assert cli.main(["convert-torch", str(lowres), *args, str(tmp_path / "b")]) == 1
-    assert "init_args.configuration is '3d_lowres'" in capsys.readouterr().out
+    assert "init_args.configuration is '3d_lowres'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     good = _nnunet_checkpoint(tmp_path / "good.pth", sd, tiny_plan())
     assert cli.main(["convert-torch", str(good), *args, str(tmp_path / "c")]) == 0
@@ -256,6 +256,6 @@ def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_pat
     save_run(run_dir, model, tiny_plan(), source="test")
     tiny_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
     code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out
     assert "checkpoints/best/0/meta" in out and "Traceback" not in out

@@ -20,7 +20,8 @@ from jaxmamba.infer.sliding_window import data_mesh
 from jaxmamba.interop.checkpoint import load_run
 from jaxmamba.train import loop, validate
 
-pytestmark = pytest.mark.slow
+# one xdist worker for the module: its training fixture runs once, and no two gloo jobs compete
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
 LIMIT = 900  # seconds a launch may take before it counts as a hang (slow compiles, 2 cores)
 
 

@@ -84,12 +84,9 @@ def _plan(name, spacing, channels, labels, *, schemes=None, masks=None, fg=None,
 def _nnunet_plans(nnunet, plan: Plan, network_class: str = "PlainConvUNet") -> tuple[dict, dict]:
     """jaxmamba's plan as nnU-Net plans and dataset.json dictionaries, for `network_class`, with
     the network as nnU-Net 2.8's planners describe it (`architecture.network_class_name`)."""
-    plans, dataset = plan.to_nnunet()
-    cfg = plans["configurations"]["3d_fullres"]
-    if "architecture" not in cfg:  # the pre-2.4 layout: nnU-Net's own conversion, in place
-        cfg["UNet_class_name"] = network_class
-        nnunet.ConfigurationManager(cfg)
-    cfg["architecture"]["network_class_name"] = (
+    plans, dataset = plan.with_network(network_class).to_nnunet()
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"] == (
         f"dynamic_network_architectures.architectures.unet.{network_class}")
     return plans, dataset
 

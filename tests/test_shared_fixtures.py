@@ -16,7 +16,7 @@ def _pytest(shared: Path, ci: bool) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env.update(JAXMAMBA_SHARED=str(shared), **({"CI": "true"} if ci else {}))
     return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                             "-p", "no:xdist", *TESTS], cwd=ROOT, env=env, text=True,
+                             *TESTS], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -73,6 +73,8 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, *,
     hint = f"; try --checkpoint {other[0]}" if other else ""
     try:
         model, plan = restore(run_dir, which=which)
+    except UserError:  # the run directory's own problems (a plan that disagrees) say it all
+        raise
     except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint
         raise RunError(f"{folder}: the {which} checkpoint cannot be read, it is damaged or "
                        f"incomplete ({brief(err)}){hint}") from err

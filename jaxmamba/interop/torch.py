@@ -87,7 +87,7 @@ def read_checkpoint(path: str | Path, *, trust: bool = False
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if path.suffix == ".npz":
-        return _read_npz(path)
+        return _read_npz(path), None  # no init_args in an .npz
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .npz "
                               f"or one of {', '.join(TORCH_SUFFIXES)}")
