@@ -81,7 +81,7 @@ def _plan(name, spacing, channels, labels, *, schemes=None, masks=None, fg=None,
                     for _ in channels))
 
 
-def _nnunet_plans(nnunet, plan: Plan, network_class: str = "PlainConvUNet") -> tuple[dict, dict]:
+def _nnunet_plans(plan: Plan, network_class: str = "PlainConvUNet") -> tuple[dict, dict]:
     """jaxmamba's plan as nnU-Net plans and dataset.json dictionaries, for `network_class`, with
     the network as nnU-Net 2.8's planners describe it (`architecture.network_class_name`)."""
     plans, dataset = plan.with_network(network_class).to_nnunet()
@@ -92,7 +92,7 @@ def _nnunet_plans(nnunet, plan: Plan, network_class: str = "PlainConvUNet") -> t
 
 
 def _preprocess_both(nnunet, plan: Plan, images, label):
-    plans, dataset = _nnunet_plans(nnunet, plan)
+    plans, dataset = _nnunet_plans(plan)
     pm = nnunet.PlansManager(plans)
     ref = nnunet.DefaultPreprocessor(verbose=False).run_case(
         [str(f) for f in images], str(label), pm, pm.get_configuration("3d_fullres"), dataset)
@@ -251,7 +251,7 @@ def _nnunet_model_folder(nnunet, plan: Plan, variant: str, state_dict_file: Path
     """A trained-model folder as nnU-Net's trainer writes it, holding jaxmamba's exported
     weights: plans.json, dataset.json, fold_0/checkpoint_final.pth."""
     torch = nnunet.torch
-    plans, dataset = _nnunet_plans(nnunet, plan, DNA_CLASS[variant])
+    plans, dataset = _nnunet_plans(plan, DNA_CLASS[variant])
     trained_with, _ = plan.to_nnunet()  # init_args: the plans as jaxmamba writes them
     folder = nnunet.root / "nnUNet_results" / plan.dataset_name / f"{TRAINER_DIR}_{variant}"
     (folder / "fold_0").mkdir(parents=True)
