@@ -2,10 +2,10 @@
 
 Order of work: decide resume or fresh (refusing to touch a run directory that does not match),
 prepare the data (`jaxmamba.train.data`: build the bundled dataset if asked, preprocess, plan,
-split), build the mesh,
-network and optimizer, restore the checkpoint, compile the step ahead of time and check its
-memory, then train `iters_per_epoch` steps per epoch with nnU-Net's online validation after each
-epoch, writing `latest` every epoch and `best` by the EMA of the pseudo-Dice.
+split), build the mesh, network and optimizer, restore the checkpoint, compile the step ahead of
+time and check its memory, then train `iters_per_epoch` steps per epoch with nnU-Net's online
+validation after each epoch, writing `latest` every epoch and `best` by the EMA of the
+pseudo-Dice.
 
 The loop prints nothing itself: its lines (formatted by `jaxmamba.console`) go to the `say` it
 is given (`jaxmamba train` passes `print`), by default to the `jaxmamba.train` logger.
