@@ -86,7 +86,7 @@ def test_errors_blame_the_command_line_or_the_file(tmp_path):
 
 def test_plan_overrides_that_do_not_fit_the_plan_name_the_overrides():
     from jaxmamba.plans import Plan
-    from jaxmamba.train.loop import apply_plan_overrides
+    from jaxmamba.train.data import apply_plan_overrides
 
     plan = Plan(dataset_name="t", patch_size=(8, 16, 16), batch_size=2, spacing=(1.0, 1.0, 1.0),
                 normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
@@ -134,7 +134,7 @@ def test_shipped_configs_load_and_build_their_recipe(path):
 
 
 def test_train_command_line(capsys, tmp_path):
-    from jaxmamba.train.cli import main
+    from jaxmamba.cli.train import main
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     assert main([str(tiny), "optim.lr=0.5", f"train.run_dir={tmp_path}", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -1,11 +1,14 @@
-"""Progress bars only on a terminal (log.progress: auto) unless asked: log files get no frames."""
+"""Progress bars only on a terminal (log.progress: auto) unless asked: log files get no frames;
+the training run's console lines."""
 
 import io
 import os
+from pathlib import Path
 
 import pytest
 from tqdm import tqdm
 
+from jaxmamba import console
 from jaxmamba.config import ConfigError, load_config
 from jaxmamba.console import progress_enabled
 
@@ -55,3 +58,23 @@ def test_log_progress_setting():
         assert load_config(None, ["data.raw_dir=x", f"log.progress={value}"]).log.progress == want
     with pytest.raises(ConfigError, match=r"log.progress = 'sometimes'.*auto"):
         load_config(None, ["data.raw_dir=x", "log.progress=sometimes"])
+
+
+def test_training_lines():
+    record = {"epoch": 1, "train_loss": 0.51234, "lr": 0.00012345, "epoch_seconds": 12.34,
+              "val_loss": 0.4, "val_dice": [0.81234, None], "val_dice_ema": 0.5, "best": True}
+    assert console.epoch_line(record, ["liver", "tumour"], eta_seconds=3725.9) == (
+        "epoch 2: train loss 0.5123, lr 0.000123, 12.3 s; val loss 0.4000, pseudo-Dice "
+        "liver 0.812, tumour - (EMA 0.5000, best); run ETA 1:02:05")
+    train_only = {k: record[k] for k in ("epoch", "train_loss", "lr", "epoch_seconds")}
+    assert console.epoch_line(train_only, ["liver"]) == (
+        "epoch 2: train loss 0.5123, lr 0.000123, 12.3 s")
+    assert console.throughput_line(0.25, 2, 11) == (
+        "throughput: 4.00 steps/s (250 ms per step, 8.0 patches/s) over steps 2-11")
+    assert console.resumed_line(Path("r"), 3, 5, 40) == (
+        "resumed r at epoch 3, 5 steps into it (step 40)")
+    assert console.resumed_line(Path("r"), 3, None, 40) == "resumed r at epoch 3 (step 40)"
+    assert console.saved_line(Path("r"), [], []) == "no epoch was saved yet"
+    assert console.saved_line(Path("r"), [1, 2], [7]) == (
+        "the last complete epoch (2) and the state at step 7 are saved in r; run the same "
+        "command again to go on from there")

@@ -226,17 +226,18 @@ def test_a_real_process_prints_one_line_and_no_traceback(clean, tmp_path):
 
 
 def test_help_answers_without_importing_jax():
-    """`jaxmamba COMMAND --help` for every command, in one fresh process: JAX is never imported."""
+    """`jaxmamba --help` and `jaxmamba COMMAND --help` for every command, in one fresh process:
+    JAX is never imported."""
     from jaxmamba.cli import COMMANDS
     code = ("import sys, contextlib, io\n"
             "from jaxmamba.cli import COMMANDS, main\n"
-            "for name in COMMANDS:\n"
+            "for argv in [['--help'], *([name, '--help'] for name in COMMANDS)]:\n"
             "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
             "        try:\n"
-            "            main([name, '--help'])\n"
+            "            main(argv)\n"
             "        except SystemExit:\n"
             "            pass\n"
-            "    assert '--debug' in out.getvalue(), name\n"
+            "    assert '--debug' in out.getvalue(), argv\n"
             "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)

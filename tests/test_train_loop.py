@@ -78,14 +78,18 @@ def test_two_step_run_writes_everything(uninterrupted):
     assert (run_dir / "final_validation" / "validation" / "summary.json").is_file()
 
 
-def test_resume_continues_bit_for_bit(phantom, uninterrupted):
+def test_resume_continues_bit_for_bit(phantom, uninterrupted, capsys):
     _, whole = uninterrupted
     run_dir = phantom / "runs" / "resumed"
     cfg = _cfg(phantom, run_dir, "train.final_validation=false")
     first = run(cfg, max_epochs=1)  # "interrupted" after epoch 1
     assert first["step"] == 1
-    second = run(cfg)  # resumes automatically
+    said = []
+    second = run(cfg, say=said.append)  # resumes automatically
     assert second["step"] == 2
+    assert said[0] == f"resumed {run_dir} at epoch 1 (step 1)"
+    assert any(line.startswith("epoch 2: train loss ") for line in said), said
+    assert capsys.readouterr().out == ""  # the library says its lines to `say`, never prints
     assert _losses(second["history"]) == _losses(whole["history"])  # exact, not approximate
     for a, b in zip(_leaves(second["state"].params), _leaves(whole["state"].params), strict=True):
         np.testing.assert_array_equal(a, b)

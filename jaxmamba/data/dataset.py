@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmamba.console import progress_enabled
 from jaxmamba.data.io import DataError, load_header, load_volume, read_json
 
 _REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
@@ -236,23 +235,3 @@ def check_dataset(root: str | Path, *, progress: bool = False) -> tuple[list[str
         errors += e
         warnings += w
     return errors, warnings
-
-
-# ---------------------------------------------------------------------- `jaxmamba check`
-def add_arguments(parser) -> None:
-    parser.add_argument("dataset", help="nnU-Net raw dataset folder (holds dataset.json, imagesTr, "
-                                        "labelsTr)")
-
-
-def run(args) -> int:
-    errors, warnings = check_dataset(args.dataset, progress=progress_enabled())
-    for w in warnings:
-        print(f"warning: {w}")
-    for e in errors:
-        print(f"error: {e}")
-    if errors:
-        print(f"{len(errors)} error(s), {len(warnings)} warning(s) in {args.dataset}: fix them, "
-              f"then run `jaxmamba check {args.dataset}` again.")
-        return 1
-    print(f"{args.dataset}: OK ({len(warnings)} warning(s)). Next: `jaxmamba plan {args.dataset}`.")
-    return 0

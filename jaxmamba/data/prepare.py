@@ -14,11 +14,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jaxmamba.atomic import remove_stale_temporaries
-from jaxmamba.console import progress_enabled
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
 from jaxmamba.data.io import DataError, read_json, write_json
-from jaxmamba.data.planner import default_output, plan_from_fingerprint
+from jaxmamba.data.planner import plan_from_fingerprint
 from jaxmamba.data.preprocess import CONFIG_DIR, is_done, plan_key, preprocess_to_cache
 from jaxmamba.data.splits import load_or_create_splits
 from jaxmamba.plans import Plan
@@ -97,31 +96,3 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
     if len(done) >= 5 and not errors:  # a split over the cases that failed would hide them
         load_or_create_splits(cache, done)
     return plan, errors
-
-
-# ---------------------------------------------------------------------- `jaxmamba preprocess`
-def add_arguments(parser) -> None:
-    parser.add_argument("dataset", help="nnU-Net raw dataset folder")
-    parser.add_argument("-o", "--output", help="cache folder (default: <dataset>_preprocessed "
-                        "beside it); holds nnUNetPlans.json, splits_final.json and 3d_fullres/")
-    parser.add_argument("-p", "--plans", help="an nnUNetPlans.json to use unchanged (default: the "
-                        "one in the output folder, else plan now as `jaxmamba plan` does)")
-    parser.add_argument("-j", "--workers", type=int, default=4,
-                        help="parallel processes (default 4; 0 runs in this process)")
-
-
-def run(args) -> int:
-    out = Path(args.output) if args.output else default_output(args.dataset)
-    plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers,
-                                      progress=progress_enabled())
-    for e in errors:
-        print(f"error: {e}")
-    if errors:
-        print(f"{len(errors)} case(s) failed; the others are in {out}. Run `jaxmamba check "
-              f"{args.dataset}`, fix the files and run this command again (finished cases are "
-              f"skipped).")
-        return 1
-    print(f"preprocessed into {out} (patch {list(plan.patch_size)}, spacing "
-          f"{[round(s, 4) for s in plan.spacing]}). Next: `python train.py CONFIG "
-          f"data.raw_dir={args.dataset} data.preprocessed_dir={out}`.")
-    return 0

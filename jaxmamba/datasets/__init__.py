@@ -22,14 +22,3 @@ def build(name: str, root: str | Path, **kwargs) -> Path:
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(BUILDERS)}")
     return BUILDERS[name](root, **kwargs)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("name", choices=sorted(BUILDERS), help="which dataset to build")
-    parser.add_argument("-o", "--output", required=True, help="folder to write (nnU-Net raw)")
-
-
-def run(args) -> int:
-    root = build(args.name, args.output)
-    print(f"wrote {root}. Next: `jaxmamba check {root}`, then `jaxmamba preprocess {root}`.")
-    return 0

@@ -1,17 +1,16 @@
-"""`jaxmamba evaluate`: metrics of a folder of predictions against the ground truth.
+"""Metrics of a folder of predictions against the ground truth (`jaxmamba evaluate`).
 
 Cases are paired by file name (`CASE<file_ending>` in both folders), never by sorted order. Per
 case and per class (or region), Dice, HD95 and optionally NSD (`jaxmamba.infer.metrics` says
 exactly how each is defined); means over cases per class, and the mean over classes, as the
 reference reports them (TamingMambas `evaluation/<dataset>/eval.py`).
 Writes `summary.json` (nnU-Net-like layout: settings,
-`metric_per_case`, `mean`) and `summary.csv`, prints the per-case table, and with `--preview`
-draws a PNG per case.
+`metric_per_case`, `mean`) and `summary.csv`, formats the per-case table, and draws a PNG per
+case.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -26,15 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import write_text
-from jaxmamba.console import progress_enabled
 from jaxmamba.data import load_volume
 from jaxmamba.data.io import strict_json
 from jaxmamba.errors import UserError
 from jaxmamba.infer.metrics import (
-    BRATS_REGIONS,
     evaluate_case,
     mean_metrics,
-    parse_regions,
     regions_from_labels,
 )
 from jaxmamba.infer.preview import save_preview
@@ -224,70 +220,6 @@ def write_previews(summary: Mapping[str, Any], output_dir: Path, images_dir: Pat
         save_preview(output_dir / f"{case['case']}.png", pred.astype(np.int32), image=image,
                      ground_truth=gt.astype(np.int32), spacing=geometry["spacing"], title=title,
                      class_names=names)
-
-
-# ---------------------------------------------------------------------- `jaxmamba evaluate`
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-p", "--predictions", required=True, type=Path,
-                        help="folder of predicted label maps (CASE.nii.gz)")
-    parser.add_argument("-g", "--ground-truth", required=True, type=Path,
-                        help="folder of ground-truth label maps with the same file names")
-    parser.add_argument("-d", "--dataset-json", required=True, type=Path,
-                        help="the dataset's dataset.json (labels, file_ending)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="folder for summary.json, summary.csv and previews "
-                             "(default: the predictions folder)")
-    parser.add_argument("--regions", default=None,
-                        help="evaluate regions instead of classes, e.g. 'WT=1,2,3;TC=2,3;ET=3' "
-                             "(or 'brats' for exactly that)")
-    parser.add_argument("--spacing", action="store_true",
-                        help="HD95 in mm using each ground truth's voxel spacing (default: in "
-                             "voxels, as the reference's evaluation)")
-    parser.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
-                        help="also compute the normalised surface Dice at this tolerance in mm")
-    parser.add_argument("--paper-semantics", action="store_true",
-                        help="as the reference's scripts: Dice 1 when both masks are empty, HD95 0 "
-                             "when either is (default: NaN, left out of the means, as nnU-Net)")
-    parser.add_argument("--partial", action="store_true",
-                        help="evaluate only the predicted cases when some ground truths have no "
-                             "prediction")
-    parser.add_argument("--preview", action="store_true",
-                        help="write previews/CASE.png: three slices through the largest structure")
-    parser.add_argument("-i", "--images", type=Path, default=None,
-                        help="raw images folder (CASE_0000.nii.gz) to draw under the previews")
-    parser.add_argument("-j", "--workers", type=int, default=1,
-                        help="processes computing metrics in parallel (default 1)")
-    parser.add_argument("--geometry-tolerance", type=float, default=GEOMETRY_TOLERANCE,
-                        metavar="MM", help="refuse a prediction whose spacing, origin or "
-                        f"direction differs from its ground truth's by more (default "
-                        f"{GEOMETRY_TOLERANCE})")
-    parser.add_argument("--ignore-geometry", action="store_true",
-                        help="compare the voxels even when the grids differ (e.g. predictions "
-                             "written without the input's header)")
-
-
-def run(args: argparse.Namespace) -> int:
-    output = args.output or args.predictions
-    regions = None
-    if args.regions:
-        regions = (BRATS_REGIONS if args.regions.lower() == "brats"
-                   else parse_regions(args.regions))
-    summary = evaluate_folder(
-        args.predictions, args.ground_truth, args.dataset_json, regions=regions,
-        hd95_in_mm=args.spacing, nsd_tolerance=args.nsd_tolerance,
-        empty_dice=1.0 if args.paper_semantics else math.nan,
-        empty_hd95=0.0 if args.paper_semantics else math.nan,
-        partial=args.partial, workers=args.workers,
-        geometry_tolerance=None if args.ignore_geometry else args.geometry_tolerance,
-        progress=progress_enabled())
-    print(format_table(summary))
-    json_path, csv_path = write_summary(summary, output)
-    print(f"wrote {json_path} and {csv_path}")
-    if args.preview:
-        write_previews(summary, output / "previews", args.images,
-                       read_dataset_json(args.dataset_json), progress=progress_enabled())
-        print(f"previews in {output / 'previews'}")
-    return 0
 
 
 # ---------------------------------------------------------------------- helpers

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxmamba.atomic import atomic_path, remove_stale_temporaries
-from jaxmamba.console import progress_enabled
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
-from jaxmamba.errors import UserError
 from jaxmamba.infer.preview import save_preview
 from jaxmamba.plans import Plan
 
@@ -201,108 +198,3 @@ def _complete(path: Path) -> bool:
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-
-
-# ---------------------------------------------------------------------- `jaxmamba predict`
-def add_arguments(parser) -> None:
-    parser.add_argument("-m", "--model", required=True, nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directory (several: an ensemble, e.g. the five folds; their "
-                             "logits are averaged)")
-    parser.add_argument("-i", "--input", required=True, nargs="+", type=Path,
-                        help="folder of CASE_XXXX.nii.gz images (nnU-Net naming), or files")
-    parser.add_argument("-o", "--output", required=True, type=Path,
-                        help="folder for CASE.nii.gz label maps")
-    parser.add_argument("--checkpoint", choices=("latest", "best"), default=None,
-                        help="latest (end of training, as nnU-Net's checkpoint_final) or best "
-                             "(best EMA pseudo-Dice); default: latest if the run has it, else "
-                             "best (converted PyTorch checkpoints)")
-    parser.add_argument("--save-probabilities", action="store_true",
-                        help="also write CASE.npz with 'probabilities' (K, z, y, x) float32")
-    parser.add_argument("--preview", action="store_true",
-                        help="also write previews/CASE.png: three slices through the largest "
-                             "predicted structure over the image")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="predict cases whose output already exists (default: skip them)")
-    parser.add_argument("--no-mirroring", action="store_true",
-                        help="switch mirror test-time augmentation off (8x faster)")
-    parser.add_argument("--mirror-axes", default="0,1,2",
-                        help="spatial axes to mirror, nnU-Net order (default 0,1,2)")
-    parser.add_argument("--step-size", type=float, default=0.5,
-                        help="window stride as a fraction of the patch (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="windows per network call (default: one per device)")
-    parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
-                        help="where logits are summed: auto picks the device when it fits")
-    parser.add_argument("--allow-non-finite", action="store_true",
-                        help="predict even with a checkpoint whose parameters hold NaN or inf "
-                             "(refused by default: its predictions would be meaningless)")
-
-
-def run(args) -> int:
-    """Predict every case; on several processes (`jaxmamba.distributed`) each predicts its share
-    of the cases (round robin) on its own devices and writes its own outputs."""
-    import jax
-
-    from jaxmamba import distributed
-    from jaxmamba.infer.network import network_apply_fn
-    from jaxmamba.infer.runs import check_same_plan, load_run
-
-    written, skipped, error = [], [], None
-    try:
-        distributed.initialize()
-        say = print if distributed.is_main() else (lambda *a, **k: None)
-        mirror_axes = None if args.no_mirroring else _parse_axes(args.mirror_axes)
-        runs = [load_run(d, args.checkpoint, allow_non_finite=args.allow_non_finite)
-                for d in args.model]
-        check_same_plan(runs)
-        plan = runs[0].plan
-        cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
-        for r in runs:
-            say(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
-        over = (f" over {jax.process_count()} processes" if jax.process_count() > 1 else "")
-        say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
-            f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
-            f"device(s) per process")
-        apply_fns = [network_apply_fn(r.model) for r in runs]
-        try:
-            written, skipped = predict_cases(
-                apply_fns, plan, distributed.split(cases), args.output,
-                overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
-                accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())
-        finally:
-            if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
-                plan.save(args.output / "nnUNetPlans.json")
-    except (UserError, ValueError) as err:
-        if not jax.distributed.is_initialized():
-            raise  # one process: the CLI entry reports it in one line
-        error = str(err)
-    if not jax.distributed.is_initialized():
-        reports = [{"written": len(written), "skipped": len(skipped), "error": error}]
-    else:  # every process learns how the others did, so all end the same way
-        reports = distributed.agree("predicted", {"written": len(written),
-                                                  "skipped": len(skipped), "error": error})
-    errors = [(i, r["error"]) for i, r in enumerate(reports) if r["error"]]
-    if errors:
-        for i, e in errors:
-            print(f"error: process {i}: {e}", file=sys.stderr)
-        return 1
-    if jax.process_index() != 0:
-        return 0
-    n_written, n_skipped = (sum(r[k] for r in reports) for k in ("written", "skipped"))
-    if n_skipped:
-        print(f"skipped {n_skipped} case(s) already predicted in {args.output} (--overwrite "
-              f"to predict them again)")
-    print(f"wrote {n_written} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
-          f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
-    return 0
-
-
-def _parse_axes(text: str) -> tuple[int, ...]:
-    try:
-        axes = tuple(int(a) for a in text.split(",") if a.strip())
-    except ValueError:
-        axes = (-1,)
-    if not set(axes) <= {0, 1, 2}:
-        raise UserError(f"--mirror-axes {text}: expected axes among 0, 1, 2, e.g. 0,1,2")
-    return axes

@@ -1,1 +1,2 @@
-"""PyTorch / nnU-Net checkpoint import and export (`jaxmamba convert-torch`)."""
+"""PyTorch / nnU-Net checkpoint import and export (`jaxmamba convert-torch`:
+`jaxmamba.cli.convert_torch`)."""

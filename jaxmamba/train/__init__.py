@@ -5,7 +5,7 @@
 - `step`: train state and the pure train/eval steps; `sharding`: the `data` mesh (1..N devices).
 - `checkpoint`: the run directory and orbax checkpoints (`latest`, `best`); `preflight`: the
   compiled memory check; `writers`: metrics.jsonl, TensorBoard, curves.png; `validate`: the
-  sliding-window validation at the end; `loop`: `run`; `cli`: the command line.
+  sliding-window validation at the end; `loop`: `run` (its command line is `jaxmamba.cli.train`).
 
 Submodules are imported on use (the loop needs the networks and the data pipeline).
 """

@@ -1,17 +1,22 @@
 """The training loop: `run(config)` (big_vision-style sections, one readable function).
 
 Order of work: decide resume or fresh (refusing to touch a run directory that does not match),
-prepare the data (build the bundled dataset if asked, preprocess, plan, split), build the mesh,
-network and optimizer, restore the checkpoint, compile the step ahead of time and check its
-memory, then train `iters_per_epoch` steps per epoch with nnU-Net's online validation after each
-epoch, writing `latest` every epoch and `best` by the EMA of the pseudo-Dice.
+prepare the data (`jaxmamba.train.data`: build the bundled dataset if asked, preprocess, plan,
+split), build the mesh, network and optimizer, restore the checkpoint, compile the step ahead of
+time and check its memory, then train `iters_per_epoch` steps per epoch with nnU-Net's online
+validation after each epoch, writing `latest` every epoch and `best` by the EMA of the
+pseudo-Dice.
+
+The loop prints nothing itself: its lines (formatted by `jaxmamba.console`) go to the `say` it
+is given (`jaxmamba train` passes `print`), by default to the `jaxmamba.train` logger.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,71 +24,21 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from jaxmamba import console, distributed
 from jaxmamba import data as jdata
-from jaxmamba import distributed
-from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
+from jaxmamba.config import Config, save_config
 from jaxmamba.console import progress_enabled
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
-from jaxmamba.plans import Plan, PlanError
+from jaxmamba.plans import Plan
 from jaxmamba.train import finite, losses, preflight, sharding, signals, validate
 from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import PREEMPTED, Checkpointer, CheckpointError, clean_stale
+from jaxmamba.train.data import prepare_data
 from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.writers import RunWriter
 
-#: Plan fields a config may override: they change the network or the batches, not preprocessing.
-OVERRIDABLE = tuple(PLAN_OVERRIDES)
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
-
-
-# ---------------------------------------------------------------------- data and plan
-def apply_plan_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """`plan` with `data.plan_overrides` applied; other keys, and overrides that do not fit the
-    plan, are `ConfigError`s naming the overrides (not the plans file)."""
-    for key in overrides:
-        if key not in OVERRIDABLE:
-            raise ConfigError(f"data.plan_overrides.{key}: not overridable (choose from "
-                              f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
-    def as_tuple(v):
-        return tuple(as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
-    changes = {k: as_tuple(v) for k, v in overrides.items()}
-    try:
-        plan.replace(**changes, source="data.plan_overrides")  # validated, blamed on the overrides
-    except PlanError as err:
-        raise ConfigError(f"{err} (with the plan {plan.source})") from err
-    return plan.replace(**changes)
-
-
-def cache_dir(cfg: Config) -> Path:
-    raw = Path(cfg.data.raw_dir)
-    return Path(cfg.data.preprocessed_dir) if cfg.data.preprocessed_dir else raw.with_name(
-        raw.name + "_preprocessed")
-
-
-def prepare_data(cfg: Config, *, progress: bool = True):
-    """Build (if asked), preprocess and split the dataset: `(plan, cache, train ids, val ids)`."""
-    raw = Path(cfg.data.raw_dir)
-    if not (raw / "dataset.json").is_file():
-        if cfg.data.build is None:
-            raise FileNotFoundError(f"data.raw_dir = {raw}: no dataset.json there; give an nnU-Net "
-                                    f"raw folder, or data.build=demo to build the demo dataset")
-        from jaxmamba.datasets import build
-        print(f"building the {cfg.data.build} dataset in {raw} ...")
-        build(cfg.data.build, raw)
-    given = None
-    if cfg.data.plans is not None:
-        given = apply_plan_overrides(Plan.load(cfg.data.plans, raw / "dataset.json"),
-                                     cfg.data.plan_overrides)
-    cache = cache_dir(cfg)
-    plan, errors = jdata.preprocess_dataset(raw, cache, given, num_workers=cfg.data.num_workers,
-                                            progress=progress)
-    if errors:
-        raise jdata.DataError(f"{raw}: preprocessing failed for {len(errors)} case(s): "
-                              + "; ".join(errors[:5]))
-    plan = apply_plan_overrides(plan, cfg.data.plan_overrides)
-    train_ids, val_ids = jdata.fold_cases(cache, cfg.data.fold)
-    return plan, cache, train_ids, val_ids
 
 
 # ---------------------------------------------------------------------- resume decision
@@ -137,9 +92,11 @@ def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -
 
 
 # ---------------------------------------------------------------------- the run
-def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
+def run(cfg: Config, *, max_epochs: int | None = None,
+        say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns a summary. `max_epochs` stops this call after that many
-    epochs (the run resumes from there), e.g. for time-limited cluster jobs.
+    epochs (the run resumes from there), e.g. for time-limited cluster jobs. `say` gets each
+    progress line of process 0 (default: the `jaxmamba.train` logger, at level INFO).
 
     On several processes (`jaxmamba.distributed`) every process runs this with the same config
     (checked first); process 0 prepares the data and writes the run directory's files. SIGTERM
@@ -147,7 +104,9 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     distributed.initialize()
     distributed.check_same_config(cfg.to_dict())
     main = distributed.is_main()
-    say = functools.partial(print, flush=True) if main else (lambda *a, **k: None)
+    if say is None:
+        say = logging.getLogger("jaxmamba.train").info
+    say = say if main else (lambda line: None)
     run_dir = Path(cfg.train.run_dir).absolute()
     with signals.StopOnSignal(say) as stop:
         try:
@@ -155,17 +114,10 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         except signals.Stopped as err:
             if err.saved:
                 raise
-            raise signals.Stopped(err.signum, f"{err}; {_saved_line(run_dir)}") from None
-
-
-def _saved_line(run_dir: Path) -> str:
-    """What a run stopped outside the training steps has on disk (no save is in flight then)."""
-    epochs, steps = _checkpoint_epochs(run_dir), _checkpoint_epochs(run_dir, PREEMPTED)
-    saved = [f"the last complete epoch ({epochs[-1]})"] if epochs else []
-    saved += [f"the state at step {steps[-1]}"] if steps else []
-    return (f"{' and '.join(saved)} {'is' if len(saved) == 1 else 'are'} saved in {run_dir}; "
-            f"run the same command again to go on from there" if saved
-            else "no epoch was saved yet")
+            # stopped outside the training steps: no save is in flight, say what is on disk
+            saved = console.saved_line(run_dir, _checkpoint_epochs(run_dir),
+                                       _checkpoint_epochs(run_dir, PREEMPTED))
+            raise signals.Stopped(err.signum, f"{err}; {saved}") from None
 
 
 def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, main: bool, say
@@ -188,7 +140,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     progress = main and progress_enabled(cfg.log.progress)  # bars: on a terminal, by default
     prepared = []
     distributed.run_once("prepare the data", lambda: prepared.append(
-        prepare_data(cfg, progress=progress)))
+        prepare_data(cfg, progress=progress, say=say)))
     plan, cache, train_ids, val_ids = prepared[0] if prepared else prepare_data(cfg,
                                                                                  progress=False)
     # the run directory's plan names the network, so nnU-Net rebuilds this one from it
@@ -223,8 +175,8 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         train_it.set_state(data_state)
         start_epoch, history, best_ema = meta["epoch"], meta["history"], meta["best_ema"]
         partial = meta.get("partial_epoch")  # a mid-epoch checkpoint: the epoch's sums so far
-        inside = f", {partial['steps']} steps into it" if partial else ""
-        say(f"resumed {run_dir} at epoch {start_epoch}{inside} (step {int(state.step)})")
+        say(console.resumed_line(run_dir, start_epoch, partial["steps"] if partial else None,
+                                 int(state.step)))
         resolved = run_dir / "config.yaml"
         if main and resolved.is_file() and cfg.to_dict() != _read_yaml(resolved):
             save_config(cfg, run_dir / f"config.resumed-epoch{start_epoch}.yaml")
@@ -239,15 +191,14 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         writer.close()
         ckpt.close()
         summary = _summary(run_dir, start_epoch, state, graphdef, plan, writer, best_ema)
-        if (start_epoch == t.epochs and t.final_validation
-                and validate.done(run_dir, t.epochs) is None):
-            say(f"{run_dir} has trained all {t.epochs} epochs; its final validation is missing")
+        missing = (start_epoch == t.epochs and t.final_validation
+                   and validate.done(run_dir, t.epochs) is None)
+        say(console.finished_line(run_dir, start_epoch, t.epochs,
+                                  final_validation_missing=missing))
+        if missing:
             stop.after_training()
             summary["final_validation"] = _final_validation(cfg, state, graphdef, plan, val_ids,
                                                             run_dir, main, say)
-        else:
-            say(f"{run_dir} has already trained {start_epoch} of {t.epochs} epochs; nothing "
-                f"to do")
         return summary
 
     # --- Compile ahead, check memory.
@@ -256,9 +207,9 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     first = sharding.global_batch(next(train_it), mesh)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, first).compile()
-    say(f"compiled the train step in {time.perf_counter() - t0:.1f} s "
-        f"({cfg.model.variant}, patch {list(plan.patch_size)}, batch {plan.batch_size} over "
-        f"{mesh.shape[sharding.DATA_AXIS]} device(s), {jax.devices()[0].device_kind})")
+    say(console.compiled_line(time.perf_counter() - t0, cfg.model.variant, plan.patch_size,
+                              plan.batch_size, mesh.shape[sharding.DATA_AXIS],
+                              jax.devices()[0].device_kind))
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
     if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
@@ -328,7 +279,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
             writer.epoch(record)
             elapsed = time.perf_counter() - t_run
             eta = elapsed / (epoch + 1 - start_epoch) * (t.epochs - epoch - 1)
-            say(_epoch_line(record, class_names) + (f"; run ETA {_hms(eta)}" if eta else ""))
+            say(console.epoch_line(record, class_names, eta))
             ckpt.save(epoch + 1, params=state.params, train=train_state,
                       data_state=train_it.get_state(),
                       meta={**meta, "epoch": epoch + 1, "history": writer.history,
@@ -351,7 +302,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         if t.final_validation:
             summary["final_validation"] = _final_validation(cfg, state, graphdef, plan, val_ids,
                                                             run_dir, main, say)
-        say(f"done: {run_dir} (checkpoints in {ckpt.dir}, curves.png, metrics.jsonl)")
+        say(console.done_line(run_dir, ckpt.dir))
     return summary
 
 
@@ -362,8 +313,8 @@ def _final_validation(cfg, state, graphdef, plan, val_ids, run_dir, main, say) -
     results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
                                         epoch=cfg.train.epochs,
                                         progress=main and progress_enabled(cfg.log.progress))
-    say(validate.format_results(results, run_dir)
-        + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
+    say(console.validation_line(validate.format_results(results, run_dir),
+                                time.perf_counter() - t0))
     return results
 
 
@@ -452,7 +403,7 @@ def _validate(eval_step, state, cache, plan, val_ids, n_batches, mesh) -> dict:
 
 
 class _Throughput:
-    """Prints the speed of the steps after the first, once, after `THROUGHPUT_STEPS` of them
+    """Says the speed of the steps after the first, once, after `THROUGHPUT_STEPS` of them
     (or at the end of the first epoch if that comes sooner)."""
 
     def __init__(self, batch_size: int, say):
@@ -472,25 +423,7 @@ class _Throughput:
             return
         self.done = True
         dt = (time.perf_counter() - self.t0) / (self.n - 1)
-        self.say(f"throughput: {1 / dt:.2f} steps/s ({1000 * dt:.0f} ms per step, "
-                 f"{self.batch_size / dt:.1f} patches/s) over steps 2-{self.n}")
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-def _epoch_line(r: dict, class_names: list[str]) -> str:
-    line = (f"epoch {r['epoch'] + 1}: train loss {r['train_loss']:.4f}, lr {r['lr']:.3g}, "
-            f"{r['epoch_seconds']:.1f} s")
-    if "val_loss" in r:
-        dice = ", ".join(f"{n} {d:.3f}" if d is not None else f"{n} -"
-                         for n, d in zip(class_names, r["val_dice"], strict=True))
-        line += f"; val loss {r['val_loss']:.4f}, pseudo-Dice {dice}"
-        if r.get("val_dice_ema") is not None:
-            line += f" (EMA {r['val_dice_ema']:.4f}{', best' if r.get('best') else ''})"
-    return line
+        self.say(console.throughput_line(dt, self.batch_size, self.n))
 
 
 def _nan_to_none(values) -> list:

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 import jax
 
@@ -38,8 +39,8 @@ class Stopped(Exception):  # noqa: N818 (not an error: a requested stop)
 class StopOnSignal:
     """Installs the handlers for the duration of a run (a context manager)."""
 
-    def __init__(self, say=print):
-        self.say = say
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say  # where the notice of a deferred stop goes
         self.signum: int | None = None  # the first signal received
         self.deferring = False  # True while the training loop runs (stop at a step boundary)
         self.multiprocess = jax.process_count() > 1

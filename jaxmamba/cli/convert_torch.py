@@ -1,4 +1,5 @@
-"""`jaxmamba convert-torch`: PyTorch/nnU-Net checkpoint -> jaxmamba run directory, and back.
+"""`jaxmamba convert-torch`: PyTorch/nnU-Net checkpoint -> jaxmamba run directory, and back
+(`jaxmamba.interop`).
 
 JAX, orbax and the networks are imported in `run`, so `--help` answers without them.
 """

@@ -1,8 +1,10 @@
-"""`python train.py [CONFIG] [key=value ...]` and `jaxmamba train ...` (README "Training")."""
+"""`python train.py [CONFIG] [key=value ...]` and `jaxmamba train ...` (README "Training"):
+the config from the command line, then `jaxmamba.train.loop.run`."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxmamba.train.signals import Stopped
 
     try:
-        summary = train(cfg, max_epochs=args.max_epochs)
+        summary = train(cfg, max_epochs=args.max_epochs, say=functools.partial(print, flush=True))
     except Stopped as stop:  # every process says what it did
         print(f"\n{process_prefix()}{stop}", file=sys.stderr)
         return stop.status

@@ -1,8 +1,11 @@
-"""`jaxmamba` command line: one subcommand per job; each lives in the module that does the work.
+"""`jaxmamba` command line: one subcommand per job, one module of this package per subcommand.
 
-Each entry of `COMMANDS` names a module with `add_arguments(parser)` and `run(args) -> int`; modules
-are imported only when their command runs, and none imports JAX before its `run`, so `--help`
-answers fast. Errors are handled here, once for every command (and `train.py`): an expected error
+Each entry of `COMMANDS` names a module with `add_arguments(parser)` and `run(args) -> int`: it
+parses the command line, calls the library (which takes arguments and returns values or raises)
+and prints what the user reads. Modules are imported only when their command runs, and none
+imports JAX before its `run`, so `--help` answers fast.
+
+Errors are handled here, once for every command (and `train.py`): an expected error
 (`jaxmamba.errors.UserError`, or an `OSError` naming its file) is printed as one line
 `error: ...` with exit status 1 (2 for a config or command-line error); `--debug` (or the
 environment variable `JAXMAMBA_DEBUG=1`) shows the traceback instead.
@@ -17,14 +20,14 @@ import sys
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("jaxmamba.data.dataset", "validate an nnU-Net raw dataset folder"),
-    "plan": ("jaxmamba.data.planner", "fingerprint a dataset, write a 3d_fullres plan"),
-    "preprocess": ("jaxmamba.data.prepare", "preprocess a dataset into a cache"),
-    "dataset": ("jaxmamba.datasets", "build the offline real-MRI demo dataset"),
-    "train": ("jaxmamba.train.cli", "train a network from a YAML config (+ key=value overrides)"),
-    "evaluate": ("jaxmamba.infer.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
-    "predict": ("jaxmamba.infer.predict", "predict NIfTI cases with trained run directories"),
-    "convert-torch": ("jaxmamba.interop.cli", "import (or export) a PyTorch checkpoint"),
+    "check": ("jaxmamba.cli.check", "validate an nnU-Net raw dataset folder"),
+    "plan": ("jaxmamba.cli.plan", "fingerprint a dataset, write a 3d_fullres plan"),
+    "preprocess": ("jaxmamba.cli.preprocess", "preprocess a dataset into a cache"),
+    "dataset": ("jaxmamba.cli.dataset", "build the offline real-MRI demo dataset"),
+    "train": ("jaxmamba.cli.train", "train a network from a YAML config (+ key=value overrides)"),
+    "evaluate": ("jaxmamba.cli.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
+    "predict": ("jaxmamba.cli.predict", "predict NIfTI cases with trained run directories"),
+    "convert-torch": ("jaxmamba.cli.convert_torch", "import (or export) a PyTorch checkpoint"),
 }
 DEBUG_ENV = "JAXMAMBA_DEBUG"
 _DEBUG_HELP = f"show the Python traceback of an error (or set {DEBUG_ENV}=1)"
@@ -89,7 +92,3 @@ def run_command(name: str, argv: list[str], *, prog: str | None = None,
         from jaxmamba.distributed import leave
         status = leave(status)
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
