@@ -143,7 +143,7 @@ def impl(request, monkeypatch):
     if request.param == "xla":
         return "xla"
     if request.param == "pallas-interpret":
-        monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
+        monkeypatch.setattr(ks, "default_tiling", lambda *shape, **kw: SMALL)
         monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
         return "pallas"
     assert request.param == "pallas-gpu", request.param  # `gpu` marker: skipped without one
