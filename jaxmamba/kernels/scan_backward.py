@@ -174,35 +174,39 @@ def _loop_sub_chunk(k, carry, p: _GradientRows):
     return lam_next, da, dd, dbias
 
 
-def _blocked_sub_chunk(k, carry, p: _GradientRows):
-    """B3 "blocked": only the two recurrences walk the rows (one FMA chain each, no reduction,
-    no store); their S states and adjoints are stacked into `(S, BD, N)` blocks and every
-    gradient is one vectorised expression over the sub-chunk, reduced once and stored as one
-    `(S, ·)` block."""
+def _loop_gradients(p: _GradientRows, carry):
+    n_sub = p.st.tiling.chunk // p.st.tiling.sub_chunk
+    return lax.fori_loop(0, n_sub, lambda i, carry: _loop_sub_chunk(n_sub - 1 - i, carry, p),
+                         carry)
+
+
+def _blocked_sub_chunk(k, h, carry, p: _GradientRows):
+    """B3 "blocked" for sub-chunk k from its start state h: only the two recurrences walk the
+    rows (one FMA chain each, no reduction, no store); their S states and adjoints are stacked
+    into `(S, BD, N)` blocks and every gradient is one expression over the sub-chunk, reduced
+    once and stored as one `(S, ·)` block."""
     st, cdt, s = p.st, p.cdt, p.st.tiling.sub_chunk
     lam_next, da, dd, dbias = carry
-    h = p.start_state(k)
-    decayed = []  # a_t h_{t-1} per step
+    decays, decayed = [], []  # a_t and a_t h_{t-1} per step
     for j in range(s):
         r = sc.row(st, k * s + j)
         d, _ = sc.delta_row(st, p.dt, p.bias, r, p.valid)
         h_prev = h
         h, decay = sc.state_step(h, d, p.row_in(p.u, r), p.row_in(p.b, r), p.a2)
+        decays.append(decay)
         decayed.append(decay * h_prev)
     lams = [None] * s
     for j in reversed(range(s)):  # λ_t = C_t gy_t + a_{t+1} λ_{t+1}
         r = sc.row(st, k * s + j)
-        d, _ = sc.delta_row(st, p.dt, p.bias, r, p.valid)
         lams[j] = p.gated(r)[1][:, None] * p.row_in(p.c, r)[None, :] + lam_next
-        lam_next = jnp.exp2(d[:, None] * p.a2) * lams[j]
+        lam_next = decays[j] * lams[j]
     # blocks in row order: steps k·S..k·S+S-1 are rows r0..r0+S-1 (descending when reverse)
     r0 = st.tiling.chunk - (k + 1) * s if st.reverse else k * s
     order = (lambda xs: xs[::-1]) if st.reverse else (lambda xs: xs)
     lam3, dp3 = sc.stack_leading(order(lams)), sc.stack_leading(order(decayed))
     d, x, rows = sc.delta_rows(st, p.dt, p.bias, r0, s, p.valid)
     blk = pl.ds(r0, s)
-    u, b, c = (ref[blk, :].astype(cdt) for ref in (p.u, p.b, p.c))
-    g = p.g[blk, :].astype(cdt)
+    u, b, c, g = (ref[blk, :].astype(cdt) for ref in (p.u, p.b, p.c, p.g))
     du3 = (d * u)[:, :, None]
     if st.has_z:
         silu, dsilu = sc.silu_parts(p.z[blk, :].astype(cdt))
@@ -224,19 +228,35 @@ def _blocked_sub_chunk(k, carry, p: _GradientRows):
     return lam_next, da, dd + jnp.sum(gy * u, axis=0), dbias + jnp.sum(ddt, axis=0)
 
 
+def _blocked_gradients(p: _GradientRows, carry):
+    """Saved-state groups last first; a group's sub-chunk start states are replayed forward
+    once from its saved state (kept in registers), then its sub-chunks run last first."""
+    s, stride = p.st.tiling.sub_chunk, p.st.tiling.state_stride
+    n_groups = p.st.tiling.saved_states
+
+    def group(i, carry):
+        q = n_groups - 1 - i
+        starts = [p.hf[q]]
+        for m in range(1, stride):
+            starts.append(lax.fori_loop((q * stride + m - 1) * s, (q * stride + m) * s,
+                                        p.replay_step, starts[-1]))
+        for m in reversed(range(stride)):
+            carry = _blocked_sub_chunk(q * stride + m, starts[m], carry, p)
+        return carry
+
+    return lax.fori_loop(0, n_groups, group, carry)
+
+
 #: B3's variants: `loop` steps through the rows with per-row reductions and stores; `blocked`
 #: walks only the recurrences row by row and computes every gradient per sub-chunk block.
-GRADIENT_KERNELS = {"loop": _loop_sub_chunk, "blocked": _blocked_sub_chunk}
+GRADIENT_KERNELS = {"loop": _loop_gradients, "blocked": _blocked_gradients}
 
 
 def _chunk_gradients_kernel(*refs, st):
     p = _GradientRows(refs, st)
-    sub_chunk = GRADIENT_KERNELS[st.gradients]
-    n_sub = st.tiling.chunk // st.tiling.sub_chunk
     zeros_d = jnp.zeros(p.bias.shape, p.cdt)
-    _, da, dd, dbias = lax.fori_loop(
-        0, n_sub, lambda i, carry: sub_chunk(n_sub - 1 - i, carry, p),
-        (p.mu[...], jnp.zeros(p.a2.shape, p.cdt), zeros_d, zeros_d))
+    _, da, dd, dbias = GRADIENT_KERNELS[st.gradients](
+        p, (p.mu[...], jnp.zeros(p.a2.shape, p.cdt), zeros_d, zeros_d))
     da_ref, dd_ref, dbias_ref = p.totals
     da_ref[...] = da
     dd_ref[...] = dd
