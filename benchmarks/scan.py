@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="pallas vs reference first (fp32, bf16)")
     p.add_argument("--layer", action="store_true", help="also time MambaLayer at synapse_s0")
     p.add_argument("--sweep", default="", help="tilings to time with pallas, "
-                   "'T,BD,fwd_warps,bwd_BD,S,bwd_warps[,stride];...' (applied to every shape)")
+                   "'T,BD,fwd_warps,bwd_BD,S,bwd_warps[,stride[,grad_warps]];...' (every shape)")
     p.add_argument("--phases", action="store_true", help="time each kernel alone (per tiling)")
     args = p.parse_args(argv)
     shapes = dict(SHAPES)

@@ -296,7 +296,9 @@ def test_default_tiling(b, l, d, n):
     assert blocked.sub_chunk * blocked.state_stride == t.sub_chunk * t.state_stride
     assert (blocked.chunk, blocked.block_d, blocked.bwd_block_d) == (t.chunk, t.block_d,
                                                                      t.bwd_block_d)
-    words = blocked.sub_chunk * blocked.bwd_block_d * padded_state(n) // (32 * blocked.bwd_warps)
+    assert blocked.bwd_warps == t.bwd_warps and t.gradient_warps == t.bwd_warps
+    words = blocked.sub_chunk * blocked.bwd_block_d * padded_state(n) \
+        // (32 * blocked.gradient_warps)
     assert words <= BLOCKED_WORDS or blocked.sub_chunk == 2
 
 

@@ -285,7 +285,7 @@ def chunk_gradients(st: sc.ScanStatics, u, dt, z, g, A, B, C, D, bias, h_fine, m
             jax.ShapeDtypeStruct(mu.shape, cdt),
             jax.ShapeDtypeStruct((batch, n_chunks, dim), cdt),
             jax.ShapeDtypeStruct((batch, n_chunks, dim), cdt)],
-        warps=st.tiling.bwd_warps, name="selective_scan_chunk_gradients",
+        warps=st.tiling.gradient_warps, name="selective_scan_chunk_gradients",
     )(*seq_in, A, B, C, D, bias, h_fine, mu)
     if not st.has_z:
         outs = [*outs[:2], None, *outs[2:]]

@@ -38,7 +38,9 @@ def next_pow2(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ScanTiling:
-    """Static tile sizes (all powers of two; `chunk` a multiple of `sub_chunk·state_stride`)."""
+    """Static tile sizes (all powers of two; `chunk` a multiple of `sub_chunk·state_stride`).
+    `grad_warps`: warps of the gradient kernel B3 alone, 0 for `bwd_warps` (the adjoint kernel
+    B1 always runs `bwd_warps`)."""
 
     chunk: int
     block_d: int
@@ -47,15 +49,20 @@ class ScanTiling:
     sub_chunk: int
     bwd_warps: int
     state_stride: int = 1
+    grad_warps: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v < 1 or v & (v - 1):
+            if (v < 1 or v & (v - 1)) and not (f.name == "grad_warps" and v == 0):
                 raise ValueError(f"ScanTiling.{f.name}={v}: expected a power of two")
         if self.chunk % (self.sub_chunk * self.state_stride):
             raise ValueError(f"ScanTiling: chunk={self.chunk} is not a multiple of "
                              f"sub_chunk={self.sub_chunk} x state_stride={self.state_stride}")
+
+    @property
+    def gradient_warps(self) -> int:
+        return self.grad_warps or self.bwd_warps
 
     @property
     def saved_states(self) -> int:
@@ -80,9 +87,9 @@ def default_tiling(batch: int, length: int, dim: int, state: int, *,
       one warp per 32 channels, 8 replayed steps; beyond, the forward's channel tile with warps
       and `sub_chunk` such that the replayed states fit `BWD_STATE_WORDS` per thread.
     * `state_stride`: `STATE_STRIDE` where the chunk holds that many sub-chunks.
-    * `gradients="blocked"`: the same channel tile and rows per saved state; warps (up to 8),
-      then a shorter sub-chunk, such that a `(sub_chunk, bwd_block_d, N)` block is at most
-      `BLOCKED_WORDS` per thread.
+    * `gradients="blocked"`: the same channel tile, rows per saved state and adjoint kernel;
+      gradient-kernel warps (up to 8), then a shorter sub-chunk, such that a
+      `(sub_chunk, bwd_block_d, N)` block is at most `BLOCKED_WORDS` per thread.
     """
     tiling = _loop_tiling(batch, length, dim, state)
     if gradients == "loop":
@@ -93,7 +100,7 @@ def default_tiling(batch: int, length: int, dim: int, state: int, *,
     warps = min(8, max(1, next_pow2(-(-sub_chunk * block // (32 * BLOCKED_WORDS)))))
     while sub_chunk > 2 and sub_chunk * block > 32 * warps * BLOCKED_WORDS:
         sub_chunk //= 2
-    return dataclasses.replace(tiling, sub_chunk=sub_chunk, bwd_warps=warps,
+    return dataclasses.replace(tiling, sub_chunk=sub_chunk, grad_warps=warps,
                                state_stride=group // sub_chunk)
 
 
