@@ -14,7 +14,9 @@ chunk from its successor.
 B3 `chunk_gradients`: per chunk, sub-chunks last to first: replay from the saved state before the
 sub-chunk up to its start (no step when it is saved), then its states into registers (a static
 unroll), then step backwards through them emitting every gradient row. dB and dC are partial
-sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up.
+sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up. That is the
+`loop` variant; `blocked` (`GRADIENT_KERNELS`, README.md) walks only the two recurrences row by
+row and computes every gradient once per sub-chunk on `(S, BD, N)` blocks.
 With `fused_replay` the forward's K3 saves B1's states and B1 only sweeps the adjoint.
 """
 
