@@ -370,7 +370,7 @@ def main(argv=None) -> int:
                 continue
             for grads in gradients or ["loop"]:
                 rows += bench_shape(name, b, l, d, n, ["pallas"], peer, args.iters, tiling=t,
-                                    label=f"pallas[{spec}|{grads}]", gradients=grads)
+                                    label=f"pallas[{spec} {grads}]", gradients=grads)
         save(args.json, env, rows)
     if args.layer:
         rows += bench_layer(args.iters)
