@@ -15,19 +15,16 @@ each output written once), the ratio to mamba_ssm's CUDA times and the fwd+bwd g
 side by side. `--strides 1,4` adds pallas rows whose backward saves a state every
 `sub_chunk·stride` rows (default 2; 1 is the old layout, twice the memory); `--fused` adds pallas
 rows with `fused_replay` (the forward saves those states, the backward replays nothing before
-its gradient kernel); `--gradients loop,blocked` adds pallas rows with each named gradient
-kernel (the backward's B3 variant, `jaxmamba/kernels/README.md`; also applied to `--sweep` and
-`--phases`, which then times B3 once per variant); `--layer` adds a whole `MambaLayer` at
-Synapse stage 0; `--check` first compares pallas with the reference on small shapes; `--sweep`
-times tilings; `--phases` times each kernel alone. Imports only jax, numpy, flax (`--layer`)
-and jaxmamba's `kernels`, `ops` and `layers` (no data or training packages).
+its gradient kernel); `--layer` adds a whole `MambaLayer` at Synapse stage 0; `--check` first
+compares pallas with the reference on small shapes; `--sweep` times tilings; `--phases` times
+each kernel alone. Imports only jax, numpy, flax (`--layer`) and jaxmamba's `kernels`, `ops` and
+`layers` (no data or training packages).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import subprocess
 import sys
@@ -154,9 +151,8 @@ def bench_shape(name, b, l, d, n, impls, peer, iters, tiling=None, label=None, *
     return rows
 
 
-def bench_phases(name, b, l, d, n, iters, tiling=None, gradients=("loop",)):
-    """Milliseconds of each kernel and XLA phase alone (shapes that need no padding); B3 once
-    per gradient kernel of `gradients`."""
+def bench_phases(name, b, l, d, n, iters, tiling=None):
+    """Milliseconds of each kernel and XLA phase alone (shapes that need no padding)."""
     from jaxmamba.kernels import scan_backward as kb
     from jaxmamba.kernels import scan_common as sc
     from jaxmamba.kernels import scan_forward as kf
@@ -180,13 +176,9 @@ def bench_phases(name, b, l, d, n, iters, tiling=None, gradients=("loop",)):
         "K3_outputs": (lambda *x: kf.chunk_outputs(st, *x),
                        (u, dt, z, A, B, C, D, bias, h_in)),
         "B1_adjoints": (lambda *x: kb.chunk_adjoints(st, *x), (u, dt, z, g, A, B, C, bias, h_in)),
+        "B3_gradients": (lambda *x: kb.chunk_gradients(st, *x),
+                         (u, dt, z, g, A, B, C, D, bias, h_fine, q)),
     }
-    for grads in gradients:  # the same saved states (rows per state) for every variant
-        st_g = dataclasses.replace(st, gradients=grads,
-                                   tiling=tiling or default_tiling(b, l, d, n, gradients=grads))
-        phases["B3_gradients" + ("" if grads == "loop" else f"[{grads}]")] = (
-            lambda *x, st_g=st_g: kb.chunk_gradients(st_g, *x),
-            (u, dt, z, g, A, B, C, D, bias, h_fine, q))
     row = dict(phases=name, tiling=dataclasses.asdict(t))
     for key, (fn, fn_args) in phases.items():
         try:
@@ -197,9 +189,8 @@ def bench_phases(name, b, l, d, n, iters, tiling=None, gradients=("loop",)):
     return [row]
 
 
-def check(dtype, gradients=("loop",)):
-    """Relative errors of pallas (each gradient kernel) vs the reference (output and all
-    gradients) on small shapes."""
+def check(dtype):
+    """Relative errors of pallas vs the reference (output and all gradients) on small shapes."""
     from jaxmamba.ops.scan_reference import selective_scan_reference
 
     out = []
@@ -213,22 +204,18 @@ def check(dtype, gradients=("loop",)):
             return jnp.sum(y.astype(jnp.float32) * g) + jnp.sum(h), (y, h)
 
         res = {}
-        fns = [(f"pallas[{g}]", functools.partial(selective_scan_pallas, gradients=g))
-               for g in gradients]
-        for impl, fn in fns + [("ref", selective_scan_reference)]:
+        for impl, fn in [("pallas", selective_scan_pallas), ("ref", selective_scan_reference)]:
             vg = jax.jit(jax.value_and_grad(lambda a, h0, fn=fn: loss(fn, a, h0), argnums=(0, 1),
                                             has_aux=True))
             (_, (y, h)), grads = vg(args, h0)
             res[impl] = jax.tree.leaves((y, h, grads))
-        for impl, _ in fns:
-            errs = [float(np.linalg.norm(np.asarray(p, np.float64) - np.asarray(r, np.float64))
-                          / np.linalg.norm(np.asarray(r, np.float64)))
-                    for p, r in zip(res[impl], res["ref"], strict=True)]
-            row = dict(check=str(dtype.dtype if hasattr(dtype, "dtype") else dtype),
-                       impl=impl, shape=(b, l, d, n), reverse=rev, max_rel_err=max(errs),
-                       rel_errs=errs)
-            print(json.dumps(row), flush=True)
-            out.append(row)
+        errs = [float(np.linalg.norm(np.asarray(p, np.float64) - np.asarray(r, np.float64))
+                      / np.linalg.norm(np.asarray(r, np.float64)))
+                for p, r in zip(res["pallas"], res["ref"], strict=True)]
+        row = dict(check=str(dtype.dtype if hasattr(dtype, "dtype") else dtype), shape=(b, l, d, n),
+                   reverse=rev, max_rel_err=max(errs), rel_errs=errs)
+        print(json.dumps(row), flush=True)
+        out.append(row)
     return out
 
 
@@ -318,13 +305,10 @@ def main(argv=None) -> int:
                    "state strides, e.g. '1,4' (default tiling otherwise)")
     p.add_argument("--fused", action="store_true", help="also time pallas with fused_replay "
                    "(the forward saves the backward's states; more memory kept)")
-    p.add_argument("--gradients", default="", help="also time pallas with each of these "
-                   "gradient kernels, e.g. 'loop,blocked' (each with its default tiling); "
-                   "applies to --sweep and --phases too")
     p.add_argument("--check", action="store_true", help="pallas vs reference first (fp32, bf16)")
     p.add_argument("--layer", action="store_true", help="also time MambaLayer at synapse_s0")
     p.add_argument("--sweep", default="", help="tilings to time with pallas, "
-                   "'T,BD,fwd_warps,bwd_BD,S,bwd_warps[,stride[,grad_warps]];...' (every shape)")
+                   "'T,BD,fwd_warps,bwd_BD,S,bwd_warps[,stride];...' (applied to every shape)")
     p.add_argument("--phases", action="store_true", help="time each kernel alone (per tiling)")
     args = p.parse_args(argv)
     shapes = dict(SHAPES)
@@ -341,20 +325,14 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     t_start = time.perf_counter()
     rows = []
-    gradients = list(filter(None, args.gradients.split(",")))
     if args.check:
-        rows += check(jnp.float32, gradients or ["loop"]) + check(jnp.bfloat16,
-                                                                  gradients or ["loop"])
+        rows += check(jnp.float32) + check(jnp.bfloat16)
     for name in names:
         b, l, d, n, *peer = shapes[name]
         if args.impls:
             rows += bench_shape(name, b, l, d, n, args.impls.split(","), peer, args.iters)
-        for grads in gradients:
-            rows += bench_shape(name, b, l, d, n, ["pallas"], peer, args.iters,
-                                tiling=default_tiling(b, l, d, n, gradients=grads),
-                                label=f"pallas[{grads}]", gradients=grads)
         if args.phases:
-            rows += bench_phases(name, b, l, d, n, args.iters, gradients=gradients or ["loop"])
+            rows += bench_phases(name, b, l, d, n, args.iters)
         if args.fused:
             rows += bench_shape(name, b, l, d, n, ["pallas"], peer, args.iters,
                                 label="pallas[fused]", fused_replay=True)
@@ -365,12 +343,10 @@ def main(argv=None) -> int:
         for spec in filter(None, args.sweep.split(";")):
             t = ScanTiling(*map(int, spec.split(",")))
             if args.phases:
-                rows += bench_phases(name, b, l, d, n, args.iters, tiling=t,
-                                     gradients=gradients or ["loop"])
-                continue
-            for grads in gradients or ["loop"]:
+                rows += bench_phases(name, b, l, d, n, args.iters, tiling=t)
+            else:
                 rows += bench_shape(name, b, l, d, n, ["pallas"], peer, args.iters, tiling=t,
-                                    label=f"pallas[{spec} {grads}]", gradients=grads)
+                                    label=f"pallas[{spec}]")
         save(args.json, env, rows)
     if args.layer:
         rows += bench_layer(args.iters)

@@ -34,14 +34,7 @@ from jaxmamba.kernels import scan_backward as kb
 from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels import scan_forward as kf
 from jaxmamba.kernels import selective_scan as ks
-from jaxmamba.kernels.tiling import (
-    BLOCKED_WORDS,
-    MIN_PROGRAMS,
-    ScanTiling,
-    default_tiling,
-    padded_state,
-)
-from jaxmamba.kernels.triton_backend import unavailable_reason
+from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling, default_tiling
 from jaxmamba.ops import default_implementation, selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 
@@ -53,18 +46,16 @@ def pallas(tiling=SMALL, **kw):
     return functools.partial(ks.selective_scan_pallas, interpret=True, tiling=tiling, **kw)
 
 
-@pytest.mark.parametrize("reverse,gradients", [(False, "loop"), (True, "loop"),
-                                               (False, "blocked"), (True, "blocked")])
-def test_phase_kernels_match_references(key, reverse, gradients):
-    """K1 (chunk end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients,
-    each variant) against their jnp references, from random chunk start states and successor
-    adjoints."""
+@pytest.mark.parametrize("reverse", [False, True])
+def test_phase_kernels_match_references(key, reverse):
+    """K1 (chunk end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients)
+    against their jnp references, from random chunk start states and successor adjoints."""
     b, l, d, n = 2, 48, 16, 8
     a, _, g = random_case(key, b, l, d, n)
     u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
                                                  "delta_bias"))
     st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
-                        reverse=reverse, has_z=True, interpret=True, gradients=gradients)
+                        reverse=reverse, has_z=True, interpret=True)
     k_in, k_mu = jax.random.split(jax.random.fold_in(key, 1))
     n_chunks = l // SMALL.chunk
     h_in = jax.random.normal(k_in, (b, n_chunks, d, n))
@@ -96,19 +87,18 @@ def test_phase_kernels_match_references(key, reverse, gradients):
         assert rel_err(x, x_ref) <= F32_GRAD_TOL, name
 
 
-@pytest.mark.parametrize("reverse,stride,fused,gradients", [
-    (False, 1, False, "loop"), (True, 4, False, "loop"), (True, 2, True, "loop"),
-    (True, 4, False, "blocked"), (False, 2, True, "blocked")])
-def test_padded_multi_chunk_poisoned(key, reverse, stride, fused, gradients):
+@pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),
+                                                 (True, 2, True)])
+def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
     """L=45 (3 chunks, 3 padding rows), D=20 (2 channel tiles), N=12 (padded to 16), 8 sub-chunks
     per chunk with a saved state every `stride` of them (the contract runs stride 2), saved by
-    the backward or (`fused_replay`) by the forward, initial state and final-state gradient,
-    each gradient kernel; every kernel output starts as NaN."""
+    the backward or (`fused_replay`) by the forward, initial state and final-state gradient;
+    every kernel output starts as NaN."""
     args, h0, g = random_case(key, 2, 45, 20, 12)
     tiling = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2,
                         bwd_warps=1, state_stride=stride)
-    got = outputs_and_grads(pallas(tiling=tiling, poison_outputs=True, fused_replay=fused,
-                                   gradients=gradients), args, h0, g, reverse=reverse)
+    got = outputs_and_grads(pallas(tiling=tiling, poison_outputs=True, fused_replay=fused),
+                            args, h0, g, reverse=reverse)
     assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
     assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=reverse),
                  F32_OUT_TOL, F32_GRAD_TOL)
@@ -292,43 +282,6 @@ def test_default_tiling(b, l, d, n):
     if b * l * d >= 16 * MIN_PROGRAMS * 256:  # long sequences: full chunks, enough programs
         assert t.chunk == 256 and t.state_stride == 2
         assert b * (l // t.chunk) * (d // t.block_d) >= MIN_PROGRAMS
-    blocked = default_tiling(b, l, d, n, gradients="blocked")  # same saved states, fits
-    assert blocked.sub_chunk * blocked.state_stride == t.sub_chunk * t.state_stride
-    assert (blocked.chunk, blocked.block_d, blocked.bwd_block_d) == (t.chunk, t.block_d,
-                                                                     t.bwd_block_d)
-    assert blocked.bwd_warps == t.bwd_warps and t.gradient_warps == t.bwd_warps
-    words = blocked.sub_chunk * blocked.bwd_block_d * padded_state(n) \
-        // (32 * blocked.gradient_warps)
-    assert words <= BLOCKED_WORDS or blocked.sub_chunk == 2
-
-
-@pytest.mark.parametrize("gradients", ["loop", "blocked"])
-def test_kernels_lower_to_triton(gradients):
-    """Every kernel of the fwd+bwd lowers to Triton IR for a CUDA GPU, on any machine (traced
-    and lowered, not compiled: catches a primitive or shape that Pallas' Triton lowering lacks),
-    padded and reversed, N=32."""
-    if reason := unavailable_reason():
-        pytest.skip(reason)
-    b, l, d, n = 1, 1000, 40, 32
-    shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
-                  z=(b, l, d), delta_bias=(d,))
-    args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
-
-    def grads(a):
-        return jax.grad(lambda a: jnp.sum(ks.selective_scan_pallas(
-            **a, interpret=False, reverse=True, gradients=gradients)[0]))(a)
-
-    text = jax.jit(grads).trace(args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 4  # K1, K3, B1, B3
-
-
-def test_unknown_gradient_kernel_is_named(monkeypatch, key):
-    a = random_inputs(key, 1, 8, 4, 2)
-    with pytest.raises(ValueError, match="gradients='fast'; expected one of"):
-        ks.selective_scan_pallas(**a, interpret=True, gradients="fast")
-    monkeypatch.setenv(ks.GRADIENTS_ENV, "fast")
-    with pytest.raises(ValueError, match=r"\$JAXMAMBA_SCAN_GRADIENTS='fast'; expected one of"):
-        ks.selective_scan_pallas(**a, interpret=True)
 
 
 def test_bad_tiling_is_named():

@@ -22,11 +22,8 @@ from jaxmamba.ops import selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
-#: The contract class runs against each of these (`pallas-gpu*` only where a GPU is); the
-#: `-blocked` ones run the backward's "blocked" gradient kernel.
-IMPLEMENTATIONS = ["xla", "pallas-interpret", "pallas-interpret-blocked",
-                   pytest.param("pallas-gpu", marks=pytest.mark.gpu),
-                   pytest.param("pallas-gpu-blocked", marks=pytest.mark.gpu)]
+#: The contract class runs against each of these (`pallas-gpu` only where a GPU is).
+IMPLEMENTATIONS = ["xla", "pallas-interpret", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
 
 #: ‖out − ref‖ / ‖ref‖ bounds.
 F64_TOL = 1e-10
@@ -142,16 +139,14 @@ def op(impl, **fixed):
 def impl(request, monkeypatch):
     """The `implementation=` argument for one contract parameter. `pallas-interpret` runs the
     kernels in interpret mode with the `SMALL` tiling (also on a GPU machine); `pallas-gpu`
-    compiles them with the default tiling; `-blocked` selects the "blocked" gradient kernel."""
+    compiles them with the default tiling."""
     if request.param == "xla":
         return "xla"
-    name = request.param.removesuffix("-blocked")
-    monkeypatch.setenv(ks.GRADIENTS_ENV, "blocked" if name != request.param else "loop")
-    if name == "pallas-interpret":
-        monkeypatch.setattr(ks, "default_tiling", lambda *shape, **kw: SMALL)
+    if request.param == "pallas-interpret":
+        monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
         monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
         return "pallas"
-    assert name == "pallas-gpu", request.param  # `gpu` marker: skipped without one
+    assert request.param == "pallas-gpu", request.param  # `gpu` marker: skipped without one
     return "pallas"
 
 

@@ -14,9 +14,7 @@ chunk from its successor.
 B3 `chunk_gradients`: per chunk, sub-chunks last to first: replay from the saved state before the
 sub-chunk up to its start (no step when it is saved), then its states into registers (a static
 unroll), then step backwards through them emitting every gradient row. dB and dC are partial
-sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up. That is the
-`loop` variant; `blocked` (`GRADIENT_KERNELS`, README.md) walks only the two recurrences row by
-row and computes every gradient once per sub-chunk on `(S, BD, N)` blocks.
+sums per channel tile, dA/dD/dbias partial sums per program; XLA adds them up.
 With `fused_replay` the forward's K3 saves B1's states and B1 only sweeps the adjoint.
 """
 
@@ -27,7 +25,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
 
 from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels.scan_forward import chunk_scan_reference
@@ -98,168 +95,73 @@ def chunk_adjoints(st: sc.ScanStatics, u, dt, z, g, A, B, C, bias, h_in):
     )(*seq_in, A, B, C, bias, h_in)
 
 
-class _GradientRows:
-    """What B3's per-sub-chunk bodies share: the refs, per-program constants, the replay."""
-
-    def __init__(self, refs, st):
-        if st.has_z:
-            (self.u, self.dt, self.z, self.g, a_ref, self.b, self.c, dv_ref, bias_ref, self.hf,
-             self.mu, self.du, self.ddt, self.dz, self.db, self.dc, *self.totals) = refs
-        else:
-            (self.u, self.dt, self.g, a_ref, self.b, self.c, dv_ref, bias_ref, self.hf, self.mu,
-             self.du, self.ddt, self.db, self.dc, *self.totals) = refs
-        self.st = st
-        self.cdt = cdt = self.mu.dtype
-        self.a_nat = a_ref[...].astype(cdt)
-        self.a2 = self.a_nat * sc.LOG2E
-        self.bias = bias_ref[...].astype(cdt)
-        self.valid = sc.valid_rows(st)
-        self.dv = dv_ref[...].astype(cdt)
-
-    def row_in(self, ref, r):
-        return ref[r, :].astype(self.cdt)
-
-    def replay_step(self, i, h):
-        r = sc.row(self.st, i)
-        d, _ = sc.delta_row(self.st, self.dt, self.bias, r, self.valid)
-        return sc.state_step(h, d, self.row_in(self.u, r), self.row_in(self.b, r), self.a2)[0]
-
-    def start_state(self, k):
-        """The state before sub-chunk k: from the saved state at the start of k's group."""
-        st, s = self.st, self.st.tiling.sub_chunk
-        stride = st.tiling.state_stride
-        if stride == 1:
-            return self.hf[k]
-        first = (k // stride) * stride * s
-        return lax.fori_loop(first, k * s, self.replay_step, self.hf[k // stride])
-
-    def gated(self, r):
-        """(g, gy = g·silu(z), silu'(z) or None) of row r."""
-        g = self.row_in(self.g, r)
-        if not self.st.has_z:
-            return g, g, None
-        silu, dsilu = sc.silu_parts(self.row_in(self.z, r))
-        return g, g * silu, dsilu
-
-
-def _loop_sub_chunk(k, carry, p: _GradientRows):
-    """B3 "loop": the sub-chunk's states into registers, then one adjoint step per row with its
-    reductions and row stores."""
-    st, cdt, s = p.st, p.cdt, p.st.tiling.sub_chunk
-    lam_next, da, dd, dbias = carry
-    hs = [p.start_state(k)]
-    for j in range(s):  # replay: the sub-chunk's states in registers
-        hs.append(p.replay_step(k * s + j, hs[-1]))
-    for j in reversed(range(s)):  # adjoint steps, last row first
-        r = sc.row(st, k * s + j)
-        d, x = sc.delta_row(st, p.dt, p.bias, r, p.valid)
-        u, b, c = p.row_in(p.u, r), p.row_in(p.b, r), p.row_in(p.c, r)
-        g, gy, dsilu = p.gated(r)
-        h = hs[j + 1]
-        if st.has_z:
-            y = jnp.sum(h * c[None, :], axis=1) + p.dv * u
-            p.dz[r, :] = (g * y * dsilu).astype(p.dz.dtype)
-        lam = gy[:, None] * c[None, :] + lam_next
-        decay = jnp.exp2(d[:, None] * p.a2)
-        decayed_prev = decay * hs[j]  # a_t h_{t-1}
-        lam_b = jnp.sum(lam * b[None, :], axis=1)
-        p.du[r, :] = (d * lam_b + p.dv * gy).astype(p.du.dtype)
-        ddt = (jnp.sum(lam * (p.a_nat * decayed_prev), axis=1) + u * lam_b) \
-            * sc.delta_grad_factor(st, x, r, p.valid)
-        p.ddt[r, :] = ddt.astype(p.ddt.dtype)
-        p.db[r, :] = jnp.sum(lam * (d * u)[:, None], axis=0).astype(cdt)
-        p.dc[r, :] = jnp.sum(h * gy[:, None], axis=0).astype(cdt)
-        da = da + lam * (d[:, None] * decayed_prev)
-        dd = dd + gy * u
-        dbias = dbias + ddt
-        lam_next = decay * lam
-    return lam_next, da, dd, dbias
-
-
-def _loop_gradients(p: _GradientRows, carry):
-    n_sub = p.st.tiling.chunk // p.st.tiling.sub_chunk
-    return lax.fori_loop(0, n_sub, lambda i, carry: _loop_sub_chunk(n_sub - 1 - i, carry, p),
-                         carry)
-
-
-def _blocked_sub_chunk(k, h, carry, p: _GradientRows):
-    """B3 "blocked" for sub-chunk k from its start state h: only the two recurrences walk the
-    rows (one FMA chain each, no reduction, no store); their S states and adjoints are stacked
-    into `(S, BD, N)` blocks and every gradient is one expression over the sub-chunk, reduced
-    once and stored as one `(S, ·)` block."""
-    st, cdt, s = p.st, p.cdt, p.st.tiling.sub_chunk
-    lam_next, da, dd, dbias = carry
-    decays, decayed = [], []  # a_t and a_t h_{t-1} per step
-    for j in range(s):
-        r = sc.row(st, k * s + j)
-        d, _ = sc.delta_row(st, p.dt, p.bias, r, p.valid)
-        h_prev = h
-        h, decay = sc.state_step(h, d, p.row_in(p.u, r), p.row_in(p.b, r), p.a2)
-        decays.append(decay)
-        decayed.append(decay * h_prev)
-    lams = [None] * s
-    for j in reversed(range(s)):  # λ_t = C_t gy_t + a_{t+1} λ_{t+1}
-        r = sc.row(st, k * s + j)
-        lams[j] = p.gated(r)[1][:, None] * p.row_in(p.c, r)[None, :] + lam_next
-        lam_next = decays[j] * lams[j]
-    # blocks in row order: steps k·S..k·S+S-1 are rows r0..r0+S-1 (descending when reverse)
-    r0 = st.tiling.chunk - (k + 1) * s if st.reverse else k * s
-    order = (lambda xs: xs[::-1]) if st.reverse else (lambda xs: xs)
-    lam3, dp3 = sc.stack_leading(order(lams)), sc.stack_leading(order(decayed))
-    d, x, rows = sc.delta_rows(st, p.dt, p.bias, r0, s, p.valid)
-    blk = pl.ds(r0, s)
-    u, b, c, g = (ref[blk, :].astype(cdt) for ref in (p.u, p.b, p.c, p.g))
-    du3 = (d * u)[:, :, None]
-    if st.has_z:
-        silu, dsilu = sc.silu_parts(p.z[blk, :].astype(cdt))
-        gy = g * silu
-    else:
-        gy = g
-    h3 = dp3 + du3 * b[:, None, :]  # h_t = a_t h_{t-1} + δ u B
-    if st.has_z:
-        y = jnp.sum(h3 * c[:, None, :], axis=2) + p.dv[None, :] * u
-        p.dz[blk, :] = (g * y * dsilu).astype(p.dz.dtype)
-    lam_b = jnp.sum(lam3 * b[:, None, :], axis=2)
-    p.du[blk, :] = (d * lam_b + p.dv[None, :] * gy).astype(p.du.dtype)
-    ddt = (jnp.sum(lam3 * (p.a_nat[None] * dp3), axis=2) + u * lam_b) \
-        * sc.delta_grad_factor(st, x, rows, p.valid)
-    p.ddt[blk, :] = ddt.astype(p.ddt.dtype)
-    p.db[blk, :] = jnp.sum(lam3 * du3, axis=1).astype(cdt)
-    p.dc[blk, :] = jnp.sum(h3 * gy[:, :, None], axis=1).astype(cdt)
-    da = da + jnp.sum(lam3 * (d[:, :, None] * dp3), axis=0)
-    return lam_next, da, dd + jnp.sum(gy * u, axis=0), dbias + jnp.sum(ddt, axis=0)
-
-
-def _blocked_gradients(p: _GradientRows, carry):
-    """Saved-state groups last first; a group's sub-chunk start states are replayed forward
-    once from its saved state (kept in registers), then its sub-chunks run last first."""
-    s, stride = p.st.tiling.sub_chunk, p.st.tiling.state_stride
-    n_groups = p.st.tiling.saved_states
-
-    def group(i, carry):
-        q = n_groups - 1 - i
-        starts = [p.hf[q]]
-        for m in range(1, stride):
-            starts.append(lax.fori_loop((q * stride + m - 1) * s, (q * stride + m) * s,
-                                        p.replay_step, starts[-1]))
-        for m in reversed(range(stride)):
-            carry = _blocked_sub_chunk(q * stride + m, starts[m], carry, p)
-        return carry
-
-    return lax.fori_loop(0, n_groups, group, carry)
-
-
-#: B3's variants: `loop` steps through the rows with per-row reductions and stores; `blocked`
-#: walks only the recurrences row by row and computes every gradient per sub-chunk block.
-GRADIENT_KERNELS = {"loop": _loop_gradients, "blocked": _blocked_gradients}
-
-
 def _chunk_gradients_kernel(*refs, st):
-    p = _GradientRows(refs, st)
-    zeros_d = jnp.zeros(p.bias.shape, p.cdt)
-    _, da, dd, dbias = GRADIENT_KERNELS[st.gradients](
-        p, (p.mu[...], jnp.zeros(p.a2.shape, p.cdt), zeros_d, zeros_d))
-    da_ref, dd_ref, dbias_ref = p.totals
+    if st.has_z:
+        (u_ref, dt_ref, z_ref, g_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, hf_ref, mu_ref,
+         du_ref, ddt_ref, dz_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref) = refs
+    else:
+        (u_ref, dt_ref, g_ref, a_ref, b_ref, c_ref, dv_ref, bias_ref, hf_ref, mu_ref,
+         du_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dbias_ref) = refs
+    cdt = mu_ref.dtype
+    a_nat = a_ref[...].astype(cdt)
+    a2 = a_nat * sc.LOG2E
+    bias = bias_ref[...].astype(cdt)
+    valid = sc.valid_rows(st)
+    dv = dv_ref[...].astype(cdt)
+    s = st.tiling.sub_chunk
+    n_sub = st.tiling.chunk // s
+    stride = st.tiling.state_stride
+
+    def replay_step(i, h):
+        r = sc.row(st, i)
+        d, _ = sc.delta_row(st, dt_ref, bias, r, valid)
+        return sc.state_step(h, d, u_ref[r, :].astype(cdt), b_ref[r, :].astype(cdt), a2)[0]
+
+    def sub_chunk(i, carry):
+        lam_next, da, dd, dbias = carry
+        k = n_sub - 1 - i
+        if stride == 1:
+            h = hf_ref[k]
+        else:  # from the saved state at the start of k's group up to k's start
+            first = (k // stride) * stride * s
+            h = lax.fori_loop(first, k * s, replay_step, hf_ref[k // stride])
+        hs = [h]
+        for j in range(s):  # replay: the sub-chunk's states in registers
+            hs.append(replay_step(k * s + j, hs[-1]))
+        for j in reversed(range(s)):  # adjoint steps, last row first
+            r = sc.row(st, k * s + j)
+            d, x = sc.delta_row(st, dt_ref, bias, r, valid)
+            u = u_ref[r, :].astype(cdt)
+            b = b_ref[r, :].astype(cdt)
+            c = c_ref[r, :].astype(cdt)
+            g = g_ref[r, :].astype(cdt)
+            h = hs[j + 1]
+            if st.has_z:
+                silu, dsilu = sc.silu_parts(z_ref[r, :].astype(cdt))
+                y = jnp.sum(h * c[None, :], axis=1) + dv * u
+                dz_ref[r, :] = (g * y * dsilu).astype(dz_ref.dtype)
+                gy = g * silu
+            else:
+                gy = g
+            lam = gy[:, None] * c[None, :] + lam_next
+            decay = jnp.exp2(d[:, None] * a2)
+            decayed_prev = decay * hs[j]  # a_t h_{t-1}
+            lam_b = jnp.sum(lam * b[None, :], axis=1)
+            du_ref[r, :] = (d * lam_b + dv * gy).astype(du_ref.dtype)
+            ddt = (jnp.sum(lam * (a_nat * decayed_prev), axis=1) + u * lam_b) \
+                * sc.delta_grad_factor(st, x, r, valid)
+            ddt_ref[r, :] = ddt.astype(ddt_ref.dtype)
+            db_ref[r, :] = jnp.sum(lam * (d * u)[:, None], axis=0)
+            dc_ref[r, :] = jnp.sum(h * gy[:, None], axis=0)
+            da = da + lam * (d[:, None] * decayed_prev)
+            dd = dd + gy * u
+            dbias = dbias + ddt
+            lam_next = decay * lam
+        return lam_next, da, dd, dbias
+
+    zeros_d = jnp.zeros(bias.shape, cdt)
+    _, da, dd, dbias = lax.fori_loop(
+        0, n_sub, sub_chunk, (mu_ref[...], jnp.zeros(a2.shape, cdt), zeros_d, zeros_d))
     da_ref[...] = da
     dd_ref[...] = dd
     dbias_ref[...] = dbias
@@ -287,7 +189,7 @@ def chunk_gradients(st: sc.ScanStatics, u, dt, z, g, A, B, C, D, bias, h_fine, m
             jax.ShapeDtypeStruct(mu.shape, cdt),
             jax.ShapeDtypeStruct((batch, n_chunks, dim), cdt),
             jax.ShapeDtypeStruct((batch, n_chunks, dim), cdt)],
-        warps=st.tiling.gradient_warps, name="selective_scan_chunk_gradients",
+        warps=st.tiling.bwd_warps, name="selective_scan_chunk_gradients",
     )(*seq_in, A, B, C, D, bias, h_fine, mu)
     if not st.has_z:
         outs = [*outs[:2], None, *outs[2:]]

@@ -39,8 +39,6 @@ class ScanStatics:
     poison_outputs: bool = False
     #: K3 saves the backward's states in the forward (a residual), so B1 need not replay
     fused_replay: bool = False
-    #: B3's variant, one of `GRADIENT_KERNELS` (scan_backward.py)
-    gradients: str = "loop"
 
     @property
     def masked(self) -> bool:
@@ -111,31 +109,6 @@ def delta_row(statics: ScanStatics, dt_ref, bias, r, valid):
     if valid is not None:
         d = jnp.where(r < valid, d, jnp.zeros_like(d))
     return d, x
-
-
-def delta_rows(statics: ScanStatics, dt_ref, bias, r0, size: int, valid):
-    """`delta_row` for the `size` rows from r0 (a block `(size, BD)`) and those rows' indices
-    `(size, 1)`."""
-    rows = r0 + jnp.arange(size, dtype=jnp.int32)[:, None]
-    x = dt_ref[pl.ds(r0, size), :].astype(bias.dtype) + bias[None, :]
-    d = softplus(x) if statics.delta_softplus else x
-    if valid is not None:
-        d = jnp.where(rows < valid, d, jnp.zeros_like(d))
-    return d, x, rows
-
-
-def stack_leading(xs):
-    """`jnp.stack(xs)` for a power-of-two count of equal-shape values, by pairwise stacks on a
-    new last axis (Triton's `join`, the one stack its Pallas lowering has), a transpose and a
-    reshape: `(len(xs), *shape)`."""
-    level, bits = list(xs), 0
-    while len(level) > 1:
-        level = [jnp.stack(level[i:i + 2], axis=-1) for i in range(0, len(level), 2)]
-        bits += 1
-    x = level[0]
-    base = x.ndim - bits  # axes (*shape, bit 0, ..., bit k-1) -> (bit k-1, ..., bit 0, *shape)
-    x = jnp.transpose(x, tuple(range(x.ndim - 1, base - 1, -1)) + tuple(range(base)))
-    return x.reshape((len(xs),) + x.shape[bits:])
 
 
 def delta_grad_factor(statics: ScanStatics, x, r, valid):

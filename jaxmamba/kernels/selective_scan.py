@@ -10,7 +10,6 @@ temporary is B1's saved states `(B, L/(S·stride), D, N)`; no `(B, L, D, N)` ten
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import jax
@@ -18,24 +17,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmamba.kernels import scan_common as sc
-from jaxmamba.kernels.scan_backward import GRADIENT_KERNELS, chunk_adjoints, chunk_gradients
+from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
 from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
 from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
 from jaxmamba.ops.scan_reference import compute_dtype
 from jaxmamba.ops.scan_xla import affine_combine
 
 _warned_interpret = False
-#: Environment variable naming the default gradient kernel (B3 variant) of `selective_scan_pallas`
-GRADIENTS_ENV = "JAXMAMBA_SCAN_GRADIENTS"
-
-
-def default_gradients() -> str:
-    """B3's variant when `gradients=None`: `$JAXMAMBA_SCAN_GRADIENTS`, else "loop"."""
-    name = os.environ.get(GRADIENTS_ENV, "loop")
-    if name not in GRADIENT_KERNELS:
-        raise ValueError(f"selective_scan_pallas: ${GRADIENTS_ENV}={name!r}; expected one of "
-                         f"{sorted(GRADIENT_KERNELS)} (or unset for 'loop')")
-    return name
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -134,7 +122,6 @@ def selective_scan_pallas(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
     *, reverse=False, initial_state=None, tiling: ScanTiling | None = None,
     interpret: bool | None = None, poison_outputs: bool = False, fused_replay: bool = False,
-    gradients: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Same contract as `jaxmamba.ops.scan_reference.selective_scan_reference`.
 
@@ -150,18 +137,11 @@ def selective_scan_pallas(
     kernel saves the backward's states, so the backward replays nothing before its gradient
     kernel; those states, `(B, L/(S·stride), D, N)`, are then kept from the forward to the
     backward instead of living only inside the backward.
-    `gradients`: the backward's gradient kernel, "loop" (a reduction and a store per row) or
-    "blocked" (per sub-chunk blocks; experimental, for A/B timing); None reads
-    `$JAXMAMBA_SCAN_GRADIENTS` (default "loop").
     """
-    gradients = default_gradients() if gradients is None else gradients
-    if gradients not in GRADIENT_KERNELS:
-        raise ValueError(f"selective_scan_pallas: gradients={gradients!r}; expected one of "
-                         f"{sorted(GRADIENT_KERNELS)} or None")
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
     n = A.shape[1]
-    tiling = tiling or default_tiling(batch, length, dim, n, gradients=gradients)
+    tiling = tiling or default_tiling(batch, length, dim, n)
     lp = -(-length // tiling.chunk) * tiling.chunk
     tile_d = max(tiling.block_d, tiling.bwd_block_d)
     dp = -(-dim // tile_d) * tile_d
@@ -169,8 +149,7 @@ def selective_scan_pallas(
     st = sc.ScanStatics(tiling=tiling, length=length, padded_length=lp,
                         delta_softplus=bool(delta_softplus), reverse=bool(reverse),
                         has_z=z is not None, interpret=resolve_interpret(interpret),
-                        poison_outputs=poison_outputs, fused_replay=bool(fused_replay),
-                        gradients=gradients)
+                        poison_outputs=poison_outputs, fused_replay=bool(fused_replay))
 
     u_p, dt_p = _pad(_pad(u, 1, lp), 2, dp), _pad(_pad(delta, 1, lp), 2, dp)
     z_p = None if z is None else _pad(_pad(z, 1, lp), 2, dp)

@@ -24,9 +24,6 @@ FWD_ELEMENTS_PER_THREAD = 16
 #: single channel tile per program (more warps) beat 16-channel one-warp tiles by ~2x, whose
 #: partial dB/dC buffers grow with D/16.
 BWD_STATE_WORDS = 96
-#: fp32 words per thread of one `(sub_chunk, bwd_block_d, N)` block in the "blocked" gradient
-#: kernel (it holds a few such blocks at once). Not yet timed on a GPU.
-BLOCKED_WORDS = 32
 #: Sub-chunks per saved backward state: 2 halves the buffer (3.6 -> 1.8 GB at Synapse stage 0)
 #: for half a replayed step more per row in the gradient kernel.
 STATE_STRIDE = 2
@@ -38,9 +35,7 @@ def next_pow2(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ScanTiling:
-    """Static tile sizes (all powers of two; `chunk` a multiple of `sub_chunk·state_stride`).
-    `grad_warps`: warps of the gradient kernel B3 alone, 0 for `bwd_warps` (the adjoint kernel
-    B1 always runs `bwd_warps`)."""
+    """Static tile sizes (all powers of two; `chunk` a multiple of `sub_chunk·state_stride`)."""
 
     chunk: int
     block_d: int
@@ -49,20 +44,15 @@ class ScanTiling:
     sub_chunk: int
     bwd_warps: int
     state_stride: int = 1
-    grad_warps: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if (v < 1 or v & (v - 1)) and not (f.name == "grad_warps" and v == 0):
+            if v < 1 or v & (v - 1):
                 raise ValueError(f"ScanTiling.{f.name}={v}: expected a power of two")
         if self.chunk % (self.sub_chunk * self.state_stride):
             raise ValueError(f"ScanTiling: chunk={self.chunk} is not a multiple of "
                              f"sub_chunk={self.sub_chunk} x state_stride={self.state_stride}")
-
-    @property
-    def gradient_warps(self) -> int:
-        return self.grad_warps or self.bwd_warps
 
     @property
     def saved_states(self) -> int:
@@ -75,9 +65,8 @@ def padded_state(n: int) -> int:
     return max(8, next_pow2(n))
 
 
-def default_tiling(batch: int, length: int, dim: int, state: int, *,
-                   gradients: str = "loop") -> ScanTiling:
-    """The tiling for `(B, L, D, N)` and the gradient kernel `gradients`.
+def default_tiling(batch: int, length: int, dim: int, state: int) -> ScanTiling:
+    """The tiling for `(B, L, D, N)`.
 
     * `block_d`: 64 channels up to N=32, then `2048 // N` (a (BD, N) tile of ≤ 2048 state
       elements), never more than D rounded up, at least 16.
@@ -87,25 +76,7 @@ def default_tiling(batch: int, length: int, dim: int, state: int, *,
       one warp per 32 channels, 8 replayed steps; beyond, the forward's channel tile with warps
       and `sub_chunk` such that the replayed states fit `BWD_STATE_WORDS` per thread.
     * `state_stride`: `STATE_STRIDE` where the chunk holds that many sub-chunks.
-    * `gradients="blocked"`: the same channel tile, rows per saved state and adjoint kernel;
-      gradient-kernel warps (up to 8), then a shorter sub-chunk, such that a
-      `(sub_chunk, bwd_block_d, N)` block is at most `BLOCKED_WORDS` per thread.
     """
-    tiling = _loop_tiling(batch, length, dim, state)
-    if gradients == "loop":
-        return tiling
-    group = tiling.sub_chunk * tiling.state_stride
-    block = tiling.bwd_block_d * padded_state(state)
-    sub_chunk = tiling.sub_chunk
-    warps = min(8, max(1, next_pow2(-(-sub_chunk * block // (32 * BLOCKED_WORDS)))))
-    while sub_chunk > 2 and sub_chunk * block > 32 * warps * BLOCKED_WORDS:
-        sub_chunk //= 2
-    return dataclasses.replace(tiling, sub_chunk=sub_chunk, grad_warps=warps,
-                               state_stride=group // sub_chunk)
-
-
-def _loop_tiling(batch: int, length: int, dim: int, state: int) -> ScanTiling:
-    """`default_tiling` for the "loop" gradient kernel."""
     n = padded_state(state)
     block_d = max(16, min(64 if n <= 32 else 2048 // n, next_pow2(dim)))
     n_d = -(-dim // block_d)
