@@ -35,6 +35,7 @@ from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels import scan_forward as kf
 from jaxmamba.kernels import selective_scan as ks
 from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling, default_tiling
+from jaxmamba.kernels.triton_backend import unavailable_reason
 from jaxmamba.ops import default_implementation, selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 
@@ -282,6 +283,25 @@ def test_default_tiling(b, l, d, n):
     if b * l * d >= 16 * MIN_PROGRAMS * 256:  # long sequences: full chunks, enough programs
         assert t.chunk == 256 and t.state_stride == 2
         assert b * (l // t.chunk) * (d // t.block_d) >= MIN_PROGRAMS
+
+
+def test_kernels_lower_to_triton():
+    """Every kernel of the fwd+bwd lowers to Triton IR for a CUDA GPU, on any machine (traced
+    and lowered, not compiled: catches a primitive or shape that Pallas' Triton lowering lacks,
+    which interpret mode never sees), padded and reversed, N=32."""
+    if reason := unavailable_reason():
+        pytest.skip(reason)
+    b, l, d, n = 1, 1000, 40, 32
+    shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
+                  z=(b, l, d), delta_bias=(d,))
+    args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+    def grads(a):
+        return jax.grad(lambda a: jnp.sum(ks.selective_scan_pallas(
+            **a, interpret=False, reverse=True)[0]))(a)
+
+    text = jax.jit(grads).trace(args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4  # K1, K3, B1, B3
 
 
 def test_bad_tiling_is_named():
