@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, TextIO
 
+from jaxmamba import rundir
+
 Progress = bool | Literal["auto"]
 
 
@@ -85,7 +87,8 @@ def validation_line(results_table: str, seconds: float) -> str:
 
 
 def done_line(run_dir: Path, checkpoints: Path) -> str:
-    return f"done: {run_dir} (checkpoints in {checkpoints}, curves.png, metrics.jsonl)"
+    return (f"done: {run_dir} (checkpoints in {checkpoints}, {rundir.CURVES_FILE}, "
+            f"{rundir.METRICS_FILE})")
 
 
 def saved_line(run_dir: Path, epochs: Sequence[int], steps: Sequence[int]) -> str:

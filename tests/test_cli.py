@@ -10,9 +10,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 MAY_PRINT = {
     "train/signals.py": "a second signal stops the process at once",
     "distributed.py": "a multi-process join that timed out ends the process",
-    # the non-finite warning of a run directory's checkpoint, until the run-directory module
-    # that replaces this file hands it to the command
-    "infer/runs.py": "WARNING: non-finite parameters, predicting anyway",
 }
 
 

@@ -13,10 +13,9 @@ from flax import nnx
 
 from jaxmamba.cli import main
 from jaxmamba.infer.network import network_apply_fn
-from jaxmamba.infer.runs import RunError, find_checkpoint, load_run
-from jaxmamba.interop.checkpoint import save_run
 from jaxmamba.models import build_model
 from jaxmamba.plans import Plan
+from jaxmamba.rundir import RunDirError, find_checkpoint, load_run, save_run
 from jaxmamba.train.checkpoint import Checkpointer
 
 
@@ -138,7 +137,7 @@ def test_bad_run_directories(setup, capsys):
     assert main([*base, str(root / "nockpt")]) == 1
     assert "no latest or best checkpoint" in capsys.readouterr().err
     _make_run(root / "run", seed=0)
-    with pytest.raises(RunError, match="no best checkpoint"):
+    with pytest.raises(RunDirError, match="no best checkpoint"):
         load_run(root / "nockpt", "best")
     (root / "in" / "c0_0001.nii.gz").write_bytes(b"")
     assert main([*base, str(root / "run")]) == 1
@@ -189,9 +188,14 @@ def test_damaged_checkpoint_is_one_line(setup, capsys):
 def test_non_finite_checkpoint_is_refused(setup, capsys):
     root = setup
     _make_run(root / "run", seed=0, nan=True)
-    with pytest.raises(RunError, match=r"latest/3: the latest checkpoint holds 1 non-finite "
+    with pytest.raises(RunDirError, match=r"latest/3: the latest checkpoint holds 1 non-finite "
                                        r"parameter value.*--allow-non-finite"):
         load_run(root / "run")
     loaded = load_run(root / "run", allow_non_finite=True)
+    assert loaded.checkpoint == "latest" and loaded.non_finite == 1
+    args = ["predict", "-m", str(root / "run"), "-i", str(root / "in"), "-o", str(root / "out"),
+            "--no-mirroring"]
+    assert main(args) == 1
+    assert "--allow-non-finite" in capsys.readouterr().err
+    assert main([*args, "--allow-non-finite"]) == 0
     assert "1 non-finite parameter value(s); predicting anyway" in capsys.readouterr().out
-    assert loaded.checkpoint == "latest"

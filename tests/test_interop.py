@@ -252,7 +252,7 @@ def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, 
 def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", tiny_plan())
-    from jaxmamba.interop.checkpoint import save_run
+    from jaxmamba.rundir import save_run
     save_run(run_dir, model, tiny_plan(), source="test")
     tiny_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
     code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])

@@ -17,7 +17,7 @@ from launching import ROOT, launch, wait_for
 from jaxmamba.config import load_config
 from jaxmamba.data import fold_cases
 from jaxmamba.infer.sliding_window import data_mesh
-from jaxmamba.interop.checkpoint import load_run
+from jaxmamba.rundir import load_run
 from jaxmamba.train import loop, validate
 
 # one xdist worker for the module: its training fixture runs once, and no two gloo jobs compete
@@ -41,7 +41,7 @@ def _args(setup, run_dir, *more):
 
 
 def _params(run_dir):
-    model, _ = load_run(run_dir, which="latest")
+    model = load_run(run_dir, "latest").model
     return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
@@ -87,7 +87,8 @@ def test_two_processes_train_validate_and_write_once(setup, two_by_two):
     results = json.loads((run_dir / "final_validation" / "results.json").read_text())
     assert results["epoch"] == 2
     assert (run_dir / "final_validation" / "validation" / "summary.json").is_file()
-    model, plan = load_run(run_dir, which="latest")
+    loaded = load_run(run_dir, "latest")
+    model, plan = loaded.model, loaded.plan
     _, val_ids = fold_cases(setup / "cache", 0)
     assert len(val_ids) == 2  # one per process
     alone = validate.final_validation(model, plan, setup / "raw", val_ids, setup / "alone",

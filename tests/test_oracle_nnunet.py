@@ -274,8 +274,8 @@ def predictions(nnunet, datasets_dir, tmp_path_factory):
     by `jaxmamba predict`; step 0.5, Gaussian weights, mirroring along `MIRROR_AXES`. The patch
     covers the resampled case but for two overlapping windows along axis 0 (few network passes:
     the window positions and the Gaussian have their own tests)."""
-    from jaxmamba.interop.checkpoint import save_run
     from jaxmamba.models import build_model
+    from jaxmamba.rundir import save_run
 
     root = tmp_path_factory.mktemp("predictions")
     plan = _plan("Dataset004_Hippocampus", (1.1, 1.0, 0.9), ("MRI",), 3, patch=(24, 56, 40))

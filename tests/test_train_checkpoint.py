@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxmamba.train.checkpoint import Checkpointer, CheckpointError
+from jaxmamba.rundir import RunDirError
+from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.finite import all_finite, check_restored
 from jaxmamba.train.optim import scale_by_torch_radam
 from jaxmamba.train.writers import RunWriter
@@ -73,13 +74,13 @@ def test_damaged_checkpoint_is_named_and_non_finite_state_is_found(tmp_path):
     ckpt.save(1, params=params, train=train, data_state={}, meta={"epoch": 1}, best=False)
     ckpt.close()
     (tmp_path / "checkpoints" / "latest" / "1" / "meta" / "metadata").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"latest/1: the checkpoint cannot be read, it is "
-                                              r"damaged.*JSONDecodeError.*train.run_dir"):
+    with pytest.raises(RunDirError, match=r"latest/1: the latest checkpoint cannot be read, it "
+                                          r"is damaged.*JSONDecodeError.*train.run_dir"):
         Checkpointer(tmp_path).read_meta()
     assert bool(all_finite((params, train)))
     poisoned = jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x, train)
     assert not bool(all_finite((params, poisoned)))
-    with pytest.raises(CheckpointError, match="holds non-finite values"):
+    with pytest.raises(RunDirError, match="holds non-finite values"):
         check_restored(poisoned, tmp_path / "latest" / "1")
 
 
@@ -100,7 +101,7 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
 
 def test_clean_stale_removes_orbax_temporaries_and_older_steps(tmp_path):
     """What kills leave: an orbax temporary (killed save) and an older step (killed deletion)."""
-    from jaxmamba.train.checkpoint import clean_stale
+    from jaxmamba.rundir import clean_stale
     for d in ("latest/1", "latest/2", "latest/3.orbax-checkpoint-tmp-17", "best/1",
               "preempted/5.orbax-checkpoint-tmp-3"):
         (tmp_path / "checkpoints" / d).mkdir(parents=True)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxmamba.config import ConfigError, load_config
 from jaxmamba.plans import PlanError
-from jaxmamba.train.checkpoint import CheckpointError
+from jaxmamba.rundir import RunDirError
 from jaxmamba.train.loop import NonFiniteLossError, run
 from jaxmamba.train.preflight import DoesNotFitError
 
@@ -138,16 +138,16 @@ def test_non_finite_parameters_are_never_checkpointed(phantom, tmp_path):
 def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):
     src, _ = uninterrupted
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
-    with pytest.raises(CheckpointError, match="train.resume=false"):
+    with pytest.raises(RunDirError, match="train.resume=false"):
         run(_cfg(phantom, src, "train.resume=false"))
-    with pytest.raises(CheckpointError, match="variant 'resencunet'.*'segmamba'"):
+    with pytest.raises(RunDirError, match="variant 'resencunet'.*'segmamba'"):
         run(_cfg(phantom, src, "model.variant=segmamba"))
-    with pytest.raises(CheckpointError, match="data.num_workers=0, the config asks for 2"):
+    with pytest.raises(RunDirError, match="data.num_workers=0, the config asks for 2"):
         run(_cfg(phantom, src, "data.num_workers=2"))
-    with pytest.raises(CheckpointError, match="another plan"):
+    with pytest.raises(RunDirError, match="another plan"):
         run(_cfg(phantom, src, "data.plan_overrides.base_num_features=2"))
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
-    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+    with pytest.raises(RunDirError, match="no checkpoint to resume"):
         run(_cfg(phantom, tmp_path / "new", "train.resume=true"))
     with pytest.raises(ValueError, match="batch size 3 is not divisible by the 4 devices"):
         run(_cfg(phantom, tmp_path / "b3", "data.plan_overrides.batch_size=3"))

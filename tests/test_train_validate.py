@@ -1,6 +1,7 @@
 """The closing lines of training name the folders the final validation really writes."""
 
-from jaxmamba.train.validate import FOLDER, format_results, set_folder
+from jaxmamba.rundir import FINAL_VALIDATION_DIR
+from jaxmamba.train.validate import format_results, set_folder
 
 
 def test_closing_lines_name_each_sets_folder(tmp_path):
@@ -10,6 +11,7 @@ def test_closing_lines_name_each_sets_folder(tmp_path):
     assert lines[0] == "final validation Dice: mean 0.6250 (a 0.7500, b 0.5000)"
     assert lines[2] == "final test Dice: mean 0.3750 (a 0.5000, b 0.2500)"
     for line, name in ((lines[1], "validation"), (lines[3], "test")):
-        assert set_folder(tmp_path, name) == tmp_path / FOLDER / name  # where they are written
-        assert f"in {tmp_path / FOLDER / name}/:" in line and "summary.json" in line
+        # where they are written
+        assert set_folder(tmp_path, name) == tmp_path / FINAL_VALIDATION_DIR / name
+        assert f"in {tmp_path / FINAL_VALIDATION_DIR / name}/:" in line and "summary.json" in line
     assert "no held-out cases" in format_results({}, tmp_path)

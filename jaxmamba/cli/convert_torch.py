@@ -51,12 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxmamba.interop.checkpoint import load_run, save_run
     from jaxmamba.interop.torch import export_state_dict, load_torch, write_state_dict
     from jaxmamba.models import count_parameters
+    from jaxmamba.rundir import BEST, load_run, save_run
 
     if args.to_torch:
-        model, _ = load_run(args.source)
+        model = load_run(args.source, BEST, allow_non_finite=True).model
         sd = export_state_dict(model)
         write_state_dict(sd, args.output)
         print(f"wrote {args.output}: {len(sd)} tensors of {model.variant} "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jaxmamba.console import progress_enabled
 from jaxmamba.errors import UserError
+from jaxmamba.rundir import CHECKPOINTS, DATASET_FILE, PLANS_FILE
 
 
 def add_arguments(parser) -> None:
@@ -21,7 +22,7 @@ def add_arguments(parser) -> None:
                         help="folder of CASE_XXXX.nii.gz images (nnU-Net naming), or files")
     parser.add_argument("-o", "--output", required=True, type=Path,
                         help="folder for CASE.nii.gz label maps")
-    parser.add_argument("--checkpoint", choices=("latest", "best"), default=None,
+    parser.add_argument("--checkpoint", choices=CHECKPOINTS, default=None,
                         help="latest (end of training, as nnU-Net's checkpoint_final) or best "
                              "(best EMA pseudo-Dice); default: latest if the run has it, else "
                              "best (converted PyTorch checkpoints)")
@@ -55,7 +56,7 @@ def run(args) -> int:
     from jaxmamba import distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
-    from jaxmamba.infer.runs import check_same_plan, load_run
+    from jaxmamba.rundir import check_same_plan, load_run
 
     written, skipped, error = [], [], None
     try:
@@ -64,6 +65,10 @@ def run(args) -> int:
         mirror_axes = None if args.no_mirroring else _parse_axes(args.mirror_axes)
         runs = [load_run(d, args.checkpoint, allow_non_finite=args.allow_non_finite)
                 for d in args.model]
+        for r in runs:
+            if r.non_finite:
+                print(f"WARNING: {r.folder}: {r.non_finite} non-finite parameter value(s); "
+                      f"predicting anyway (--allow-non-finite)")
         check_same_plan(runs)
         plan = runs[0].plan
         cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
@@ -82,7 +87,7 @@ def run(args) -> int:
                 accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())
         finally:
             if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
-                plan.save(args.output / "nnUNetPlans.json")
+                plan.save(args.output / PLANS_FILE)
     except (UserError, ValueError) as err:
         if not jax.distributed.is_initialized():
             raise  # one process: the CLI entry reports it in one line
@@ -104,7 +109,7 @@ def run(args) -> int:
         print(f"skipped {n_skipped} case(s) already predicted in {args.output} (--overwrite "
               f"to predict them again)")
     print(f"wrote {n_written} prediction(s) to {args.output}. Next: jaxmamba evaluate -p "
-          f"{args.output} -g LABELS_FOLDER -d {args.output / 'dataset.json'}")
+          f"{args.output} -g LABELS_FOLDER -d {args.output / DATASET_FILE}")
     return 0
 
 

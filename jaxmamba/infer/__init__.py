@@ -4,8 +4,8 @@
   test-time augmentation, sharded over devices) for any `apply_fn`.
 - `jaxmamba.infer.metrics`: Dice, HD95, NSD per class or region (numpy/scipy).
 - `jaxmamba.infer.network`: an NNX U-Net as an `apply_fn` (state replicated over the mesh).
-- `jaxmamba.infer.predict`: `jaxmamba predict` (raw NIfTI -> preprocess -> windows -> NIfTI).
-- `jaxmamba.infer.runs`: run directories (training's or `convert-torch`'s) as prediction inputs.
+- `jaxmamba.infer.predict`: `jaxmamba predict` (raw NIfTI -> preprocess -> windows -> NIfTI),
+  from run directories (training's or `convert-torch`'s) read by `jaxmamba.rundir`.
 - `jaxmamba.infer.evaluate`: `jaxmamba evaluate` (folders of NIfTI label maps -> summary).
 - `jaxmamba.infer.preview`: preview PNGs.
 

@@ -27,11 +27,11 @@ from flax import nnx
 
 from jaxmamba.atomic import atomic_path
 from jaxmamba.errors import UserError
-from jaxmamba.interop.checkpoint import plan_differences
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
 from jaxmamba.models import build_model, canonical_variant
 from jaxmamba.models.unet import UNet
 from jaxmamba.plans import CONFIGURATION, Plan, PlanError
+from jaxmamba.rundir import plan_differences
 
 TORCH_SUFFIXES = (".pth", ".pt", ".model")
 _MAX_LINES = 12  # per kind of problem

@@ -3,9 +3,10 @@
 - `losses`: nnU-Net DC+CE with deep supervision, confusion counts for the pseudo-Dice.
 - `optim`: the reference recipes as optax chains with per-epoch torch schedules.
 - `step`: train state and the pure train/eval steps; `sharding`: the `data` mesh (1..N devices).
-- `checkpoint`: the run directory and orbax checkpoints (`latest`, `best`); `preflight`: the
-  compiled memory check; `writers`: metrics.jsonl, TensorBoard, curves.png; `validate`: the
-  sliding-window validation at the end; `loop`: `run` (its command line is `jaxmamba.cli.train`).
+- `checkpoint`: the train state's orbax checkpoints (`latest`, `best`, `preempted`; the run
+  directory's layout is `jaxmamba.rundir`'s); `preflight`: the compiled memory check;
+  `writers`: metrics.jsonl, TensorBoard, curves.png; `validate`: the sliding-window validation
+  at the end; `loop`: `run` (its command line is `jaxmamba.cli.train`).
 
 Submodules are imported on use (the loop needs the networks and the data pipeline).
 """

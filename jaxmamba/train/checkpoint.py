@@ -1,23 +1,14 @@
-"""Run directory and checkpoints (orbax `CheckpointManager`, async; README "Training").
+"""Training's checkpoints: the train state through orbax `CheckpointManager`s, saved async
+(README "Training").
 
-```
-RUN_DIR/
-  config.yaml                 the resolved config of the run
-  nnUNetPlans.json            the plan, nnU-Net field names (jaxmamba.plans.Plan.load reads it)
-  dataset.json
-  checkpoints/latest/<epoch>/ params, train (optimizer state, step, non-parameter state),
-                              data (grain iterator state, one file per process), meta (JSON)
-  checkpoints/best/<epoch>/   params, meta: the epoch with the best EMA pseudo-Dice
-  checkpoints/preempted/<step>/  as latest, written when a signal stopped training mid-epoch
-                              (meta also holds the epoch's partial sums); removed once the
-                              epoch it belongs to is complete
-  metrics.jsonl, curves.png, tensorboard/
-```
-`<epoch>` counts completed epochs. `meta` holds the epoch, the step, the variant and the plan
-(checked on resume), and the logger's history. Orbax writes each checkpoint to a temporary
-directory and renames it when complete, and deletes the previous `latest` only after that, so an
-interrupted save keeps the last good checkpoint; `clean_stale` removes what a killed save or
-deletion leaves behind (orbax temporaries, older steps) before the next run opens the folders.
+The run directory's layout, names and errors are `jaxmamba.rundir`'s: `latest` every epoch with
+params, train (optimizer state, step, non-parameter state), data (grain iterator state, one file
+per process) and meta (JSON: the epoch, the step, the variant, the plan, checked on resume, and
+the logger's history); `best` with params and meta by validation Dice; `preempted` as latest
+when a signal stopped training mid-epoch. Orbax writes each checkpoint to a temporary directory
+and renames it when complete, and deletes the previous `latest` only after that, so an
+interrupted save keeps the last good checkpoint; `jaxmamba.rundir.clean_stale` removes what a
+killed save or deletion leaves behind before the next run opens the folders.
 
 On several processes each manager has its own barrier prefix: `latest` and `best` save the same
 step in the same epoch, and orbax's barrier names are made of the step alone.
@@ -27,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
-from jaxmamba.errors import UserError, brief
-
-LATEST, BEST, PREEMPTED = "latest", "best", "preempted"
-_ITEMS = {LATEST: ("params", "train", "data", "meta"), BEST: ("params", "meta"),
-          PREEMPTED: ("params", "train", "data", "meta")}
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A run directory whose checkpoints cannot be used; the message says what to do."""
+from jaxmamba.rundir import BEST, CHECKPOINTS_DIR, ITEMS, LATEST, PREEMPTED, RunDirError, unreadable
 
 
 class IteratorSnapshot:
@@ -70,7 +52,7 @@ class Checkpointer:
     """`latest` every epoch and `best` by validation Dice, each keeping one checkpoint."""
 
     def __init__(self, run_dir: str | Path, *, async_save: bool = True):
-        self.dir = Path(run_dir).absolute() / "checkpoints"
+        self.dir = Path(run_dir).absolute() / CHECKPOINTS_DIR
         self.managers = {
             which: ocp.CheckpointManager(self.dir / which, item_names=items,
                                          options=ocp.CheckpointManagerOptions(
@@ -79,7 +61,7 @@ class Checkpointer:
                                              multiprocessing_options=ocp.options.
                                              MultiprocessingOptions(
                                                  barrier_sync_key_prefix=f"jaxmamba_{which}")))
-            for which, items in _ITEMS.items()}
+            for which, items in ITEMS.items()}
 
     def latest_epoch(self, which: str = LATEST) -> int | None:
         return self.managers[which].latest_step()
@@ -108,7 +90,7 @@ class Checkpointer:
     def read_meta(self, which: str = LATEST, epoch: int | None = None) -> dict:
         epoch = self.latest_epoch(which) if epoch is None else epoch
         if epoch is None:
-            raise CheckpointError(f"{self.dir / which}: no checkpoint")
+            raise RunDirError(self.dir / which, "no checkpoint", "has training completed an epoch?")
         out = self._restore(which, epoch, meta=ocp.args.JsonRestore())
         return dict(out["meta"])
 
@@ -121,7 +103,8 @@ class Checkpointer:
         """
         epoch = self.latest_epoch(which) if epoch is None else epoch
         if epoch is None:
-            raise CheckpointError(f"{self.dir / which}: no checkpoint to restore")
+            raise RunDirError(self.dir / which, "no checkpoint to restore",
+                              "has training completed an epoch?")
         items = dict(params=ocp.args.StandardRestore(_abstract(abstract_params)),
                      meta=ocp.args.JsonRestore())
         if with_train and which in (LATEST, PREEMPTED):
@@ -136,11 +119,9 @@ class Checkpointer:
         try:
             return self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint
-            folder = self.dir / which / str(epoch)
-            raise CheckpointError(
-                f"{folder}: the checkpoint cannot be read, it is damaged or incomplete "
-                f"({brief(err)}); move that folder away to train this run directory from "
-                f"scratch, or choose a new train.run_dir") from err
+            raise unreadable(self.dir / which / str(epoch), err,
+                             "move that folder away to train this run directory from scratch, "
+                             "or choose a new train.run_dir") from err
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""
@@ -157,22 +138,6 @@ def _full_args(params, train, data_state, meta) -> ocp.args.Composite:
         params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
         data=grain_checkpoint.CheckpointSave(IteratorSnapshot(copy.deepcopy(data_state))),
         meta=ocp.args.JsonSave(meta))
-
-
-def clean_stale(run_dir: str | Path) -> list[Path]:
-    """Remove what killed saves and deletions leave in `RUN_DIR/checkpoints/*/`: orbax's
-    temporary folders and every step but the newest (a half-deleted older checkpoint). Call on
-    one process, before any `Checkpointer` opens the folders; returns what was removed."""
-    removed = []
-    for folder in (Path(run_dir) / "checkpoints" / w for w in _ITEMS):
-        if not folder.is_dir():
-            continue
-        steps = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-        stale = [p for p in folder.iterdir() if ".orbax-checkpoint-tmp" in p.name] + steps[:-1]
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def _like(target, restored):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmamba.errors import UserError
+from jaxmamba.rundir import RunDirError
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -50,7 +51,6 @@ def check_state(state, *, epoch: int, step: int, ckpt, raw_dir: str) -> None:
 def check_restored(state, folder: Path) -> None:
     """Refuse to resume from a checkpoint holding NaN or inf (one written before this check)."""
     if not bool(all_finite(state)):
-        from jaxmamba.train.checkpoint import CheckpointError
-        raise CheckpointError(f"{folder}: the checkpoint to resume from holds non-finite values "
-                              f"(NaN or inf); delete that folder to resume from an earlier one, "
-                              f"or start a new train.run_dir")
+        raise RunDirError(folder, "the checkpoint to resume from holds non-finite values (NaN or "
+                                  "inf)", "delete that folder to resume from an earlier one, or "
+                                  "start a new train.run_dir")

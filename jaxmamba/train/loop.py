@@ -24,15 +24,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmamba import console, distributed
+from jaxmamba import console, distributed, rundir
 from jaxmamba import data as jdata
 from jaxmamba.config import Config, save_config
 from jaxmamba.console import progress_enabled
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
 from jaxmamba.plans import Plan
+from jaxmamba.rundir import LATEST, PREEMPTED, RunDirError
 from jaxmamba.train import finite, losses, preflight, sharding, signals, validate
 from jaxmamba.train import step as steps
-from jaxmamba.train.checkpoint import PREEMPTED, Checkpointer, CheckpointError, clean_stale
+from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.data import prepare_data
 from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
@@ -42,53 +43,49 @@ THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
 
 
 # ---------------------------------------------------------------------- resume decision
-def _checkpoint_epochs(run_dir: Path, which: str = "latest") -> list[int]:
-    folder = run_dir / "checkpoints" / which
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() \
-        else []
-
-
 def decide_resume(cfg: Config) -> bool:
     """Resume or start fresh, per `train.resume`; never overwrite another run's checkpoints."""
     run_dir = Path(cfg.train.run_dir)
-    found, preempted = _checkpoint_epochs(run_dir), _checkpoint_epochs(run_dir, PREEMPTED)
+    found, preempted = rundir.steps(run_dir, LATEST), rundir.steps(run_dir, PREEMPTED)
     if (found or preempted) and cfg.train.resume is False:
         what = f"epoch {found[-1]}" if found else f"step {preempted[-1]}"
-        raise CheckpointError(f"train.run_dir = {run_dir} holds a checkpoint ({what}) "
-                              f"and train.resume=false: choose a new train.run_dir, or resume")
+        raise RunDirError(run_dir, f"train.run_dir holds a checkpoint ({what}) and "
+                                   f"train.resume=false", "choose a new train.run_dir, or resume")
     if not (found or preempted) and cfg.train.resume is True:
-        raise CheckpointError(f"train.resume=true but {run_dir} has no checkpoint to resume")
+        raise RunDirError(run_dir, "train.resume=true but there is no checkpoint to resume",
+                          "check train.run_dir, or drop train.resume=true to start it from scratch")
     return bool(found or preempted)
 
 
 def _resume_from(ckpt: Checkpointer) -> str:
     """`latest`, or `preempted` when a signal stopped the epoch after the latest one."""
     if ckpt.latest_epoch(PREEMPTED) is None:
-        return "latest"
+        return LATEST
     done = ckpt.latest_epoch()
-    return PREEMPTED if done is None or ckpt.read_meta(PREEMPTED)["epoch"] >= done else "latest"
+    return PREEMPTED if done is None or ckpt.read_meta(PREEMPTED)["epoch"] >= done else LATEST
 
 
 def _check_same_run(meta: dict, cfg: Config, plan: Plan | None, run_dir: Path) -> None:
     if meta.get("variant") != cfg.model.variant:
-        raise CheckpointError(f"{run_dir}: its checkpoint is of variant {meta.get('variant')!r}, "
-                              f"the config asks for {cfg.model.variant!r}; use another "
-                              f"train.run_dir (nothing was changed)")
+        raise RunDirError(run_dir, f"its checkpoint is of variant {meta.get('variant')!r}, the "
+                                   f"config asks for {cfg.model.variant!r}",
+                          "use another train.run_dir (nothing was changed)")
     # The data loader's state holds one iterator per worker and per process: exact resume needs
     # the same numbers (grain cannot restore it into another layout).
     workers = meta.get("config", {}).get("data", {}).get("num_workers")
     if workers is not None and workers != cfg.data.num_workers:
-        raise CheckpointError(f"{run_dir}: its data-loader state is of data.num_workers={workers}, "
-                              f"the config asks for {cfg.data.num_workers}; resume with "
-                              f"data.num_workers={workers} (nothing was changed)")
+        raise RunDirError(run_dir, f"its data-loader state is of data.num_workers={workers}, the "
+                                   f"config asks for {cfg.data.num_workers}",
+                          f"resume with data.num_workers={workers} (nothing was changed)")
     processes = meta.get("processes", 1)
     if processes != jax.process_count():
-        raise CheckpointError(f"{run_dir}: its data-loader state is of {processes} process(es), "
-                              f"this run has {jax.process_count()}; resume with as many")
+        raise RunDirError(run_dir, f"its data-loader state is of {processes} process(es), this "
+                                   f"run has {jax.process_count()}", "resume with as many")
     if plan is not None and meta.get("plan") != plan.to_record():
-        raise CheckpointError(f"{run_dir}: its checkpoint was trained with another plan (see "
-                              f"{run_dir / 'nnUNetPlans.json'}); use another train.run_dir or "
-                              f"the same data.plans and data.plan_overrides")
+        raise RunDirError(run_dir, f"its checkpoint was trained with another plan (see "
+                                   f"{run_dir / rundir.PLANS_FILE})",
+                          "use another train.run_dir or the same data.plans and "
+                          "data.plan_overrides")
 
 
 # ---------------------------------------------------------------------- the run
@@ -115,8 +112,8 @@ def run(cfg: Config, *, max_epochs: int | None = None,
             if err.saved:
                 raise
             # stopped outside the training steps: no save is in flight, say what is on disk
-            saved = console.saved_line(run_dir, _checkpoint_epochs(run_dir),
-                                       _checkpoint_epochs(run_dir, PREEMPTED))
+            saved = console.saved_line(run_dir, rundir.steps(run_dir, LATEST),
+                                       rundir.steps(run_dir, PREEMPTED))
             raise signals.Stopped(err.signum, f"{err}; {saved}") from None
 
 
@@ -126,7 +123,8 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     resume = decide_resume(cfg)
     meta = {}
     if resume:
-        distributed.run_once("clean checkpoints", lambda: [str(p) for p in clean_stale(run_dir)])
+        distributed.run_once("clean checkpoints",
+                             lambda: [str(p) for p in rundir.clean_stale(run_dir)])
         peek = Checkpointer(run_dir)
         meta = peek.read_meta(_resume_from(peek))
         peek.close()
@@ -177,12 +175,12 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         partial = meta.get("partial_epoch")  # a mid-epoch checkpoint: the epoch's sums so far
         say(console.resumed_line(run_dir, start_epoch, partial["steps"] if partial else None,
                                  int(state.step)))
-        resolved = run_dir / "config.yaml"
+        resolved = run_dir / rundir.CONFIG_FILE
         if main and resolved.is_file() and cfg.to_dict() != _read_yaml(resolved):
-            save_config(cfg, run_dir / f"config.resumed-epoch{start_epoch}.yaml")
+            save_config(cfg, run_dir / rundir.resumed_config_file(start_epoch))
     elif main:
-        save_config(cfg, run_dir / "config.yaml")
-        plan.save(run_dir / "nnUNetPlans.json")
+        save_config(cfg, run_dir / rundir.CONFIG_FILE)
+        plan.save(run_dir / rundir.PLANS_FILE)
     writer = RunWriter(run_dir, class_names, history=history, tensorboard=cfg.log.tensorboard,
                        plot=cfg.log.plot)
 

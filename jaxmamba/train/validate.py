@@ -30,8 +30,7 @@ from jaxmamba.infer.evaluate import evaluate_folder, write_summary
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.predict import InputCase, find_cases, predict_cases
 from jaxmamba.plans import Plan
-
-FOLDER, DONE = "final_validation", "results.json"
+from jaxmamba.rundir import FINAL_VALIDATION_DIR, FINAL_VALIDATION_DONE
 
 
 def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids: Sequence[str],
@@ -39,9 +38,9 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
                      progress: bool = True) -> dict[str, dict[str, float]]:
     """Predict and score the held-out sets with the network of `epoch` epochs; returns
     `{set: {class or "mean": Dice}}`. `mesh`: this process's devices (default: all local)."""
-    raw, out_root = Path(raw_dir), Path(run_dir) / FOLDER
+    raw, out_root = Path(raw_dir), Path(run_dir) / FINAL_VALIDATION_DIR
     if distributed.is_main():
-        (out_root / DONE).unlink(missing_ok=True)
+        (out_root / FINAL_VALIDATION_DONE).unlink(missing_ok=True)
     dataset = RawDataset.open(raw)
     sets = []
     if val_ids:
@@ -61,7 +60,8 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
             f"score {name}", lambda out=out, labels=labels, partial=partial: _score(
                 out, labels, raw / "dataset.json", partial))
     if distributed.is_main():
-        write_text(out_root / DONE, json.dumps({"epoch": epoch, "results": results}, indent=1))
+        write_text(out_root / FINAL_VALIDATION_DONE,
+                   json.dumps({"epoch": epoch, "results": results}, indent=1))
     distributed.barrier("final validation written")
     return results
 
@@ -74,14 +74,14 @@ def _score(out: Path, labels: Path, dataset_json: Path, partial: bool) -> dict[s
 
 def done(run_dir: str | Path, epoch: int) -> dict | None:
     """The results of a completed final validation of `run_dir` after `epoch` epochs, or None."""
-    path = Path(run_dir) / FOLDER / DONE
+    path = Path(run_dir) / FINAL_VALIDATION_DIR / FINAL_VALIDATION_DONE
     record = json.loads(path.read_text()) if path.is_file() else {}
     return record["results"] if record.get("epoch") == epoch else None
 
 
 def set_folder(run_dir: str | Path, name: str) -> Path:
     """Where the predictions and summaries of the held-out set `name` go."""
-    return Path(run_dir) / FOLDER / name
+    return Path(run_dir) / FINAL_VALIDATION_DIR / name
 
 
 def format_results(results: dict[str, dict[str, float]], run_dir: str | Path) -> str:

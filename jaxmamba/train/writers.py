@@ -20,8 +20,7 @@ import jax
 
 from jaxmamba.atomic import atomic_path, write_text
 from jaxmamba.data.io import strict_json
-
-METRICS_FILE, CURVES_FILE, TENSORBOARD_DIR = "metrics.jsonl", "curves.png", "tensorboard"
+from jaxmamba.rundir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 
 class RunWriter:
