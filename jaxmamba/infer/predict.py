@@ -243,10 +243,11 @@ def run(args) -> int:
     of the cases (round robin) on its own devices and writes its own outputs."""
     import jax
 
-    from jaxmamba import distributed
+    from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.runs import check_same_plan, load_run
 
+    compile_cache.enable()  # JAXMAMBA_COMPILE_CACHE, else the user cache directory
     written, skipped, error = [], [], None
     try:
         distributed.initialize()
