@@ -8,7 +8,11 @@ docs/benchmarks.md). Where the cache lives, first match wins:
 2. the environment variable `JAXMAMBA_COMPILE_CACHE`;
 3. `$XDG_CACHE_HOME/jaxmamba/xla`, else `~/.cache/jaxmamba/xla`.
 
-A value is a directory or `off` (also `0`, `false`, `no`, `none`) to compile every time.
+A value is a directory or `off` (also `0`, `false`, `no`, `none`): jaxmamba then leaves JAX's
+own settings alone (no cache unless `JAX_COMPILATION_CACHE_DIR` asks for one). JAX's environment
+variables for the thresholds below (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, ...) win over
+jaxmamba's values. The cache is not bounded (JAX's `jax_compilation_cache_max_size` needs the
+`filelock` package): delete the directory to empty it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ OFF = ("off", "0", "false", "no", "none")
 #: Executables that compiled faster than this are not written (JAX's default is 1 s; a CPU run
 #: has dozens of 0.1-1 s programs whose compilation together costs seconds).
 MIN_COMPILE_TIME_S = 0.1
-#: Least recently used entries are deleted beyond this many bytes.
-MAX_SIZE_BYTES = 4 * 2**30
 
 
 def default_dir() -> Path:
@@ -43,16 +45,17 @@ def resolve(setting: str | bool | None = "auto") -> Path | None:
 
 
 def enable(setting: str | bool | None = "auto") -> Path | None:
-    """Point JAX's persistent compilation cache at `resolve(setting)` (or turn it off); call
-    before the first compilation. Returns the directory, None when off."""
+    """Point JAX's persistent compilation cache at `resolve(setting)`; call before the first
+    compilation. Returns the directory, None when off (JAX's settings left as they are)."""
     import jax
 
     path = resolve(setting)
-    jax.config.update("jax_enable_compilation_cache", path is not None)
     if path is None:
         return None
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
+    for option, value in (("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S),
+                          ("jax_persistent_cache_min_entry_size_bytes", 0)):
+        if option.upper() not in os.environ:
+            jax.config.update(option, value)
     return path
