@@ -86,6 +86,9 @@ class TrainConfig:
     final_validation: bool = True  # sliding-window validation of the held-out fold at the end
     preflight: bool = True  # compile ahead and refuse a step that will not fit the device memory
     memory_limit_gib: float | None = None  # None = what the device reports
+    #: JAX's persistent compilation cache (jaxmamba/compile_cache.py): auto =
+    #: $JAXMAMBA_COMPILE_CACHE, else ~/.cache/jaxmamba/xla; a directory; off
+    compile_cache: str | Literal[False] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,16 @@
 """Test setup: 4 fake CPU devices, strict rank promotion, a PRNG key fixture, shared fixtures."""
 
 import os
+import sys
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
+
+#: JAX's persistent compilation cache stays off in tests (and in the commands they start): no
+#: test writes to the user's cache directory (tests/test_compile_cache.py turns it on in a tmp dir).
+os.environ["JAXMAMBA_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -58,11 +63,24 @@ def datasets_dir() -> Path:
     return require_shared(DATASETS, "datasets")
 
 
+#: The test extra installs torch and nnunetv2 on Python < 3.12 only (pyproject.toml): there the
+#: `nnunet` tests run (and fail without them); on newer Pythons they skip.
+NNUNET_TOOLCHAIN = sys.version_info < (3, 12)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend: {jax.default_backend()})")
+    """Tests marked `gpu` run only where JAX's default backend is a GPU; tests marked `nnunet`
+    only on the Python 3.11 toolchain."""
+    skips = {}
+    if jax.default_backend() != "gpu":
+        skips["gpu"] = pytest.mark.skip(
+            reason=f"needs a GPU (JAX backend: {jax.default_backend()})")
+    if not NNUNET_TOOLCHAIN:
+        skips["nnunet"] = pytest.mark.skip(
+            reason=f"nnU-Net oracle (torch 2.13 CPU, nnunetv2 2.8): the test extra installs them "
+                   f"on Python 3.11 only; these tests run on the Python 3.11 toolchain (.ci/run), "
+                   f"this is Python {sys.version_info.major}.{sys.version_info.minor}")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

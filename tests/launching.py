@@ -24,7 +24,8 @@ def clean_env(devices: int, cache_dir: Path | None = None, **extra: str) -> dict
     """What a child gets: no variables of the test process (no pytest XLA_FLAGS, no SLURM_*)."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAXMAMBA_COMPILE_CACHE": str(cache_dir) if cache_dir is not None else "off"}
     if cache_dir is not None:  # the runs compile the same programs: later ones load them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

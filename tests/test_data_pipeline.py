@@ -1,6 +1,7 @@
 """The grain pipeline: oversampling share, determinism, resuming, orbax, workers, validation."""
 
 import os
+from pathlib import Path
 
 import grain
 import nibabel as nib
@@ -191,6 +192,7 @@ def test_workers_end_when_the_training_process_is_killed(cache, tmp_path):
     finally:
         parent.kill()
         parent.wait()
+        parent.stdout.close()
 
 
 def _children(pid: int) -> list[int]:
@@ -198,7 +200,7 @@ def _children(pid: int) -> list[int]:
     for stat in os.listdir("/proc"):
         if stat.isdigit():
             try:
-                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+                fields = Path(f"/proc/{stat}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[1]) == pid:
@@ -208,6 +210,6 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False

@@ -27,7 +27,7 @@ from jaxmamba.datasets.phantom import phantom_case
 from jaxmamba.plans import Plan
 
 #: one worker runs them all under `pytest -n`, so nnunetv2 runs once (see `nnunet_runs`)
-pytestmark = pytest.mark.xdist_group("nnunet_oracle")
+pytestmark = [pytest.mark.xdist_group("nnunet_oracle"), pytest.mark.nnunet]
 
 N_HIPPO = 12
 TIMEOUT_S = 600

@@ -31,6 +31,7 @@ HIPPOCAMPUS_CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_004")
 DNA_CLASS = {"plainconvunet": "PlainConvUNet", "resencunet": "ResidualEncoderUNet"}
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 MIRROR_AXES = (0, 2)  # the checkpoint's inference_allowed_mirroring_axes, jaxmamba's --mirror-axes
+pytestmark = pytest.mark.nnunet  # torch + nnunetv2: the Python 3.11 toolchain
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,13 @@ def run(args) -> int:
     of the cases (round robin) on its own devices and writes its own outputs."""
     import jax
 
-    from jaxmamba import distributed
+    from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
     from jaxmamba.rundir import check_same_plan, load_run
 
     written, skipped, error = [], [], None
+    compile_cache.enable()  # JAXMAMBA_COMPILE_CACHE, else the user cache directory
     try:
         distributed.initialize()
         say = print if distributed.is_main() else (lambda *a, **k: None)

@@ -48,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
+    from jaxmamba import compile_cache
     from jaxmamba.distributed import is_main, process_prefix
     from jaxmamba.train.loop import run as train
     from jaxmamba.train.signals import Stopped
 
+    compile_cache.enable(cfg.train.compile_cache)
     try:
         summary = train(cfg, max_epochs=args.max_epochs, say=functools.partial(print, flush=True))
     except Stopped as stop:  # every process says what it did

@@ -55,14 +55,15 @@ def _import_torch(path: Path):
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """An `.npz` of plain arrays; a pickle, an object array or a damaged zip is refused."""
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy under an .npz name
-            raise CheckpointError(f"{path}: a single array, not an .npz archive of named arrays "
-                                  f"(keys sd/<name>)")
-        with data:
-            keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
-            return {k.removeprefix("sd/"): data[k] for k in keys}
+    try:  # our own file object: np.load leaves its own open when the zip is damaged
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy under an .npz name
+                raise CheckpointError(f"{path}: a single array, not an .npz archive of named "
+                                      f"arrays (keys sd/<name>)")
+            with data:
+                keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
+                return {k.removeprefix("sd/"): data[k] for k in keys}
     except CheckpointError:
         raise
     except ValueError:  # a pickle, or an object array: only unpickling could read them
@@ -153,7 +154,7 @@ def write_state_dict(sd: Mapping[str, np.ndarray], path: str | Path) -> None:
                 np.savez(f, **{f"sd/{k}": v for k, v in sd.items()})
         else:
             torch.save(collections.OrderedDict(
-                (k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in sd.items()), tmp)
+                (k, torch.from_numpy(np.array(v, order="C"))) for k, v in sd.items()), tmp)
 
 
 # ---------------------------------------------------------------------------------- mapping
