@@ -75,7 +75,8 @@ def test_depth_folded_bf16_and_asymmetric_padding():
                                            ((1, 3, 3), (1, 2, 2)), ((1, 1, 1), (1, 1, 1))])
 def test_conv3d_takes_the_fast_path_on_cpu(kernel, stride):
     """Lowered for the CPU, a `conv3d` (forward and backward) holds only 2D convolutions, the
-    depth-folded path; its output equals XLA's 3D convolution of the same parameters."""
+    depth-folded path; lowered for a GPU, only XLA's 3D convolution. The CPU output equals
+    XLA's 3D convolution of the same parameters."""
     conv = conv3d(3, 4, kernel, stride, bias=True, dtype=None, rngs=nnx.Rngs(0))
     graph, state = nnx.split(conv)
     x = jax.random.normal(jax.random.key(2), (1, 5, 6, 7, 3))
@@ -90,6 +91,8 @@ def test_conv3d_takes_the_fast_path_on_cpu(kernel, stride):
         text = jax.jit(fn).lower(state, x).as_text()
         assert "[b, 0, 1, f]" in text, "no 2D convolution: the CPU path was not taken"
         assert "[b, 0, 1, 2, f]" not in text, "a 3D convolution is left on the CPU"
+    gpu = jax.jit(fwd).trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "[b, 0, 1, 2, f]" in gpu and "[b, 0, 1, f]" not in gpu  # XLA's conv on GPUs
     bias = conv.bias[...].reshape(1, 1, 1, 1, -1)
     ref = _reference(x, conv.kernel[...], stride, _pad(kernel)) + bias
     np.testing.assert_allclose(jax.jit(fwd)(state, x), ref, rtol=1e-5, atol=1e-5)
