@@ -99,7 +99,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and feature_group_count == 1 and batch_group_count == 1 and out_sharding is None
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CONV3D_DIMS))
-    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla) if foldable else xla(lhs, rhs)
+    if not foldable:
+        return xla(lhs, rhs)
+    # checkpointed: the backward keeps the operands (as XLA's conv does), not the stacked taps
+    return jax.checkpoint(lambda lhs, rhs: lax.platform_dependent(
+        lhs, rhs, cpu=cpu, default=xla))(lhs, rhs)
 
 
 def conv3d(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1), *,
