@@ -19,7 +19,8 @@ With nnunetv2 installed (and `--variant plainconvunet` or `resencunet`), it also
 own predictor (`nnUNetPredictor.predict_sliding_window_return_logits`, its defaults: float16
 accumulation buffers, Gaussian, the same step and mirroring) on the same volume with the same
 network and weights (jaxmamba's exported into dynamic-network-architectures' class), each
-`--repeats` times back to back, alternating, and reports medians per window. On a CPU:
+`--repeats` times back to back, alternating, and reports medians per window, wall time and the
+process's CPU time of all its threads (the fairer measure on a loaded machine). On a CPU:
 
     python benchmarks/predict.py --variant plainconvunet --plans HIPPOCAMPUS/nnUNetPlans.json \
         --shape 54 75 52 --precision float32 --repeats 5
@@ -109,19 +110,24 @@ def main() -> None:
                                                              : patch[2]])  # warm-up
             runs["nnunet"] = lambda p=predictor, x=x: p.predict_sliding_window_return_logits(x)
         seconds = {name: [] for name in runs}
+        cpu_seconds = {name: [] for name in runs}
         for _ in range(args.repeats):  # back to back, alternating: both see the same load
             for name, fn in runs.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 out = fn()
                 seconds[name].append(time.perf_counter() - t)
+                cpu_seconds[name].append(time.process_time() - c)
                 assert np.isfinite(np.asarray(out, np.float32)).all(), name
         for name, values in seconds.items():
             med = float(np.median(values))
             results[f"{name}_mirror_{mirror}_s"] = med
             results[f"{name}_mirror_{mirror}_all_s"] = values
+            cpu = float(np.median(cpu_seconds[name]))
+            results[f"{name}_mirror_{mirror}_cpu_s"] = cpu
             print(f"{name}, mirroring {mirror}: {med:.2f} s for {n_windows} windows, "
                   f"{med / n_windows * 1e3:.0f} ms per window (median of {len(values)}: "
-                  f"{', '.join(f'{v:.2f}' for v in values)} s)")
+                  f"{', '.join(f'{v:.2f}' for v in values)} s); CPU time (all threads) "
+                  f"{cpu:.2f} s, {cpu / n_windows * 1e3:.0f} ms per window")
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -10,6 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxmamba.layers.conv import (
+    AvgPool,
+    BasicBlockD,
+    ConvNormAct,
+    InstanceNorm,
+    TransposedConv,
+    conv3d,
+)
 from jaxmamba.models import (
     VARIANTS,
     ResidualEncoder,
@@ -17,14 +25,6 @@ from jaxmamba.models import (
     count_parameters,
     memory_preflight,
     total_bytes,
-)
-from jaxmamba.models.blocks import (
-    AvgPool,
-    BasicBlockD,
-    ConvNormAct,
-    InstanceNorm,
-    TransposedConv,
-    conv3d,
 )
 from jaxmamba.plans import Plan, PlanError
 

@@ -12,8 +12,8 @@ from flax import nnx
 from jaxmamba.config import ModelConfig
 from jaxmamba.kernels.tiling import default_tiling, padded_state
 from jaxmamba.layers import MambaLayer, MultiMambaTrans
+from jaxmamba.layers.conv import ConvNormAct
 from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT, saved_bytes
-from jaxmamba.models.blocks import ConvNormAct
 
 C, N = 8, 4  # channels, d_state; E = 2C inner channels
 SHAPE = (2, 4, 6, 10)  # (B, S0, S1, S2): L = 240 tokens, not a multiple of every chunk size

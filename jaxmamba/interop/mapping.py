@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmamba.layers import DepthwiseConv1d
-from jaxmamba.models.blocks import ConvNormAct, InstanceNorm, TransposedConv
+from jaxmamba.layers.conv import ConvNormAct, InstanceNorm, TransposedConv
 
 Layout = Callable[[np.ndarray], np.ndarray]
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmamba.models.blocks import (
+from jaxmamba.layers.conv import (
     StackedConvBlocks,
     StackedResidualBlocks,
     TransposedConv,
