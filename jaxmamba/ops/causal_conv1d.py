@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxmamba.ops.spatial import conv_over_tokens, token_shards
+
 
 def causal_conv1d(
     x: jax.Array, weight: jax.Array, bias: jax.Array | None = None, *,
@@ -17,6 +19,9 @@ def causal_conv1d(
     With `reverse=True` the convolution looks at the current and *following* tokens, so that
     `causal_conv1d(x, reverse=True) == flip(causal_conv1d(flip(x)))` without copying flips.
 
+    Under a mesh with a `spatial` axis the token axis is split over it, with a (W-1)-token halo
+    exchanged between neighbouring devices (`jaxmamba.ops.spatial.conv_over_tokens`).
+
     Args:
       x: (B, L, D). weight: (W, D) (PyTorch's `conv1d.weight (D, 1, W)` is `weight[:, 0, :].T`).
       bias: (D,) or None. activation: None or "silu".
@@ -28,6 +33,13 @@ def causal_conv1d(
         )
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d: activation={activation!r}, expected None or 'silu'")
+    if token_shards(x.shape[1], weight.shape[0] - 1) > 1:
+        return conv_over_tokens(_local_conv, x, weight, bias, activation=activation,
+                                reverse=reverse)
+    return _local_conv(x, weight, bias, activation=activation, reverse=reverse)
+
+
+def _local_conv(x, weight, bias, *, activation, reverse):
     width, length = weight.shape[0], x.shape[1]
     w = weight.astype(x.dtype)
     pad = ((0, 0), (0, width - 1) if reverse else (width - 1, 0), (0, 0))

@@ -15,6 +15,7 @@ import numpy as np
 from jaxmamba.ops.batch_parallel import map_over_batch
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
+from jaxmamba.ops.spatial import scan_over_tokens, token_shards
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 
@@ -147,6 +148,10 @@ def selective_scan(
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                   reverse=reverse, initial_state=initial_state)
 
+    if token_shards(u.shape[1]) > 1:  # the token axis is split over the mesh's `spatial` axis
+        y, h = scan_over_tokens(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                reverse=reverse, initial_state=initial_state)
+        return (y, h) if return_final_state else y
     if name == "pallas":  # a custom call: split the batch over the devices by hand
         scan = map_over_batch(scan, (True, True, False, True, True, False, True, False, True),
                               u.shape[0])
