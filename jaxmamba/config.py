@@ -90,7 +90,8 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # devices on the `data` axis; -1 = all devices of all processes
+    data: int = -1  # devices on the `data` axis; -1 = all devices of all processes / spatial
+    spatial: int = 1  # devices sharing each sample, its volume split along S0 (token parallelism)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +288,9 @@ def _check(cfg: Config, source: str) -> None:
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"{source}: mesh.data = {cfg.mesh.data}: must be -1 (all devices) "
                           f"or >= 1")
+    if cfg.mesh.spatial < 1:
+        raise ConfigError(f"{source}: mesh.spatial = {cfg.mesh.spatial}: must be >= 1 (the "
+                          f"devices that share each sample; 1 = data parallelism only)")
     if not cfg.data.raw_dir:
         raise ConfigError(f"{source}: data.raw_dir is required: pass data.raw_dir=/path/to/"
                           f"DatasetXXX_Name (an nnU-Net raw folder)")

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from jaxmamba.atomic import atomic_path
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
 from jaxmamba.infer.preview import save_preview
-from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, predict_logits
+from jaxmamba.infer.sliding_window import Accumulate, ApplyFn, data_mesh, predict_logits
+from jaxmamba.ops.spatial import check_patch_splits
 from jaxmamba.plans import Plan
 
 
@@ -193,6 +194,9 @@ def add_arguments(parser) -> None:
                         help="windows per network call (default: one per device)")
     parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
                         help="where logits are summed: auto picks the device when it fits")
+    parser.add_argument("--spatial", type=int, default=1, metavar="N",
+                        help="devices sharing each window, split along its first axis (windows "
+                             "larger than one device's memory; default 1)")
 
 
 def run(args) -> int:
@@ -212,9 +216,11 @@ def run(args) -> int:
             print(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
         print(f"{len(cases)} case(s); patch {list(plan.patch_size)}, mirroring "
               f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.devices())} device(s)")
-        apply_fns = [network_apply_fn(r.model) for r in runs]
+        mesh = data_mesh(spatial=args.spatial)
+        check_patch_splits(plan.patch_size, plan.strides, args.spatial)
+        apply_fns = [network_apply_fn(r.model, mesh) for r in runs]
         written, skipped = predict_cases(
-            apply_fns, plan, cases, args.output, overwrite=args.overwrite,
+            apply_fns, plan, cases, args.output, overwrite=args.overwrite, mesh=mesh,
             save_probabilities=args.save_probabilities, mirror_axes=mirror_axes,
             step_size=args.step_size, batch_size=args.batch_size, accumulate=args.accumulate,
             preview=args.preview)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from jaxmamba.ops.batch_parallel import BATCH_AXIS
+from jaxmamba.ops.batch_parallel import BATCH_AXIS, SPATIAL_AXIS
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 Accumulate = Literal["auto", "device", "host"]
@@ -94,11 +94,18 @@ def pad_to_patch(image: np.ndarray,
     return image, tuple(crop)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis `data` (`BATCH_AXIS`) over `devices` (default: all), auto-sharded."""
+def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
+    """A mesh over `devices` (default: all), auto-sharded: 1-D with axis `data` (`BATCH_AXIS`),
+    or `(data, spatial)` with `spatial > 1` devices sharing each window (split along S0)."""
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    if spatial == 1:
+        return jax.make_mesh((len(devices),), (BATCH_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    if spatial < 1 or len(devices) % spatial:
+        raise ValueError(f"spatial = {spatial} must divide the {len(devices)} device(s); use one "
+                         f"of {[d for d in range(1, len(devices) + 1) if len(devices) % d == 0]}")
+    return jax.make_mesh((len(devices) // spatial, spatial), (BATCH_AXIS, SPATIAL_AXIS),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[int], *,
@@ -136,7 +143,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
                       np.int32)
     gauss = gaussian_importance_map(patch)
     mesh = data_mesh() if mesh is None else mesh
-    n_dev = mesh.devices.size
+    n_dev = mesh.shape[BATCH_AXIS]  # windows in parallel; a `spatial` axis splits each window
     batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
     flips = mirror_combinations(mirror_axes or ())
 

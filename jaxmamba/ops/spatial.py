@@ -31,6 +31,7 @@ callers run the unsharded op (correct; XLA then gathers the sequence onto every 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -49,6 +50,27 @@ def token_shards(length: int, min_block: int = 1) -> int:
     if n == 1 or length % n or length // n < min_block:
         return 1
     return n
+
+
+def check_patch_splits(patch_size, strides, n: int) -> None:
+    """With `n` devices per sample (`mesh.spatial`), every stage's S0 must split evenly over
+    them: the patch's S0 over the network's total stride on S0 must be a multiple of `n`. Raises
+    ValueError naming the nearest valid patch sizes and `mesh.spatial` values."""
+    s0 = int(patch_size[0])
+    stride = int(math.prod([int(s[0]) for s in strides]))
+    if n == 1 or s0 % (stride * n) == 0:
+        return
+    step = stride * n
+    lo, hi = s0 // step * step, (s0 // step + 1) * step
+    nearest = hi if not lo or hi - s0 <= s0 - lo else lo
+    rest = ", ".join(str(int(p)) for p in patch_size[1:])
+    devices = jax.device_count()
+    options = [d for d in range(1, devices + 1) if devices % d == 0 and s0 % (stride * d) == 0]
+    raise ValueError(
+        f"mesh.spatial = {n} does not split the patch: its S0 = {s0} over the network's total "
+        f"stride {stride} on S0 is {s0 / stride:g} at the deepest stage, not a multiple of {n}. "
+        f"Use a patch S0 of {f'{lo} or {hi}' if lo else hi} (e.g. "
+        f"data.plan_overrides.patch_size=[{nearest}, {rest}]) or mesh.spatial = one of {options}")
 
 
 def split_volume(x: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from jaxmamba import data as jdata
 from jaxmamba.config import Config, save_config
 from jaxmamba.models import build_model
+from jaxmamba.ops.spatial import check_patch_splits
 from jaxmamba.plans import Plan
 from jaxmamba.train import losses, preflight, sharding, validate
 from jaxmamba.train import step as steps
@@ -141,7 +142,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
-    mesh = sharding.make_mesh(cfg.mesh.data)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.spatial)
     if "batch_size" in cfg.data.plan_overrides:  # known before any preprocessing
         sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
 
@@ -150,6 +151,7 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
     sharding.check_batch_size(plan.batch_size, mesh)
+    check_patch_splits(plan.patch_size, plan.strides, cfg.mesh.spatial)
     local_batch = sharding.local_batch_size(plan.batch_size)
     class_names = [name for name, _ in plan.labels[1:]]
     ckpt = Checkpointer(run_dir)
@@ -198,7 +200,8 @@ def run(cfg: Config, *, max_epochs: int | None = None) -> dict[str, Any]:
     compiled = train_step.lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f} s "
         f"({cfg.model.variant}, patch {list(plan.patch_size)}, batch {plan.batch_size} over "
-        f"{mesh.shape[sharding.DATA_AXIS]} device(s), {jax.devices()[0].device_kind})")
+        f"{mesh.shape[sharding.DATA_AXIS]} device(s) x {cfg.mesh.spatial} per sample, "
+        f"{jax.devices()[0].device_kind})")
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
 
