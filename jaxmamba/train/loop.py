@@ -23,7 +23,9 @@ from jaxmamba import data as jdata
 from jaxmamba import distributed
 from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError, save_config
 from jaxmamba.console import progress_enabled
+from jaxmamba.infer.sliding_window import data_mesh
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
+from jaxmamba.ops.spatial import check_patch_splits
 from jaxmamba.plans import Plan, PlanError
 from jaxmamba.train import finite, losses, preflight, sharding, signals, validate
 from jaxmamba.train import step as steps
@@ -180,7 +182,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
-    mesh = sharding.make_mesh(cfg.mesh.data)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.spatial)
     if "batch_size" in cfg.data.plan_overrides:  # known before any preprocessing
         sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
 
@@ -196,6 +198,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     if resume:
         _check_same_run(meta, cfg, plan, run_dir)
     sharding.check_batch_size(plan.batch_size, mesh)
+    check_patch_splits(plan.patch_size, plan.strides, cfg.mesh.spatial, devices=jax.device_count())
     class_names = [name for name, _ in plan.labels[1:]]
     ckpt = Checkpointer(run_dir)
 
@@ -258,7 +261,8 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     compiled = train_step.lower(state, first).compile()
     say(f"compiled the train step in {time.perf_counter() - t0:.1f} s "
         f"({cfg.model.variant}, patch {list(plan.patch_size)}, batch {plan.batch_size} over "
-        f"{mesh.shape[sharding.DATA_AXIS]} device(s), {jax.devices()[0].device_kind})")
+        f"{mesh.shape[sharding.DATA_AXIS]} device(s) x {cfg.mesh.spatial} per sample, "
+        f"{jax.devices()[0].device_kind})")
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
     if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
@@ -361,6 +365,7 @@ def _final_validation(cfg, state, graphdef, plan, val_ids, run_dir, main, say) -
     model = validate.merged_model(graphdef, state.params, state.rest)
     results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
                                         epoch=cfg.train.epochs,
+                                        mesh=data_mesh(spatial=cfg.mesh.spatial),
                                         progress=main and progress_enabled(cfg.log.progress))
     say(validate.format_results(results, run_dir)
         + f"\n(sliding-window validation took {time.perf_counter() - t0:.0f} s)")
