@@ -138,7 +138,7 @@ def _block_value_and_grads(block, x, mesh=None):
     return jax.device_get(fn(params, x)), fn.lower(params, x).compile().as_text()
 
 
-@pytest.mark.parametrize("kind", ["uni", "bi", "multi"])
+@pytest.mark.parametrize("kind", ["uni", "bi", pytest.param("multi", marks=pytest.mark.slow)])
 def test_mamba_blocks_on_split_volumes_match_one_device(kind):
     """SegMamba's (uni), BiSegMamba's and SegMambaSkip's (bi) MambaLayer and MultiSegMamba's
     block on (2, 8, 4, 2, 4) volumes: outputs and the gradients of every parameter and the input
