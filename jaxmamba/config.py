@@ -100,7 +100,8 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # devices on the `data` axis; -1 = all devices of all processes
+    data: int = -1  # devices on the `data` axis; -1 = all devices of all processes / spatial
+    spatial: int = 1  # devices sharing each sample, its volume split along S0 (token parallelism)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +323,10 @@ def _check(cfg: Config, source: _Source) -> None:
     if cfg.mesh.data == 0 or cfg.mesh.data < -1:
         raise ConfigError(f"{source.of('mesh.data')}: mesh.data = {cfg.mesh.data}: must be -1 "
                           f"(all devices) or >= 1")
+    if cfg.mesh.spatial < 1:
+        raise ConfigError(f"{source.of('mesh.spatial')}: mesh.spatial = {cfg.mesh.spatial}: must "
+                          f"be >= 1 (the devices that share each sample; 1 = data parallelism "
+                          f"only)")
     if not cfg.data.raw_dir:
         raise ConfigError(f"{source.of('data.raw_dir')}: data.raw_dir is required: pass "
                           f"data.raw_dir=/path/to/DatasetXXX_Name (an nnU-Net raw folder)")

@@ -51,9 +51,10 @@ def finished_line(run_dir: Path, epoch: int, epochs: int, *, final_validation_mi
 
 
 def compiled_line(seconds: float, variant: str, patch_size: Sequence[int], batch_size: int,
-                  devices: int, device_kind: str) -> str:
+                  devices: int, spatial: int, device_kind: str) -> str:
     return (f"compiled the train step in {seconds:.1f} s ({variant}, patch {list(patch_size)}, "
-            f"batch {batch_size} over {devices} device(s), {device_kind})")
+            f"batch {batch_size} over {devices} device(s) x {spatial} per sample, "
+            f"{device_kind})")
 
 
 def throughput_line(seconds_per_step: float, batch_size: int, steps: int) -> str:

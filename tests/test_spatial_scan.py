@@ -49,6 +49,7 @@ def _value_and_grads(implementation, reverse, mesh=None):
     ("xla", False, (1, 4)), ("xla", True, (1, 2)),
     pytest.param("xla", True, (2, 2), marks=pytest.mark.slow),
     pytest.param("pallas", True, (2, 2), marks=pytest.mark.slow),  # interpret mode: slow
+    pytest.param("pallas", False, (1, 4), marks=pytest.mark.slow),
 ])
 def test_sharded_scan_equals_unsharded(key, implementation, reverse, shape):
     args, mesh = _inputs(key), _mesh(*shape)

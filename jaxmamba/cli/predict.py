@@ -40,12 +40,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--step-size", type=float, default=0.5,
                         help="window stride as a fraction of the patch (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="windows per network call (default: one per device)")
+                        help="windows per network call (default: one per device, or per N "
+                             "devices with --spatial N)")
     parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
                         help="where logits are summed: auto picks the device when it fits")
     parser.add_argument("--allow-non-finite", action="store_true",
                         help="predict even with a checkpoint whose parameters hold NaN or inf "
                              "(refused by default: its predictions would be meaningless)")
+    parser.add_argument("--spatial", type=int, default=1, metavar="N",
+                        help="devices sharing each window, split along its first axis (windows "
+                             "larger than one device's memory; default 1)")
 
 
 def run(args) -> int:
@@ -56,6 +60,8 @@ def run(args) -> int:
     from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
+    from jaxmamba.infer.sliding_window import data_mesh
+    from jaxmamba.ops.spatial import check_patch_splits
     from jaxmamba.rundir import check_same_plan, load_run
 
     written, skipped, error = [], [], None
@@ -79,10 +85,13 @@ def run(args) -> int:
         say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
             f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
             f"device(s) per process")
-        apply_fns = [network_apply_fn(r.model) for r in runs]
+        mesh = data_mesh(spatial=args.spatial)  # this process's devices
+        check_patch_splits(plan.patch_size, plan.strides, args.spatial,
+                           devices=len(jax.local_devices()), name="--spatial", patch_key=None)
+        apply_fns = [network_apply_fn(r.model, mesh) for r in runs]
         try:
             written, skipped = predict_cases(
-                apply_fns, plan, distributed.split(cases), args.output,
+                apply_fns, plan, distributed.split(cases), args.output, mesh=mesh,
                 overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                 mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
                 accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())

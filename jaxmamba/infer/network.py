@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmamba.infer.sliding_window import ApplyFn, data_mesh
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.spatial import split_volume
 
 
 def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
@@ -16,7 +17,8 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
 
     Deep supervision is switched off (the full-resolution head only, as the reference predicts,
     `nnUNetPredictor`) and the network's state is replicated over `mesh` (default: this process's
-    devices) so that windows sharded over its `data` axis run in parallel.
+    devices) so that windows sharded over its `data` axis run in parallel; with a `spatial` axis
+    each window is split along S0 over it as well.
     """
     if hasattr(model, "set_deep_supervision"):
         model.set_deep_supervision(False)
@@ -25,7 +27,7 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
     def forward(state, windows):
-        out = nnx.merge(graphdef, state)(windows)
+        out = nnx.merge(graphdef, state)(split_volume(windows))
         return out[0] if isinstance(out, tuple | list) else out
 
     forward = jax.jit(traced_under(mesh, forward))

@@ -8,8 +8,9 @@ the sum is divided by the summed weights and cropped back to the input size.
 Arrays are channels-last in nnU-Net axis order: an image is `(S0, S1, S2, C)`, the
 network is any `apply_fn(windows (n, *patch, C)) -> logits (n, *patch, K)`, the result is
 `(S0, S1, S2, K)` float32 logits. Windows are batched on the device and sharded over the `data` axis
-of a mesh when it has several devices; the accumulator lives on the first device when it fits there
-and on the host otherwise (also, with `accumulate="auto"`, when the device runs out of memory).
+of a mesh when it has several devices (and each window along S0 over its `spatial` axis, if any);
+the accumulator lives on the first device when it fits there and on the host otherwise (also, with
+`accumulate="auto"`, when the device runs out of memory).
 
 Deviation from nnU-Net, deliberately: accumulation is in float32 (nnU-Net uses float16 buffers).
 """
@@ -29,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from jaxmamba.ops.batch_parallel import BATCH_AXIS
+from jaxmamba.ops.batch_parallel import BATCH_AXIS, SPATIAL_AXIS
+from jaxmamba.ops.spatial import check_spatial_divides
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 Accumulate = Literal["auto", "device", "host"]
@@ -94,12 +96,17 @@ def pad_to_patch(image: np.ndarray,
     return image, tuple(crop)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis `data` (`BATCH_AXIS`) over `devices`, auto-sharded. Default: this
+def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
+    """A mesh over `devices`, auto-sharded: 1-D with axis `data` (`BATCH_AXIS`), or `(data,
+    spatial)` with `spatial > 1` devices sharing each window (split along S0). Default: this
     process's devices (with several processes each predicts its own cases on its own)."""
     devices = list(jax.local_devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    if spatial == 1:
+        return jax.make_mesh((len(devices),), (BATCH_AXIS,),
+                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    check_spatial_divides(spatial, len(devices), "--spatial")
+    return jax.make_mesh((len(devices) // spatial, spatial), (BATCH_AXIS, SPATIAL_AXIS),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
 
 
 def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[int], *,
@@ -137,7 +144,7 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
                       np.int32)
     gauss = gaussian_importance_map(patch)
     mesh = data_mesh() if mesh is None else mesh
-    n_dev = mesh.devices.size
+    n_dev = mesh.shape[BATCH_AXIS]  # windows in parallel; a `spatial` axis splits each window
     batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
     flips = mirror_combinations(mirror_axes or ())
 
@@ -163,7 +170,9 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
     """Gaussian-weighted sums of the windows' logits `(*S, K)` and of the weights `(*S,)`."""
     patch = gauss.shape
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    n_spatial = mesh.shape.get(SPATIAL_AXIS, 1)  # devices that share each window, split on S0
+    split = SPATIAL_AXIS if n_spatial > 1 and patch[0] % n_spatial == 0 else None
+    window_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS, split))
     acc_device = mesh.devices.flat[0]
     acc_shape = (*padded.shape[:-1], num_classes)
 
@@ -180,7 +189,8 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
         chunk = starts[first:first + batch_size]
         n_valid = len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n_valid, 0)])
-        windows = jax.device_put(_gather(image_dev, jnp.asarray(chunk), patch), batch_sharding)
+        windows = jax.device_put(_gather(image_dev, jnp.asarray(chunk), patch),
+                                 window_sharding)
         logits = _mirrored(apply_fn, windows, flips, num_classes)
         if on_device:
             acc = _accumulate(acc, jax.device_put(logits, acc_device), gauss_dev,

@@ -15,6 +15,7 @@ from flax import nnx
 from jaxmamba.layers.init import torch_layer_norm, torch_linear
 from jaxmamba.layers.mamba import Mamba
 from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat, rematerialised
+from jaxmamba.ops.spatial import split_volume
 
 #: MultiSegMamba's axis orders: `itertools.permutations([2, 3, 4])` items 0, 1, 2, 4 of the
 #: reference's NCDHW tensor, written here for the spatial axes 1, 2, 3 of (B, S0, S1, S2, C).
@@ -71,6 +72,8 @@ class MultiMambaTrans(nnx.Module):
     MultiSegMamba.py).
     `remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
     recomputed from the input, one per axis order, shared by its forward and reverse scans.
+    Under a `spatial` mesh axis each permuted volume is resharded (an all-to-all) along its new
+    slowest axis, so that every order's tokens are contiguous blocks per device, and back.
     """
 
     def __init__(self, dim: int, *, d_state: int | None = None,
@@ -91,9 +94,9 @@ class MultiMambaTrans(nnx.Module):
         outs = []
         for order, block in zip(MULTI_AXIS_ORDERS, self.mambas, strict=True):
             perm = (0, *order, 4)
-            xp = jnp.transpose(xf, perm)  # spatial axes in scan order, (B, Sa, Sb, Sc, C)
+            xp = split_volume(jnp.transpose(xf, perm))  # axes in scan order, (B, Sa, Sb, Sc, C)
             y = block(_tokens(xp)).reshape(xp.shape)
-            outs.append(jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))))
+            outs.append(split_volume(jnp.transpose(y, tuple(int(i) for i in np.argsort(perm)))))
         return (sum(outs) / len(outs)).astype(x.dtype)
 
 

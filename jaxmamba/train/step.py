@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.spatial import split_volume
 from jaxmamba.train import losses, sharding
 
 
@@ -47,7 +48,7 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
 
     def forward(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        outputs = model(batch["image"])
+        outputs = model(split_volume(batch["image"]))
         loss = losses.deep_supervision_loss(outputs, batch["target"], batch_dice=batch_dice)
         return loss, losses.confusion_counts(outputs[0], batch["target"][0])
 
@@ -69,8 +70,10 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
 
 
 def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
-    """Jit with the state replicated (and donated) and the batch sharded over `data`."""
-    repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    """Jit with the state replicated (and donated) and the batch sharded over `data` (and, with
+    a `spatial` axis, as `sharding.global_batch` places it: volumes split along S0)."""
+    repl = sharding.replicated(mesh)
+    data = sharding.batch_sharding(mesh) if mesh.shape.get(sharding.SPATIAL_AXIS, 1) == 1 else None
     train = jax.jit(traced_under(mesh, train_step), in_shardings=(repl, data),
                     out_shardings=(repl, repl), donate_argnums=(0,))
     evaluate = jax.jit(traced_under(mesh, eval_step), in_shardings=(repl, data),
