@@ -6,13 +6,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from jaxmamba.interop.checkpoint import save_run
 
 from jaxmamba.cli import main
 from jaxmamba.config import load_config
 from jaxmamba.models import build_model
 from jaxmamba.ops.spatial import MeshError
 from jaxmamba.plans import Plan
+from jaxmamba.rundir import save_run
 from jaxmamba.train.loop import run
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
