@@ -15,8 +15,6 @@ from jaxmamba.models import (
     ResidualEncoder,
     build_model,
     count_parameters,
-    memory_preflight,
-    total_bytes,
 )
 from jaxmamba.models.blocks import (
     AvgPool,
@@ -27,6 +25,7 @@ from jaxmamba.models.blocks import (
     conv3d,
 )
 from jaxmamba.plans import Plan, PlanError
+from jaxmamba.train.preflight import memory_preflight
 
 DATASETS = {"synapse": "Dataset090_SynapseAbdomen", "brats": "Dataset001_BrainTumour"}
 HE_GAIN = math.sqrt(2.0 / (1.0 + 1e-4))
@@ -308,9 +307,10 @@ def test_memory_preflight_compiles_forward_and_backward():
     plan = small_plan(strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((1, 3, 3), (3, 3, 3)),
                       n_blocks_encoder=(1, 1), n_blocks_decoder=(1,))
     model = nnx.eval_shape(lambda: build_model("resencunet", plan))
-    stats = memory_preflight(model, plan, batch_size=2)
+    est = memory_preflight(model, plan, batch_size=2)
+    stats = est.stats
     params = 4 * count_parameters(model)
     batch = 2 * 4 * 8 * 8 * (2 * 4 + 4)  # float32 image of 2 channels + int32 labels
     assert stats.argument_size_in_bytes == params + batch
     assert stats.output_size_in_bytes >= params  # the gradients
-    assert total_bytes(stats) > stats.argument_size_in_bytes + stats.output_size_in_bytes
+    assert est.total > stats.argument_size_in_bytes + stats.output_size_in_bytes
