@@ -18,6 +18,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 from test_selective_scan import (
     F32_GRAD_TOL,
     F32_OUT_TOL,
@@ -27,7 +28,6 @@ from test_selective_scan import (
     outputs_and_grads,
     random_case,
     random_inputs,
-    rel_err,
 )
 
 from jaxmamba.kernels import scan_backward as kb
