@@ -7,9 +7,10 @@ VJP's jaxpr beyond parameters and input):
     python benchmarks/memory.py PLANS.json --batch 2 --patch 48 192 192 --json $OUT/memory.jsonl
 
 `--compile` (on a GPU) instead compiles forward + backward of each network (cross-entropy on the
-full-resolution output, as `jaxmamba.models.memory_preflight`), prints its `memory_analysis`
-total, runs it on random data and reads the device's peak (`peak_bytes_in_use`) and its time.
-Each network and remat runs in its own process, so that every peak is its own:
+full-resolution output, as `jaxmamba.train.preflight.memory_preflight`), prints its
+`memory_analysis` total, runs it on random data and reads the device's peak
+(`peak_bytes_in_use`) and its time. Each network and remat runs in its own process, so that
+every peak is its own:
 
     python benchmarks/memory.py PLANS.json --batch 2 --patch 48 192 192 --compile \\
         --json $OUT/memory_gpu.jsonl
@@ -36,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for  # noqa: E402
 from jaxmamba.layers.remat import REMAT, saved_bytes  # noqa: E402
-from jaxmamba.models import VARIANTS, build_model, total_bytes  # noqa: E402
-from jaxmamba.models.preflight import (  # noqa: E402
+from jaxmamba.models import VARIANTS, build_model  # noqa: E402
+from jaxmamba.plans import Plan  # noqa: E402
+from jaxmamba.train.preflight import (  # noqa: E402
     abstract_batch,
     compile_forward_backward,
+    estimate,
 )
-from jaxmamba.plans import Plan  # noqa: E402
 
 GIB = 2**30
 #: Layer kinds: (module, d_state cap) as the networks build them (jaxmamba.models.build).
@@ -136,7 +138,7 @@ def compiled_row(variant: str, remat: str, plan: Plan, args) -> dict:
     model = build_model(variant, plan, precision=args.precision, scan_implementation=args.scan,
                         remat=remat)
     compiled = compile_forward_backward(model, plan, plan.batch_size)
-    stats = compiled.memory_analysis()
+    est = estimate(compiled)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model, graphdef
     image_s, labels_s = abstract_batch(plan, plan.batch_size)
@@ -156,7 +158,7 @@ def compiled_row(variant: str, remat: str, plan: Plan, args) -> dict:
     return {"kind": "compiled", "name": variant, "remat": remat, "dataset": plan.dataset_name,
             "patch": list(plan.patch_size), "batch": plan.batch_size,
             "precision": args.precision, "scan": args.scan,
-            "compiled_GiB": total_bytes(stats) / GIB if stats else None,
+            "compiled_GiB": est.total / GIB if est else None,
             "peak_GiB": peak / GIB if peak is not None else None,
             "fwd_bwd_ms": 1e3 * statistics.median(times),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__,

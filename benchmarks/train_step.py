@@ -3,9 +3,10 @@
     python benchmarks/train_step.py --variant segmamba --plans PLANS.json --batch 2 \
         --patch 48 192 192 --json $OUT/train_step.json
 
-Prints the compiled memory estimate of forward + backward (`jaxmamba.models.memory_preflight`,
-what training checks before step 1) and of the whole step, then times the step on random data
-(device-synchronised, warm-up excluded, median) and reads the device's peak memory. The loss and
+Prints the compiled memory estimate of forward + backward
+(`jaxmamba.train.preflight.memory_preflight`) and of the whole step (what training checks before
+step 1), then times the step on random data (device-synchronised, warm-up excluded, median) and
+reads the device's peak memory. The loss and
 the optimizer are looked up in `LOSSES` and `OPTIMIZERS`: `ce` + `sgd` is the PyTorch peer
 measurement's (cross-entropy on the full-resolution output, plain SGD;
 `reference/peer/h100_torch_models.json`); `dc_ce` + a recipe (`nnunet`, `radam_cosine`,
@@ -51,15 +52,17 @@ from jaxmamba.models import (  # noqa: E402
     VARIANTS,
     build_model,
     count_parameters,
-    memory_preflight,
-    total_bytes,
 )
-from jaxmamba.models.preflight import cross_entropy_full_resolution  # noqa: E402
 from jaxmamba.ops.batch_parallel import traced_under  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train import sharding  # noqa: E402
 from jaxmamba.train.losses import deep_supervision_loss  # noqa: E402
 from jaxmamba.train.optim import build_recipe  # noqa: E402
+from jaxmamba.train.preflight import (  # noqa: E402
+    cross_entropy_full_resolution,
+    estimate,
+    memory_preflight,
+)
 
 
 def dc_ce_deep_supervision(outputs, labels):
@@ -139,9 +142,9 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     row["params"] = count_parameters(abstract)
     if n_devices == 1 and args.preflight:
         t0 = time.perf_counter()
-        stats = memory_preflight(abstract, plan, batch, loss_fn=LOSSES[args.loss])
+        est = memory_preflight(abstract, plan, batch, loss_fn=LOSSES[args.loss])
         row["preflight_s"] = time.perf_counter() - t0
-        row["preflight_fwd_bwd_GiB"] = total_bytes(stats) / GIB if stats else None
+        row["preflight_fwd_bwd_GiB"] = est.total / GIB if est else None
         print(f"preflight (forward + backward): {_gib(row['preflight_fwd_bwd_GiB'])}, "
               f"compiled in {row['preflight_s']:.1f} s", flush=True)
 
@@ -156,8 +159,8 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, image, labels).compile()
     row["step_compile_s"] = time.perf_counter() - t0
-    step_stats = compiled.memory_analysis()
-    row["preflight_step_GiB"] = total_bytes(step_stats) / GIB if step_stats else None
+    step_est = estimate(compiled)
+    row["preflight_step_GiB"] = step_est.total / GIB if step_est else None
     print(f"train step compiled in {row['step_compile_s']:.1f} s; its estimate "
           f"{_gib(row['preflight_step_GiB'])}", flush=True)
 

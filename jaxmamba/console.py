@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, TextIO
 
-from jaxmamba import rundir
-
 Progress = bool | Literal["auto"]
 
 
@@ -87,9 +85,9 @@ def validation_line(results_table: str, seconds: float) -> str:
     return f"{results_table}\n(sliding-window validation took {seconds:.0f} s)"
 
 
-def done_line(run_dir: Path, checkpoints: Path) -> str:
-    return (f"done: {run_dir} (checkpoints in {checkpoints}, {rundir.CURVES_FILE}, "
-            f"{rundir.METRICS_FILE})")
+def done_line(run_dir: Path, checkpoints: Path, files: Sequence[str]) -> str:
+    """The last line of a run: where its checkpoints and other `files` are."""
+    return f"done: {run_dir} (checkpoints in {checkpoints}, {', '.join(files)})"
 
 
 def saved_line(run_dir: Path, epochs: Sequence[int], steps: Sequence[int]) -> str:

@@ -1,4 +1,12 @@
-"""Test setup: 4 fake CPU devices, strict rank promotion, a PRNG key fixture, shared fixtures."""
+"""Test setup: 4 fake CPU devices, strict rank promotion, and what the tests share: seeded random
+draws (`seed`, `key`, `rng`, `seeded_rng`), `rel_err`, `tiny_plan` and the data folders outside
+the repository.
+
+Every random draw comes from a seed derived from the test's node id, so a run is reproducible and
+each test draws its own numbers. The seed is printed (pytest shows it under "Captured stdout
+setup" when the test fails) and recorded as the `seed` property (JUnit XML).
+`JAXMAMBA_TEST_SEED=N` shifts every seed, to run the suite on other draws.
+"""
 
 import os
 import sys
@@ -13,6 +21,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAXMAMBA_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
@@ -46,11 +55,59 @@ def require_shared(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+def seed_for(nodeid: str) -> int:
+    """The seed of the test (or module) `nodeid`: stable across runs, machines and `-n`."""
+    shift = int(os.environ.get("JAXMAMBA_TEST_SEED", "0"))
+    return (sum(ord(c) * (i + 1) for i, c in enumerate(nodeid)) + shift) % 2**31
+
+
+def seeded_rng(request) -> np.random.Generator:
+    """A numpy generator seeded from `request.node` (any fixture scope), its seed printed."""
+    seed = seed_for(request.node.nodeid)
+    print(f"random seed of {request.node.nodeid}: {seed} (JAXMAMBA_TEST_SEED shifts it)")
+    return np.random.default_rng(seed)
+
+
 @pytest.fixture
-def key(request):
-    """A fresh PRNG key per test, derived from the test's name (stable across runs)."""
-    seed = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid)) % (2**31)
+def seed(request, record_property) -> int:
+    """The test's seed, printed and recorded (a failing test shows it)."""
+    value = seed_for(request.node.nodeid)
+    print(f"random seed of {request.node.nodeid}: {value} (JAXMAMBA_TEST_SEED shifts it)")
+    record_property("seed", value)
+    return value
+
+
+@pytest.fixture
+def key(seed):
+    """A JAX PRNG key from the test's seed."""
     return jax.random.key(seed)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A numpy generator from the test's seed (a test using `key` too gets the same seed)."""
+    return np.random.default_rng(seed)
+
+
+def rel_err(a, b) -> float:
+    """`|a - b| / |b|` in the Frobenius norm, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def tiny_plan(**changes):
+    """A 2-stage ResEnc plan of a few voxels (patch 8x16x16, features 4/8, one block per stage,
+    one MRI channel, labels background/a/b); `changes` are `Plan` fields."""
+    from jaxmamba.plans import Plan
+
+    fields = dict(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2,
+                  spacing=(1.0, 1.0, 1.0), normalization_schemes=("ZScoreNormalization",),
+                  use_mask_for_norm=(False,), strides=((1, 1, 1), (2, 2, 2)),
+                  kernel_sizes=((3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 1),
+                  n_blocks_decoder=(1,), channel_names=("MRI",),
+                  labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
+                  max_num_features=8)
+    return Plan(**{**fields, **changes})
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_plan
 
 from jaxmamba.config import ConfigError, load_config, save_config
 from jaxmamba.train.optim import build_recipe
@@ -85,14 +86,9 @@ def test_errors_blame_the_command_line_or_the_file(tmp_path):
 
 
 def test_plan_overrides_that_do_not_fit_the_plan_name_the_overrides():
-    from jaxmamba.plans import Plan
     from jaxmamba.train.data import apply_plan_overrides
 
-    plan = Plan(dataset_name="t", patch_size=(8, 16, 16), batch_size=2, spacing=(1.0, 1.0, 1.0),
-                normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
-                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-                n_blocks_encoder=(1, 1), n_blocks_decoder=(1,), channel_names=("MRI",),
-                labels=(("background", 0), ("a", 1)), source="/cache/nnUNetPlans.json")
+    plan = tiny_plan(labels=(("background", 0), ("a", 1)), source="/cache/nnUNetPlans.json")
     with pytest.raises(ConfigError, match=r"^data.plan_overrides: patch_size \[9, 16, 16\] is "
                                           r"not divisible.*\(with the plan /cache/nnUNetPlans"):
         apply_plan_overrides(plan, {"patch_size": [9, 16, 16]})

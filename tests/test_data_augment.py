@@ -1,16 +1,11 @@
 """Augmentation (nnU-Net's chain): each transform changes what it should; labels stay aligned."""
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
 
 from jaxmamba.data import augment as A
-
-
-def _rng():
-    return np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
 
 
 def _blocks(shape, rng):
@@ -33,8 +28,7 @@ def _cfg(patch=(12, 20, 20), **on):
 
 
 @pytest.mark.parametrize("dummy_2d", [False, True])
-def test_spatial_transform_keeps_image_and_labels_aligned(dummy_2d):
-    rng = _rng()
+def test_spatial_transform_keeps_image_and_labels_aligned(dummy_2d, rng):
     cfg = _cfg((16, 24, 24), p_rotation=1.0, p_scale=1.0, mirror_axes=(0, 1, 2))
     cfg = dataclasses.replace(cfg, dummy_2d=dummy_2d, rotation_deg=180.0 if dummy_2d else 30.0)
     shape = cfg.initial_patch_size()
@@ -62,8 +56,7 @@ def _interior(seg):
     return same
 
 
-def test_dummy_2d_rotates_in_plane_only():
-    rng = _rng()
+def test_dummy_2d_rotates_in_plane_only(rng):
     cfg = dataclasses.replace(_cfg(patch=(6, 24, 24), p_rotation=1.0, p_scale=1.0),
                               dummy_2d=True, rotation_deg=180.0)
     shape = cfg.initial_patch_size()
@@ -75,8 +68,7 @@ def test_dummy_2d_rotates_in_plane_only():
         np.testing.assert_allclose(vals, k + 1, atol=1e-3)
 
 
-def test_no_spatial_transform_is_a_centre_crop():
-    rng = _rng()
+def test_no_spatial_transform_is_a_centre_crop(rng):
     cfg = _cfg()
     shape = cfg.initial_patch_size()
     data = rng.normal(size=(2, *shape)).astype(np.float32)
@@ -88,8 +80,7 @@ def test_no_spatial_transform_is_a_centre_crop():
     np.testing.assert_array_equal(out_seg, seg[box])
 
 
-def test_mirror_flips_image_and_labels_together():
-    rng = _rng()
+def test_mirror_flips_image_and_labels_together(rng):
     cfg = _cfg(mirror_axes=(0, 1, 2))
     seg = _blocks((6, 7, 8), rng)
     flipped = 0
@@ -102,8 +93,7 @@ def test_mirror_flips_image_and_labels_together():
 
 @pytest.mark.parametrize("name", ["noise", "blur", "brightness", "contrast", "lowres", "gamma",
                                   "gamma_inverted"])
-def test_intensity_transforms(name):
-    rng = _rng()
+def test_intensity_transforms(name, rng):
     x = (rng.normal(size=(2, 12, 16, 16)) + np.linspace(0, 3, 16)).astype(np.float32)
     p = {"noise": "p_noise", "blur": "p_blur", "brightness": "p_brightness",
          "contrast": "p_contrast", "lowres": "p_lowres", "gamma": "p_gamma",
@@ -136,8 +126,7 @@ def test_intensity_transforms(name):
     np.testing.assert_array_equal(fns[name](x.copy(), rng, _cfg()), x)
 
 
-def test_lowres_dummy_2d_keeps_s0_resolution():
-    rng = _rng()
+def test_lowres_dummy_2d_keeps_s0_resolution(rng):
     x = rng.normal(size=(1, 5, 16, 16)).astype(np.float32)
     cfg = dataclasses.replace(_cfg(p_lowres=1.0, p_lowres_channel=1.0, lowres_zoom=(0.5, 0.5)),
                               dummy_2d=True)
@@ -157,11 +146,10 @@ def test_mask_and_label_cleanup():
     np.testing.assert_array_equal(out_seg[0, 0], [0, 0, 1, 2])
 
 
-def test_linear_labels_equal_per_label_interpolation():
+def test_linear_labels_equal_per_label_interpolation(rng):
     """The corner-gather label resampling equals batchgenerators' rule: each label's indicator
     interpolated linearly, thresholded at 0.5 (inside the volume; ties at 0.5 have measure 0)."""
     from scipy import ndimage
-    rng = _rng()
     seg = rng.integers(0, 4, (9, 10, 11)).astype(np.int16)
     seg = ndimage.median_filter(seg, 3)  # regions rather than salt and pepper
     coords = (rng.random((3, 4000)) * (np.array(seg.shape)[:, None] - 1)).astype(np.float32)

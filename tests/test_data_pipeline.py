@@ -7,17 +7,17 @@ import grain
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import seeded_rng, tiny_plan
 
 from jaxmamba.data import fold_cases, preprocess_dataset, train_iterator, val_iterator
 from jaxmamba.data.sampling import is_forced_foreground, patch_corner
 from jaxmamba.datasets.phantom import make_phantom_dataset
-from jaxmamba.plans import Plan
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, request):
     root = make_phantom_dataset(tmp_path_factory.mktemp("raw") / "Phantom", n_cases=6,
-                                seed=int.from_bytes(os.urandom(2), "little"))
+                                seed=int(seeded_rng(request).integers(2**16)))
     out = tmp_path_factory.mktemp("cache")
     plan, errors = preprocess_dataset(root, out, progress=False)
     assert errors == []
@@ -53,14 +53,13 @@ def test_oversampling_rule():
     assert not any(is_forced_foreground(j, 1) for j in range(1))
 
 
-def test_foreground_share_matches_nnunet(tmp_path):
+def test_foreground_share_matches_nnunet(tmp_path, rng):
     """One case with a tiny foreground: random patches almost never hit it, so the share of
     patches with foreground is ~1/3 with a batch of 3 (sample 2 forced), and forced patches are
     centred on it."""
     root = tmp_path / "raw"
     for sub in ("imagesTr", "labelsTr"):
         (root / sub).mkdir(parents=True)
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     img = rng.normal(5.0, 1.0, (48, 48, 48)).astype(np.float32)
     lab = np.zeros((48, 48, 48), np.uint8)
     c = rng.integers(4, 44, 3)
@@ -70,11 +69,9 @@ def test_foreground_share_matches_nnunet(tmp_path):
         nib.save(nib.Nifti1Image(lab, np.eye(4)), root / f"labelsTr/case{i}.nii.gz")
     (root / "dataset.json").write_text('{"channel_names": {"0": "MRI"}, "labels": '
                                        '{"background": 0, "dot": 1}, "file_ending": ".nii.gz"}')
-    plan = Plan(dataset_name="dot", patch_size=(8, 8, 8), batch_size=3, spacing=(1.0, 1.0, 1.0),
-                normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
-                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-                n_blocks_encoder=(2, 2), n_blocks_decoder=(2,), channel_names=("MRI",),
-                labels=(("background", 0), ("dot", 1)))
+    plan = tiny_plan(dataset_name="dot", patch_size=(8, 8, 8), batch_size=3,
+                     n_blocks_encoder=(2, 2), n_blocks_decoder=(2,),
+                     labels=(("background", 0), ("dot", 1)))
     _, errors = preprocess_dataset(root, tmp_path / "cache", plan, progress=False)
     assert errors == []
     it = train_iterator(tmp_path / "cache", plan, [f"case{i}" for i in range(5)], seed=7,

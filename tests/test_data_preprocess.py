@@ -1,12 +1,12 @@
 """Preprocessing: round trips, normalisation numbers, bad input, planning rules, splits."""
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import seeded_rng, tiny_plan
 
 from jaxmamba.data import (
     DataError,
@@ -28,18 +28,17 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
 def _plan(spacing, channels=("MRI",), schemes=("ZScoreNormalization",), mask=(False,), fg=()):
-    return Plan(dataset_name="t", patch_size=(8, 16, 16), batch_size=2, spacing=spacing,
-                normalization_schemes=schemes, use_mask_for_norm=mask,
-                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-                n_blocks_encoder=(2, 2), n_blocks_decoder=(2,), channel_names=channels,
-                labels=(("background", 0), ("ellipsoid", 1), ("box", 2)),
-                foreground_intensity_properties=fg)
+    return tiny_plan(dataset_name="t", spacing=spacing, normalization_schemes=schemes,
+                     use_mask_for_norm=mask, n_blocks_encoder=(2, 2), n_blocks_decoder=(2,),
+                     channel_names=channels,
+                     labels=(("background", 0), ("ellipsoid", 1), ("box", 2)),
+                     foreground_intensity_properties=fg)
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
+def phantom(tmp_path_factory, request):
     return make_phantom_dataset(tmp_path_factory.mktemp("raw") / "Phantom", n_cases=6,
-                                seed=int.from_bytes(os.urandom(2), "little"))
+                                seed=int(seeded_rng(request).integers(2**16)))
 
 
 def test_round_trip_identity_resampling_keeps_voxels(phantom, tmp_path):
@@ -94,8 +93,7 @@ def test_nibabel_big_endian_image_keeps_header_and_affine(tmp_path):
     np.testing.assert_array_equal(np.asarray(out.dataobj).transpose(2, 1, 0), expected)
 
 
-def test_zscore_and_ct_normalisation_match_hand_computation():
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+def test_zscore_and_ct_normalisation_match_hand_computation(rng):
     x = rng.normal(40, 300, (5, 6, 7)).astype(np.float32)
     mask = rng.random((5, 6, 7)) > 0.4
     z = normalize_channel(x, "ZScoreNormalization")
@@ -197,9 +195,9 @@ def test_target_spacing_anisotropy_rule():
     assert target_spacing(spacings, [[200, 256, 256]] * 4)[0] == pytest.approx(5.5)
 
 
-def test_splits_equal_sklearn_kfold():
+def test_splits_equal_sklearn_kfold(rng):
     sk = pytest.importorskip("sklearn.model_selection")  # shipped with the demo extra (nilearn)
-    keys = [f"case_{i:03d}" for i in np.random.default_rng().permutation(23)]
+    keys = [f"case_{i:03d}" for i in rng.permutation(23)]
     ours = kfold_splits(keys)
     ordered = sorted(keys)
     for (tr, va), s in zip(sk.KFold(5, shuffle=True, random_state=12345).split(ordered), ours,

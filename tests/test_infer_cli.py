@@ -9,23 +9,18 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_plan
 from flax import nnx
 
 from jaxmamba.cli import main
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.models import build_model
-from jaxmamba.plans import Plan
 from jaxmamba.rundir import RunDirError, find_checkpoint, load_run, save_run
 from jaxmamba.train.checkpoint import Checkpointer
 
 
 def _plan():
-    return Plan(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2, spacing=(2.0, 1.0, 1.0),
-                normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
-                strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-                n_blocks_encoder=(1, 1), n_blocks_decoder=(1,), channel_names=("MRI",),
-                labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
-                max_num_features=8)
+    return tiny_plan(spacing=(2.0, 1.0, 1.0))
 
 
 def _plan_dict(plan):

@@ -5,23 +5,20 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_plan
 from scipy.spatial.transform import Rotation
 
 from jaxmamba.data.io import DataError
 from jaxmamba.infer.metrics import dice
 from jaxmamba.infer.predict import find_cases, predict_cases
-from jaxmamba.plans import Plan
 
 RAW_SPACING_XYZ = (0.8, 1.1, 2.5)
 
 
 def _plan(spacing_zyx, channels=("MRI",)):
-    return Plan(dataset_name="t", patch_size=(8, 16, 16), batch_size=2, spacing=spacing_zyx,
-                normalization_schemes=("NoNormalization",) * len(channels),
-                use_mask_for_norm=(False,) * len(channels), strides=((1, 1, 1), (2, 2, 2)),
-                kernel_sizes=((3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 1),
-                n_blocks_decoder=(1,), channel_names=tuple(channels),
-                labels=(("background", 0), ("a", 1), ("b", 2)))
+    return tiny_plan(dataset_name="t", spacing=spacing_zyx,
+                     normalization_schemes=("NoNormalization",) * len(channels),
+                     use_mask_for_norm=(False,) * len(channels), channel_names=tuple(channels))
 
 
 def _identity(k=3):

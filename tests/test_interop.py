@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err, tiny_plan
 from flax import nnx
 
 from jaxmamba import cli
@@ -23,15 +24,12 @@ from jaxmamba.models import build_model, count_parameters
 from jaxmamba.plans import Plan
 
 
-def tiny_plan(**changes) -> Plan:
+def fixtures_plan(**changes) -> Plan:
     """The fixtures' plan (reference/README.md): 4 stages, features 4, 8, 16, 16, 3 classes."""
-    plan = Plan(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2,
-                spacing=(1.0, 1.0, 1.0), normalization_schemes=("ZScoreNormalization",),
-                use_mask_for_norm=(False,), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
-                kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
-                n_blocks_encoder=(2, 2, 2, 2), n_blocks_decoder=(2, 2, 2), channel_names=("MRI",),
-                labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
-                max_num_features=16)
+    plan = tiny_plan(strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
+                     kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+                     n_blocks_encoder=(2, 2, 2, 2), n_blocks_decoder=(2, 2, 2),
+                     max_num_features=16)
     return plan.replace(**changes)
 
 
@@ -40,7 +38,7 @@ def _fixture(reference_dir, name):
 
 
 def _abstract(variant, plan=None):
-    return nnx.eval_shape(lambda: build_model(variant, plan or tiny_plan()))
+    return nnx.eval_shape(lambda: build_model(variant, plan or fixtures_plan()))
 
 
 @pytest.mark.parametrize("name,variant", [("SegMamba", "segmamba"),
@@ -61,7 +59,7 @@ def test_export_after_import_is_bit_exact(reference_dir, name, variant):
 def test_import_reproduces_the_reference_outputs(reference_dir, name, variant):
     """float32, CPU, `xla` scan: all three deep-supervision outputs within 1e-5 (issue 3)."""
     path = _fixture(reference_dir, name)
-    model = load_torch(path, variant, tiny_plan(), scan_implementation="xla")
+    model = load_torch(path, variant, fixtures_plan(), scan_implementation="xla")
     with np.load(path) as data:
         x = jnp.asarray(data["x"].transpose(0, 2, 3, 4, 1))  # NCDHW -> channels-last
         refs = [data[f"out{i}"].transpose(0, 2, 3, 4, 1) for i in range(3)]
@@ -69,7 +67,7 @@ def test_import_reproduces_the_reference_outputs(reference_dir, name, variant):
     assert len(outs) == 3
     for out, ref in zip(outs, refs, strict=True):
         assert out.shape == ref.shape
-        assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+        assert rel_err(out, ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------- mismatches
@@ -93,7 +91,7 @@ def test_wrong_variant_is_refused_with_the_names(reference_dir):
 
 def test_wrong_plan_is_refused_with_the_shapes(reference_dir):
     ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
-    plan = tiny_plan(labels=(("background", 0), ("a", 1), ("b", 2), ("c", 3)))
+    plan = fixtures_plan(labels=(("background", 0), ("a", 1), ("b", 2), ("c", 3)))
     model = _abstract("segmamba", plan)
     with pytest.raises(CheckpointError,
                        match=r"shape of decoder.seg_layers.0.weight: checkpoint \[3, 16, 1, 1, 1\]"
@@ -167,7 +165,7 @@ def test_pth_checkpoints_load_safely(reference_dir, tmp_path):
 
 def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     plans = tmp_path / "plans" / "nnUNetPlans.json"
-    tiny_plan().save(plans)
+    fixtures_plan().save(plans)
     src = _fixture(reference_dir, "SegMamba")
     run_dir, back = tmp_path / "run", tmp_path / "back.npz"
     assert cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant", "segmamba",
@@ -192,7 +190,7 @@ def test_matches_dynamic_network_architectures(key, dna_class, variant):
     state dicts, and export gives those state dicts back bit for bit."""
     torch = pytest.importorskip("torch")  # with the optional extra jaxmamba[torch] only
     dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
-    plan = tiny_plan()
+    plan = fixtures_plan()
     net = getattr(dna, dna_class)(
         1, plan.num_stages, plan.features_per_stage, torch.nn.Conv3d, plan.kernel_sizes,
         plan.strides, plan.n_blocks_encoder, plan.num_classes, plan.n_blocks_decoder,
@@ -214,7 +212,7 @@ def test_matches_dynamic_network_architectures(key, dna_class, variant):
     outs = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1)))
     assert len(outs) == len(refs) == plan.num_stages - 1
     for out, ref in zip(outs, refs, strict=True):
-        assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) <= 1e-5
+        assert rel_err(out, ref) <= 1e-5
 
 
 def _nnunet_checkpoint(path, sd, plan, configuration="3d_fullres"):
@@ -232,29 +230,29 @@ def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, 
     """convert-torch refuses an nnU-Net checkpoint trained with other plans (or another
     configuration), naming the file and the key, and writes nothing; agreeing ones convert."""
     plans = tmp_path / "plans" / "nnUNetPlans.json"
-    tiny_plan().save(plans)
+    fixtures_plan().save(plans)
     sd = read_state_dict(_fixture(reference_dir, "SegMamba"))
     args = ["--plans", str(plans), "--variant", "segmamba", "--trust-checkpoint", "-o"]
-    other = tiny_plan(spacing=(2.0, 1.0, 1.0), patch_size=(8, 32, 16))
+    other = fixtures_plan(spacing=(2.0, 1.0, 1.0), patch_size=(8, 32, 16))
     bad = _nnunet_checkpoint(tmp_path / "other.pth", sd, other)
     assert cli.main(["convert-torch", str(bad), *args, str(tmp_path / "a")]) == 1
     out = capsys.readouterr().err
     assert str(bad) in out and "init_args.plans disagree with" in out and str(plans) in out
     assert "patch_size: plans (8, 16, 16), checkpoint (8, 32, 16)" in out and "spacing" in out
-    lowres = _nnunet_checkpoint(tmp_path / "lowres.pth", sd, tiny_plan(), "3d_lowres")
+    lowres = _nnunet_checkpoint(tmp_path / "lowres.pth", sd, fixtures_plan(), "3d_lowres")
     assert cli.main(["convert-torch", str(lowres), *args, str(tmp_path / "b")]) == 1
     assert "init_args.configuration is '3d_lowres'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    good = _nnunet_checkpoint(tmp_path / "good.pth", sd, tiny_plan())
+    good = _nnunet_checkpoint(tmp_path / "good.pth", sd, fixtures_plan())
     assert cli.main(["convert-torch", str(good), *args, str(tmp_path / "c")]) == 0
 
 
 def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", tiny_plan())
+    model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", fixtures_plan())
     from jaxmamba.rundir import save_run
-    save_run(run_dir, model, tiny_plan(), source="test")
-    tiny_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
+    save_run(run_dir, model, fixtures_plan(), source="test")
+    fixtures_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
     code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
     out = capsys.readouterr().err
     assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out

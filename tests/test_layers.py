@@ -6,17 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
 from jaxmamba.layers import Mamba, MambaLayer, MambaTrans, MultiMambaTrans, PanMambaTrans
 from jaxmamba.ops import causal_conv1d
 
 TOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def params(module):
@@ -151,7 +147,8 @@ def test_mamba_layer_flattens_normalises_and_keeps_dtype(key, bidirectional):
     assert rel_err(run(layer, x), want) <= TOL
     y16 = run(layer, x.astype(jnp.bfloat16))
     assert y16.dtype == jnp.bfloat16
-    assert rel_err(y16, want) <= 2e-2
+    # bf16 rounding of x and y: measured 2.1e-3 to 2.4e-3 (5 seeds, both directions, 2026-12-02)
+    assert rel_err(y16, want) <= 6e-3
 
 
 def test_d_state_rules():

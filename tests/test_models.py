@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err, tiny_plan
 from flax import nnx
 
 from jaxmamba.layers.conv import (
@@ -23,10 +24,9 @@ from jaxmamba.models import (
     ResidualEncoder,
     build_model,
     count_parameters,
-    memory_preflight,
-    total_bytes,
 )
 from jaxmamba.plans import Plan, PlanError
+from jaxmamba.train.preflight import memory_preflight
 
 DATASETS = {"synapse": "Dataset090_SynapseAbdomen", "brats": "Dataset001_BrainTumour"}
 HE_GAIN = math.sqrt(2.0 / (1.0 + 1e-4))
@@ -34,13 +34,11 @@ HE_GAIN = math.sqrt(2.0 / (1.0 + 1e-4))
 
 def small_plan(**changes) -> Plan:
     """3 stages, features 4/8/8, anisotropic first stage: every code path at a few voxels."""
-    plan = Plan(dataset_name="small", patch_size=(4, 8, 8), batch_size=2, spacing=(1.0, 1.0, 1.0),
-                normalization_schemes=("ZScoreNormalization",) * 2, use_mask_for_norm=(False,) * 2,
-                strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
-                kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 2, 1),
-                n_blocks_decoder=(1, 2), channel_names=("T1", "T2"),
-                labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
-                max_num_features=8)
+    plan = tiny_plan(dataset_name="small", patch_size=(4, 8, 8),
+                     normalization_schemes=("ZScoreNormalization",) * 2,
+                     use_mask_for_norm=(False,) * 2, strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+                     kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 2, 1),
+                     n_blocks_decoder=(1, 2), channel_names=("T1", "T2"))
     return plan.replace(**changes)
 
 
@@ -57,11 +55,6 @@ def _rng(key) -> np.random.Generator:
 
 def _call(module, *args):
     return nnx.jit(lambda m, *a: m(*a))(module, *args)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ------------------------------------------------------------------------------- blocks
@@ -301,16 +294,18 @@ def test_bf16_precision_switch(key):
     x = jnp.asarray(_rng(key).standard_normal((1, *plan.patch_size, 2), np.float32))
     (a,), (b,) = nnx.jit(lambda m1, m2, x: (m1(x), m2(x)))(f32, bf16, x)
     assert b.dtype == jnp.float32
-    assert _rel(b, a) < 5e-2
+    # bf16 convolutions and norms through 2 stages: measured 7.0e-3 to 1.8e-2 (5 seeds, 2026-12-02)
+    assert rel_err(b, a) < 4e-2
 
 
 def test_memory_preflight_compiles_forward_and_backward():
     plan = small_plan(strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((1, 3, 3), (3, 3, 3)),
                       n_blocks_encoder=(1, 1), n_blocks_decoder=(1,))
     model = nnx.eval_shape(lambda: build_model("resencunet", plan))
-    stats = memory_preflight(model, plan, batch_size=2)
+    est = memory_preflight(model, plan, batch_size=2)
+    stats = est.stats
     params = 4 * count_parameters(model)
     batch = 2 * 4 * 8 * 8 * (2 * 4 + 4)  # float32 image of 2 channels + int32 labels
     assert stats.argument_size_in_bytes == params + batch
     assert stats.output_size_in_bytes >= params  # the gradients
-    assert total_bytes(stats) > stats.argument_size_in_bytes + stats.output_size_in_bytes
+    assert est.total > stats.argument_size_in_bytes + stats.output_size_in_bytes

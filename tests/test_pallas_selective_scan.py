@@ -18,6 +18,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 from test_selective_scan import (
     F32_GRAD_TOL,
     F32_OUT_TOL,
@@ -27,7 +28,6 @@ from test_selective_scan import (
     outputs_and_grads,
     random_case,
     random_inputs,
-    rel_err,
 )
 
 from jaxmamba.kernels import scan_backward as kb
@@ -86,6 +86,35 @@ def test_phase_kernels_match_references(key, reverse):
                               strict=True):
         assert x.shape == x_ref.shape, name
         assert rel_err(x, x_ref) <= F32_GRAD_TOL, name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_phase_references_match_the_sequential_reference(key, reverse):
+    """The oracle for the phases' jnp references: K1's end states and K3's outputs are
+    `selective_scan_reference` run on each chunk alone (from zero, and from random start states)."""
+    b, l, d, n = 2, 48, 16, 8
+    a, _, _ = random_case(key, b, l, d, n)
+    u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
+                                                 "delta_bias"))
+    st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
+                        reverse=reverse, has_z=True, interpret=True)
+    t, n_chunks = SMALL.chunk, l // SMALL.chunk
+    h_in = jax.random.normal(jax.random.fold_in(key, 1), (b, n_chunks, d, n))
+
+    def per_chunk(*xs):
+        return [None if x is None else x.reshape(b * n_chunks, t, x.shape[-1]) for x in xs]
+
+    cu, cdt, cz, cb, cc = per_chunk(u, dt, z, B, C)
+    _, h_zero = selective_scan_reference(cu, cdt, A, cb, cc, delta_bias=bias, reverse=reverse)
+    y_ref, h_ref = selective_scan_reference(cu, cdt, A, cb, cc, D, cz, bias, reverse=reverse,
+                                            initial_state=h_in.reshape(-1, d, n))
+    h, s = kf.chunk_states_reference(st, u, dt, A, B, bias, jnp.float32)
+    assert rel_err(h, h_zero.reshape(h.shape)) <= F32_OUT_TOL
+    delta = jax.nn.softplus(dt + bias[None, None])
+    assert rel_err(s, delta.reshape(b, n_chunks, t, d).sum(2)) <= F32_OUT_TOL
+    y, h_end = kf.chunk_scan_reference(st, u, dt, z, A, B, C, D, bias, h_in)
+    assert rel_err(y, y_ref.reshape(b, l, d)) <= F32_OUT_TOL
+    assert rel_err(h_end, h_ref.reshape(h_in.shape)) <= F32_OUT_TOL
 
 
 @pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),

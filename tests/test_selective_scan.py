@@ -3,7 +3,7 @@ interpret mode, `pallas` compiled on a GPU), with mamba_ssm's float64 fixtures a
 reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
 op's input checks against every implementation.
 
-The scan helpers here (`random_inputs`, `random_case`, `rel_err`, `outputs_and_grads`) are shared
+The scan helpers here (`random_inputs`, `random_case`, `outputs_and_grads`) are shared
 with tests/test_pallas_selective_scan.py. Interpret mode spends its time in XLA's CPU compiler,
 so every case runs as one jit compiled without LLVM's expensive passes (`FAST_COMPILE`).
 """
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 
 from jaxmamba.kernels import selective_scan as ks
 from jaxmamba.kernels.tiling import ScanTiling
@@ -29,6 +30,11 @@ IMPLEMENTATIONS = ["xla", "pallas-interpret", pytest.param("pallas-gpu", marks=p
 F64_TOL = 1e-10
 F32_OUT_TOL = 1e-5
 F32_GRAD_TOL = 1e-4
+#: bf16 inputs against the fp32 reference: bf16's rounding of y and of the gradients. Measured
+#: (B=1, L=40, D=N=16, 5 seeds, xla and pallas-interpret, 2026-12-02): y and the final state
+#: ≤ 1.9e-3, gradients ≤ 3.4e-3.
+BF16_OUT_TOL = 5e-3
+BF16_GRAD_TOL = 8e-3
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -40,11 +46,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 #: compile, small.
 SMALL = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1,
                    state_stride=2)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
 
 
 def load_cases(reference_dir):
@@ -229,12 +230,14 @@ class TestSelectiveScan:
                                             delta_softplus=False), F32_OUT_TOL, F32_GRAD_TOL)
 
     def test_bfloat16_inputs(self, impl, key):
-        """bf16 activations (fp32 states inside): y in bf16, within 2e-2 of the fp32 reference."""
+        """bf16 activations (fp32 states inside): y and the gradients in bf16, within bf16's
+        rounding of the fp32 reference on the same (upcast) inputs."""
         args, h0, g = random_case(key, 1, 40, 16, 16, dtype=jnp.bfloat16)
         got = outputs_and_grads(op(impl), args, h0, g)
         assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
         up = {k: v.astype(jnp.float32) for k, v in args.items()}
-        assert_close(got, outputs_and_grads(selective_scan_reference, up, h0, g), 2e-2, 2e-2)
+        assert_close(got, outputs_and_grads(selective_scan_reference, up, h0, g),
+                     BF16_OUT_TOL, BF16_GRAD_TOL)
 
 
 @pytest.mark.parametrize("l,chunk", [(37, 16), (64, 16), (5, 8), (100, 7)])

@@ -8,11 +8,6 @@ import pytest
 from jaxmamba.train import losses
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

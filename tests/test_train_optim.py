@@ -109,8 +109,7 @@ def _run(recipe, params, grads_seq):
 
 
 @pytest.mark.parametrize("recipe", ["nnunet", "radam_cosine", "radam_onecycle"])
-def test_recipe_matches_torch_update_rule(recipe):
-    rng = np.random.default_rng()
+def test_recipe_matches_torch_update_rule(recipe, rng):
     steps, epochs = 12, 40  # 12 steps over 4 epochs of 3 iterations; rho_t crosses 5 at t = 6
     params = [rng.normal(size=(4, 3)), rng.normal(size=(5,))]
     # Gradient scales straddle the clip threshold of 1.5 used here.

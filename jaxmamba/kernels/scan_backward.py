@@ -28,7 +28,7 @@ from jax import lax
 
 from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels.scan_forward import chunk_scan_reference
-from jaxmamba.ops.scan_reference import discretize_delta
+from jaxmamba.scan_math import discretize_delta
 
 
 def _chunk_adjoints_kernel(*refs, st):

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from jaxmamba.kernels import triton_backend
 from jaxmamba.kernels.tiling import ScanTiling
-from jaxmamba.ops.scan_reference import softplus
+from jaxmamba.scan_math import softplus
 
 LOG2E = math.log2(math.e)
 _SQUEEZED = getattr(pl, "squeezed", None)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmamba.kernels import scan_common as sc
-from jaxmamba.ops.scan_reference import discretize_delta, selective_scan_reference
+from jaxmamba.scan_math import compute_dtype, discretize_delta, skip_and_gate
 
 
 def _chunk_states_kernel(u_ref, dt_ref, a_ref, b_ref, bias_ref, h_ref, s_ref, *, st):
@@ -117,34 +117,45 @@ def _chunked(x, chunk):
     return x.reshape(-1, chunk, x.shape[-1])
 
 
+def _chunk_recurrence(st: sc.ScanStatics, d, u, B, A, h0, C=None):
+    """`h_t = exp(δ_t A) h_{t-1} + δ_t u_t B_t` over each chunk's rows by a sequential `lax.scan`
+    from `h0 (B·nC, D, N)`; d, u (B·nC, T, D), B, C (B·nC, T, N), all in h0's dtype. -> (end
+    states (B·nC, D, N), `<C_t, h_t>` (B·nC, T, D) or None without C)."""
+    def step(h, xs):
+        d_t, u_t, b_t, *c_t = xs
+        h = jnp.exp(d_t[..., None] * A[None]) * h + (d_t * u_t)[..., None] * b_t[:, None]
+        return h, jnp.einsum("bdn,bn->bd", h, c_t[0]) if c_t else None
+
+    xs = [jnp.moveaxis(x, 1, 0) for x in (d, u, B) + (() if C is None else (C,))]
+    h, ys = lax.scan(step, h0, xs, reverse=st.reverse)
+    return h, None if C is None else jnp.moveaxis(ys, 0, 1)
+
+
 def chunk_states_reference(st: sc.ScanStatics, u, dt, A, B, bias, dtype):
     """K1 by a sequential `lax.scan` per chunk (no padding mask: use unpadded lengths)."""
     batch, _, dim = u.shape
     t = st.tiling.chunk
     d = _chunked(discretize_delta(dt, bias, st.delta_softplus, dtype), t)
-    uu, bb = _chunked(u.astype(dtype), t), _chunked(B.astype(dtype), t)
-
-    def step(h, xs):
-        d_t, u_t, b_t = xs
-        decay = jnp.exp(d_t[..., None] * A.astype(dtype)[None])
-        return decay * h + (d_t * u_t)[..., None] * b_t[:, None], None
-
     h0 = jnp.zeros((d.shape[0], dim, A.shape[1]), dtype)
-    h, _ = lax.scan(step, h0, [jnp.moveaxis(x, 1, 0) for x in (d, uu, bb)], reverse=st.reverse)
+    h, _ = _chunk_recurrence(st, d, _chunked(u.astype(dtype), t), _chunked(B.astype(dtype), t),
+                             A.astype(dtype), h0)
     n_chunks = st.padded_length // t
     return h.reshape(batch, n_chunks, dim, -1), d.sum(axis=1).reshape(batch, n_chunks, dim)
 
 
 def chunk_scan_reference(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):
-    """Every chunk scanned alone from its start state `h_in (B, nC, D, N)` by the sequential
-    reference (unpadded lengths): (y (B, L, D), chunk end states (B, nC, D, N))."""
+    """Every chunk scanned alone from its start state `h_in (B, nC, D, N)` by a sequential
+    `lax.scan` (unpadded lengths): (y (B, L, D) in u's dtype, chunk end states (B, nC, D, N))."""
     batch, length, dim = u.shape
     t, n = st.tiling.chunk, A.shape[1]
-    y, h = selective_scan_reference(
-        *(_chunked(x, t) for x in (u, dt)), A, *(_chunked(x, t) for x in (B, C)), D,
-        None if z is None else _chunked(z, t), bias, st.delta_softplus, reverse=st.reverse,
-        initial_state=h_in.reshape(-1, dim, n))
-    return y.reshape(batch, length, dim), h.reshape(h_in.shape)
+    dtype = compute_dtype(u, dt, z, A, B, C, D, bias, h_in)
+    uu = u.astype(dtype)
+    h, ys = _chunk_recurrence(
+        st, _chunked(discretize_delta(dt, bias, st.delta_softplus, dtype), t), _chunked(uu, t),
+        _chunked(B.astype(dtype), t), A.astype(dtype), h_in.reshape(-1, dim, n).astype(dtype),
+        _chunked(C.astype(dtype), t))
+    y = skip_and_gate(ys.reshape(batch, length, dim), uu, D, z)
+    return y.astype(u.dtype), h.reshape(h_in.shape)
 
 
 def chunk_outputs_reference(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h_in):

@@ -20,8 +20,7 @@ from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
 from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
 from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
-from jaxmamba.ops.scan_reference import compute_dtype
-from jaxmamba.ops.scan_xla import affine_combine
+from jaxmamba.scan_math import affine_combine, compute_dtype
 
 _warned_interpret = False
 

@@ -3,11 +3,9 @@ plan."""
 
 from jaxmamba.models.build import VARIANTS, build_model, canonical_variant, count_parameters
 from jaxmamba.models.precision import PRECISIONS, compute_dtype
-from jaxmamba.models.preflight import memory_preflight, total_bytes
 from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 
 __all__ = [
     "PRECISIONS", "VARIANTS", "PlainConvEncoder", "ResidualEncoder", "UNet", "UNetDecoder",
-    "build_model", "canonical_variant", "compute_dtype", "count_parameters", "memory_preflight",
-    "total_bytes",
+    "build_model", "canonical_variant", "compute_dtype", "count_parameters",
 ]

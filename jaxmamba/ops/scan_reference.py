@@ -11,32 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def softplus(x: jax.Array) -> jax.Array:
-    """PyTorch's (and mamba_ssm's) softplus with threshold 20: `x if x > 20 else log1p(e^x)`."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def compute_dtype(*arrays: jax.Array | None) -> jnp.dtype:
-    """float32 for bf16/fp16/fp32 inputs, float64 when any input is float64."""
-    return jnp.result_type(jnp.float32, *[a.dtype for a in arrays if a is not None])
-
-
-def discretize_delta(delta, delta_bias, delta_softplus: bool, dtype) -> jax.Array:
-    """`softplus(delta + delta_bias)` (or without softplus), in `dtype`. Shapes (B, L, D), (D,)."""
-    delta = delta.astype(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.astype(dtype)[None, None, :]
-    return softplus(delta) if delta_softplus else delta
-
-
-def skip_and_gate(y, u, D, z) -> jax.Array:
-    """`y + D * u`, then the SiLU gate `* z * sigmoid(z)`; all (B, L, D) in y's dtype."""
-    if D is not None:
-        y = y + u.astype(y.dtype) * D.astype(y.dtype)[None, None, :]
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(y.dtype))
-    return y
+from jaxmamba.scan_math import compute_dtype, discretize_delta, skip_and_gate
 
 
 def selective_scan_reference(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmamba.ops.scan_reference import compute_dtype, discretize_delta, skip_and_gate
+from jaxmamba.scan_math import affine_combine, compute_dtype, discretize_delta, skip_and_gate
 
 #: Target number of elements of one chunk's (B, T, D, N) work array (16 MiB in float32).
 CHUNK_ELEMENTS = 1 << 22
@@ -24,13 +24,6 @@ def default_chunk_size(batch: int, length: int, dim: int, state: int) -> int:
     while t * 2 * batch * dim * state <= CHUNK_ELEMENTS and t < length:
         t *= 2
     return min(t, max(length, 1))
-
-
-def affine_combine(earlier, later):
-    """Composition of `h ← a·h + b` steps, earlier then later: the associative scan's operator."""
-    a1, b1 = earlier
-    a2, b2 = later
-    return a1 * a2, a2 * b1 + b2
 
 
 def selective_scan_xla(

@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmamba.errors import UserError
 from jaxmamba.ops.batch_parallel import SPATIAL_AXIS, axis_shards, batch_axis
-from jaxmamba.ops.scan_reference import compute_dtype, discretize_delta
+from jaxmamba.scan_math import compute_dtype, discretize_delta
 
 
 def token_shards(length: int, min_block: int = 1) -> int:

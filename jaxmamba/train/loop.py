@@ -303,7 +303,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         if t.final_validation:
             summary["final_validation"] = _final_validation(cfg, state, graphdef, plan, val_ids,
                                                             run_dir, main, say)
-        say(console.done_line(run_dir, ckpt.dir))
+        say(console.done_line(run_dir, ckpt.dir, (rundir.CURVES_FILE, rundir.METRICS_FILE)))
     return summary
 
 
