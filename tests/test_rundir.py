@@ -4,6 +4,7 @@ and errors that name the path, say what was expected and what to do."""
 import pickle
 
 import pytest
+from conftest import tiny_plan
 
 from jaxmamba import rundir
 from jaxmamba.errors import UserError
@@ -12,13 +13,8 @@ from jaxmamba.rundir import BEST, LATEST, PREEMPTED, RunDirError
 
 
 def _plan(**changes) -> Plan:
-    plan = Plan(dataset_name="tiny", patch_size=(8, 16, 16), batch_size=2,
-                spacing=(2.0, 1.0, 1.0), normalization_schemes=("ZScoreNormalization",),
-                use_mask_for_norm=(False,), strides=((1, 1, 1), (2, 2, 2)),
-                kernel_sizes=((3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 1),
-                n_blocks_decoder=(1,), channel_names=("MRI",),
-                labels=(("background", 0), ("a", 1)), base_num_features=4, max_num_features=8)
-    return plan.replace(**changes) if changes else plan
+    return tiny_plan(**{"spacing": (2.0, 1.0, 1.0), "labels": (("background", 0), ("a", 1)),
+                        **changes})
 
 
 def _steps(run_dir, which, *names):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_plan
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -25,15 +26,9 @@ from jaxmamba.layers.blocks import MambaLayer, MultiMambaTrans
 from jaxmamba.models import VARIANTS, build_model
 from jaxmamba.ops.batch_parallel import traced_under
 from jaxmamba.ops.spatial import split_volume
-from jaxmamba.plans import Plan
 from jaxmamba.train import sharding, step
 
-PLAN = Plan(dataset_name="tiny", patch_size=(8, 4, 4), batch_size=2, spacing=(1.0, 1.0, 1.0),
-            normalization_schemes=("ZScoreNormalization",), use_mask_for_norm=(False,),
-            strides=((1, 1, 1), (2, 2, 2)), kernel_sizes=((3, 3, 3), (3, 3, 3)),
-            n_blocks_encoder=(1, 1), n_blocks_decoder=(1,), channel_names=("MRI",),
-            labels=(("background", 0), ("a", 1), ("b", 2)), base_num_features=4,
-            max_num_features=8, batch_dice=True)
+PLAN = tiny_plan(patch_size=(8, 4, 4), batch_dice=True)
 MESHES = ((1, 2), (2, 2))  # (data, spatial)
 
 

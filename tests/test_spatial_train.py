@@ -6,12 +6,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tiny_plan
 
 from jaxmamba.cli import main
 from jaxmamba.config import load_config
 from jaxmamba.models import build_model
 from jaxmamba.ops.spatial import MeshError
-from jaxmamba.plans import Plan
 from jaxmamba.rundir import save_run
 from jaxmamba.train.loop import run
 
@@ -85,12 +85,7 @@ def test_train_refuses_spatial_sizes_that_do_not_split(phantom, tmp_path):
 
 
 def test_predict_refuses_spatial_sizes_that_do_not_split(tmp_path, capsys):
-    plan = Plan(dataset_name="tiny", patch_size=(4, 16, 16), batch_size=2,
-                spacing=(1.0, 1.0, 1.0), normalization_schemes=("ZScoreNormalization",),
-                use_mask_for_norm=(False,), strides=((1, 1, 1), (2, 2, 2)),
-                kernel_sizes=((3, 3, 3), (3, 3, 3)), n_blocks_encoder=(1, 1),
-                n_blocks_decoder=(1,), channel_names=("MRI",),
-                labels=(("background", 0), ("a", 1)), base_num_features=4, max_num_features=8)
+    plan = tiny_plan(patch_size=(4, 16, 16), labels=(("background", 0), ("a", 1)))
     save_run(tmp_path / "run", build_model("resencunet", plan, rngs=0), plan, source="test")
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(np.ones((8, 16, 16), np.float32), np.eye(4)),
