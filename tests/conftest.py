@@ -21,6 +21,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAXMAMBA_COMPILE_CACHE"] = "off"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -141,3 +142,29 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- selective-scan inputs
+def random_inputs(key, b, l, d, n, *, dtype=jnp.float32, with_optional=True, dt_scale=1.0):
+    """Selective-scan inputs by name, channels-last (`u, delta, z: (b, l, d)`, `B, C: (b, l, n)`,
+    `A: (d, n)` negative; D, z and delta_bias unless `with_optional=False`)."""
+    k = jax.random.split(key, 8)
+    out = dict(
+        u=jax.random.normal(k[0], (b, l, d), dtype),
+        delta=dt_scale * jax.random.normal(k[1], (b, l, d), dtype) - 1.0,
+        A=-jnp.exp(jax.random.normal(k[2], (d, n), dtype)),
+        B=jax.random.normal(k[3], (b, l, n), dtype),
+        C=jax.random.normal(k[4], (b, l, n), dtype),
+    )
+    if with_optional:
+        out.update(D=jax.random.normal(k[5], (d,), dtype),
+                   z=jax.random.normal(k[6], (b, l, d), dtype),
+                   delta_bias=0.5 * jax.random.normal(k[7], (d,), dtype))
+    return out
+
+
+def random_case(key, b, l, d, n, *, dtype=jnp.float32, **kw):
+    """(inputs, an initial state (B, D, N), an output cotangent (B, L, D)); h0 and g float32."""
+    kx, kh, kg = jax.random.split(key, 3)
+    return (random_inputs(kx, b, l, d, n, dtype=dtype, **kw),
+            jax.random.normal(kh, (b, d, n)), jax.random.normal(kg, (b, l, d)))

@@ -18,7 +18,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import random_case, random_inputs, rel_err
 from test_selective_scan import (
     F32_GRAD_TOL,
     F32_OUT_TOL,
@@ -26,8 +26,6 @@ from test_selective_scan import (
     SMALL,
     assert_close,
     outputs_and_grads,
-    random_case,
-    random_inputs,
 )
 
 from jaxmamba.kernels import scan_backward as kb

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import random_case, random_inputs, rel_err
 
 from jaxmamba.kernels import selective_scan as ks
 from jaxmamba.kernels.tiling import ScanTiling
@@ -79,29 +79,6 @@ def run_with_grads(impl, inputs, softplus, grad_y, dtype):
 
     grads, (y, h) = jax.jit(jax.grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(present)
     return y, h, grads
-
-
-def random_inputs(key, b, l, d, n, *, dtype=jnp.float32, with_optional=True, dt_scale=1.0):
-    k = jax.random.split(key, 8)
-    out = dict(
-        u=jax.random.normal(k[0], (b, l, d), dtype),
-        delta=dt_scale * jax.random.normal(k[1], (b, l, d), dtype) - 1.0,
-        A=-jnp.exp(jax.random.normal(k[2], (d, n), dtype)),
-        B=jax.random.normal(k[3], (b, l, n), dtype),
-        C=jax.random.normal(k[4], (b, l, n), dtype),
-    )
-    if with_optional:
-        out.update(D=jax.random.normal(k[5], (d,), dtype),
-                   z=jax.random.normal(k[6], (b, l, d), dtype),
-                   delta_bias=0.5 * jax.random.normal(k[7], (d,), dtype))
-    return out
-
-
-def random_case(key, b, l, d, n, *, dtype=jnp.float32, **kw):
-    """(inputs, an initial state (B, D, N), an output cotangent (B, L, D)); h0 and g float32."""
-    kx, kh, kg = jax.random.split(key, 3)
-    return (random_inputs(kx, b, l, d, n, dtype=dtype, **kw),
-            jax.random.normal(kh, (b, d, n)), jax.random.normal(kg, (b, l, d)))
 
 
 def outputs_and_grads(fn, args, h0, g, **kw):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_case
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,13 +27,8 @@ def _placed(mesh, args):
 
 
 def _inputs(key, b=2, l=16, d=3, n=2):
-    ks = jax.random.split(key, 8)
-    u, delta, z = (jax.random.normal(k, (b, l, d)) for k in ks[:3])
-    B, C = (jax.random.normal(k, (b, l, n)) for k in ks[3:5])
-    A = -jnp.exp(jax.random.normal(ks[5], (d, n)))
-    D, bias = jax.random.normal(ks[6], (d,)), 0.1 * jax.random.normal(ks[7], (d,))
-    h0 = jax.random.normal(ks[7], (b, d, n))
-    return u, delta, A, B, C, D, z, bias, h0
+    args, h0, _ = random_case(key, b, l, d, n)
+    return (*(args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), h0)
 
 
 def _value_and_grads(implementation, reverse, mesh=None):
