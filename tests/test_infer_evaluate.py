@@ -75,7 +75,7 @@ def test_evaluate_cli_writes_summary_table_and_previews(folders, capsys, monkeyp
     assert summary["mean"]["mean"]["Dice"] == pytest.approx(
         (summary["mean"]["liver"]["Dice"] + summary["mean"]["tumour"]["Dice"]) / 2)
     assert summary["settings"]["hd95_unit"] == "mm"
-    rows = list(csv.reader((root / "pred" / "summary.csv").open()))
+    rows = list(csv.reader((root / "pred" / "summary.csv").read_text().splitlines()))
     assert rows[0][:3] == ["case", "liver_Dice", "liver_HD95"] and len(rows) == 5
     assert rows[-1][0] == "mean"
     out = capsys.readouterr().out

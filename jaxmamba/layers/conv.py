@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxmamba.ops.batch_parallel import SPATIAL_AXIS, axis_shards
+
 #: Negative slope of nnU-Net's LeakyReLU and the `a` of its He initialisation (`InitWeights_He`).
 LEAKY_SLOPE = 1e-2
 #: InstanceNorm3d epsilon of PyTorch (Flax's norms default to 1e-6).
@@ -76,7 +78,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, out_sharding=None):
     """`lax.conv_general_dilated`, but `depth_folded_conv3d` on a CPU for the package's 3D
-    convolutions (`CONV3D_DIMS`, explicit non-negative padding, no dilation, no groups).
+    convolutions (`CONV3D_DIMS`, explicit non-negative padding, no dilation, no groups, not
+    traced under a mesh with a `spatial` axis of more than one device).
 
     The backend is chosen when the computation is lowered (`lax.platform_dependent`): a
     function lowered for a GPU holds only XLA's convolution, one lowered for the CPU only the
@@ -98,7 +101,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and all(v is None or all(s == 1 for s in v) for v in (lhs_dilation, rhs_dilation))
         and feature_group_count == 1 and batch_group_count == 1 and out_sharding is None
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CONV3D_DIMS))
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CONV3D_DIMS)
+        # on a `spatial` mesh the volume is split along S0: folding S0 into the batch would make
+        # XLA gather it, where its own 3D convolution exchanges one-plane halos
+        and axis_shards(SPATIAL_AXIS) == 1)
     if not foldable:
         return xla(lhs, rhs)
     # checkpointed: the backward keeps the operands (as XLA's conv does), not the stacked taps
