@@ -144,6 +144,36 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+# ---------------------------------------------------------------- tiny training runs
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def build_phantom(tmp_path_factory, name: str = "phantom", n_cases: int = 5) -> Path:
+    """A folder whose `raw/` holds a phantom dataset of `n_cases` 10x24x24 cases (the runs'
+    preprocessing cache goes to its `cache/`)."""
+    from jaxmamba.datasets import build
+
+    root = tmp_path_factory.mktemp(name)
+    build("phantom", root / "raw", n_cases=n_cases, shape=(10, 24, 24))
+    return root
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """`build_phantom`'s folder, shared by the runs of one test module."""
+    return build_phantom(tmp_path_factory)
+
+
+def tiny_run_config(phantom: Path, run_dir: Path, *overrides: str):
+    """configs/tiny.yaml on `phantom`'s data, writing to `run_dir`, without progress bars."""
+    from jaxmamba.config import load_config
+
+    return load_config(TINY_CONFIG, [f"data.raw_dir={phantom / 'raw'}",
+                                     f"data.preprocessed_dir={phantom / 'cache'}",
+                                     f"train.run_dir={run_dir}", "log.progress=false",
+                                     *overrides])
+
+
 # ---------------------------------------------------------------- selective-scan inputs
 def random_inputs(key, b, l, d, n, *, dtype=jnp.float32, with_optional=True, dt_scale=1.0):
     """Selective-scan inputs by name, channels-last (`u, delta, z: (b, l, d)`, `B, C: (b, l, n)`,

@@ -11,6 +11,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import build_phantom
 from flax import nnx
 from launching import ROOT, launch, wait_for
 
@@ -27,10 +28,7 @@ LIMIT = 900  # seconds a launch may take before it counts as a hang (slow compil
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multi")
-    from jaxmamba.datasets import build
-    build("phantom", root / "raw", n_cases=6, shape=(10, 24, 24))
-    return root
+    return build_phantom(tmp_path_factory, "multi", n_cases=6)
 
 
 def _args(setup, run_dir, *more):

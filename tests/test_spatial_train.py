@@ -6,10 +6,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tiny_plan
+from conftest import tiny_plan, tiny_run_config
 
 from jaxmamba.cli import main
-from jaxmamba.config import load_config
 from jaxmamba.models import build_model
 from jaxmamba.ops.spatial import MeshError
 from jaxmamba.rundir import save_run
@@ -18,19 +17,9 @@ from jaxmamba.train.loop import run
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    from jaxmamba.datasets import build
-    build("phantom", root / "raw", n_cases=5, shape=(10, 24, 24))
-    return root
-
-
 def _cfg(phantom, run_dir, *overrides):
-    return load_config(TINY, [f"data.raw_dir={phantom / 'raw'}",
-                              f"data.preprocessed_dir={phantom / 'cache'}",
-                              f"train.run_dir={run_dir}", "log.progress=false",
-                              "log.tensorboard=false", "log.plot=false", *overrides])
+    return tiny_run_config(phantom, run_dir, "log.tensorboard=false", "log.plot=false",
+                           *overrides)
 
 
 @pytest.mark.slow  # ten small compiles: ~1-2 min on a 2-core CPU

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run_config as _cfg
 
 from jaxmamba.config import ConfigError, load_config
 from jaxmamba.plans import PlanError
@@ -30,21 +31,6 @@ def compilation_cache(tmp_path_factory):
     yield
     for k, v in before.items():
         jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    """Raw phantom folder + its preprocessing cache, shared by the runs of this module."""
-    root = tmp_path_factory.mktemp("phantom")
-    from jaxmamba.datasets import build
-    build("phantom", root / "raw", n_cases=5, shape=(10, 24, 24))
-    return root
-
-
-def _cfg(phantom, run_dir, *overrides):
-    return load_config(TINY, [f"data.raw_dir={phantom / 'raw'}",
-                              f"data.preprocessed_dir={phantom / 'cache'}",
-                              f"train.run_dir={run_dir}", "log.progress=false", *overrides])
 
 
 def _losses(history):
