@@ -18,6 +18,7 @@ end when the training process ends, even by `kill -9`.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -111,14 +112,26 @@ def _share(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count:
     return local[shard_index::shard_count] if shard_count > 1 else local
 
 
-def _worker_init(index: int, count: int) -> None:
-    """grain's `worker_init_fn`: see the module docstring."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's (the pid was reused)
+        return True
+    return True
+
+
+def _worker_init(index: int, count: int, *, main: int) -> None:
+    """grain's `worker_init_fn`: see the module docstring. `main` is the pid of the process that
+    iterates; a worker ends when it is gone or when the worker's parent changes (a dead parent's
+    children are adopted by another): on Python 3.12 a worker's parent need not be `main`."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     parent = os.getppid()
 
     def end_with_parent() -> None:
-        while os.getppid() == parent:  # a dead parent's children are adopted by another
+        while os.getppid() == parent and _alive(main):
             time.sleep(0.5)
         os._exit(0)
 
@@ -135,7 +148,8 @@ def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterato
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=_worker_init)
+                                  worker_init_fn=functools.partial(_worker_init,
+                                                                   main=os.getpid()))
     return iter(it_ds)
 
 
