@@ -8,6 +8,7 @@ backward's buffers pinned), the Triton backend's isolation, tiling and dispatch.
 import functools
 import importlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -323,12 +324,19 @@ def test_kernels_lower_to_triton():
                   z=(b, l, d), delta_bias=(d,))
     args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
-    def grads(a):
-        return jax.grad(lambda a: jnp.sum(ks.selective_scan_pallas(
+    def grads(a):  # the value too: newer JAX drops the output kernel from a gradient alone
+        return jax.value_and_grad(lambda a: jnp.sum(ks.selective_scan_pallas(
             **a, interpret=False, reverse=True)[0]))(a)
 
-    text = jax.jit(grads).trace(args).lower(lowering_platforms=("cuda",)).as_text()
+    # the target GPU, for JAX versions (>= 0.12) that ask Pallas' Triton lowering for one
+    target = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        "NVIDIA H100", None, "cuda"))
+    with jax.sharding.use_abstract_mesh(target):
+        text = jax.jit(grads).trace(args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 4  # K1, K3, B1, B3
+    assert set(re.findall(r'name = "(selective_scan_\w+)"', text)) == {
+        "selective_scan_chunk_states", "selective_scan_chunk_outputs",
+        "selective_scan_chunk_adjoints", "selective_scan_chunk_gradients"}
 
 
 def test_bad_tiling_is_named():
