@@ -46,16 +46,21 @@ def pallas(tiling=SMALL, **kw):
     return functools.partial(ks.selective_scan_pallas, interpret=True, tiling=tiling, **kw)
 
 
+def _phase_case(key, reverse, b=2, l=48, d=16, n=8):
+    """The phase tests' case: sizes, the inputs (u, delta, z, A, B, C, D, delta_bias), an output
+    cotangent and the kernels' statics with the `SMALL` tiling."""
+    a, _, g = random_case(key, b, l, d, n)
+    inputs = tuple(a[k] for k in ("u", "delta", "z", "A", "B", "C", "D", "delta_bias"))
+    st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
+                        reverse=reverse, has_z=True, interpret=True)
+    return (b, l, d, n), inputs, g, st
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_phase_kernels_match_references(key, reverse):
     """K1 (chunk end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients)
     against their jnp references, from random chunk start states and successor adjoints."""
-    b, l, d, n = 2, 48, 16, 8
-    a, _, g = random_case(key, b, l, d, n)
-    u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
-                                                 "delta_bias"))
-    st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
-                        reverse=reverse, has_z=True, interpret=True)
+    (b, l, d, n), (u, dt, z, A, B, C, D, bias), g, st = _phase_case(key, reverse)
     k_in, k_mu = jax.random.split(jax.random.fold_in(key, 1))
     n_chunks = l // SMALL.chunk
     h_in = jax.random.normal(k_in, (b, n_chunks, d, n))
@@ -91,12 +96,7 @@ def test_phase_kernels_match_references(key, reverse):
 def test_phase_references_match_the_sequential_reference(key, reverse):
     """The oracle for the phases' jnp references: K1's end states and K3's outputs are
     `selective_scan_reference` run on each chunk alone (from zero, and from random start states)."""
-    b, l, d, n = 2, 48, 16, 8
-    a, _, _ = random_case(key, b, l, d, n)
-    u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
-                                                 "delta_bias"))
-    st = sc.ScanStatics(tiling=SMALL, length=l, padded_length=l, delta_softplus=True,
-                        reverse=reverse, has_z=True, interpret=True)
+    (b, l, d, n), (u, dt, z, A, B, C, D, bias), _, st = _phase_case(key, reverse)
     t, n_chunks = SMALL.chunk, l // SMALL.chunk
     h_in = jax.random.normal(jax.random.fold_in(key, 1), (b, n_chunks, d, n))
 
