@@ -1,14 +1,20 @@
 """The CPU convolution path of `jaxmamba.layers.conv`: `depth_folded_conv3d` equals
 `lax.conv_general_dilated` (outputs and gradients, odd shapes, strides, kernels 1, 3 and
-anisotropic, bf16), and the conv blocks take it on a CPU (checked in the compiled HLO)."""
+anisotropic, bf16), the conv blocks take it on a CPU (checked in the compiled HLO), and the
+jitted train step and network keep its convolutions off YNNPACK (`cpu_compiler_options`)."""
+
+import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_plan
 from flax import nnx
 
-from jaxmamba.layers.conv import conv3d, depth_folded_conv3d
+from jaxmamba.layers import conv as conv_module
+from jaxmamba.layers.conv import conv3d, cpu_compiler_options, depth_folded_conv3d
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -96,3 +102,52 @@ def test_conv3d_takes_the_fast_path_on_cpu(kernel, stride):
     bias = conv.bias[...].reshape(1, 1, 1, 1, -1)
     ref = _reference(x, conv.kernel[...], stride, _pad(kernel)) + bias
     np.testing.assert_allclose(jax.jit(fwd)(state, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def _fake_mesh(platform):
+    return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)]))
+
+
+def _ynnpack_ops(compiled_text: str) -> dict[str, int]:
+    """How often each HLO op occurs inside the YNNPACK fusions (`__ynn_fusion`) of a compiled
+    CPU program."""
+    ops: dict[str, int] = {}
+    for called in re.findall(r"kind=kCustom, calls=(%[\w.\-]+)[^\n]*__ynn_fusion", compiled_text):
+        body = re.search(re.escape(called) + r" [^\n]*\{(.*?)\n\}", compiled_text, re.S).group(1)
+        for op in re.findall(r"= \S+ ([a-z][\w-]*)\(", body):
+            ops[op] = ops.get(op, 0) + 1
+    return ops
+
+
+def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
+    """The train step as `jit_steps` compiles it holds no convolution inside a YNNPACK fusion,
+    where XLA's defaults put some, and this jaxlib accepts the option; GPUs get XLA's
+    defaults."""
+    import optax
+
+    from jaxmamba.models import build_model
+    from jaxmamba.train import sharding, step
+
+    mesh = sharding.make_mesh(1)
+    graphdef, state = step.init_state(build_model("plainconvunet", tiny_plan(), rngs=0),
+                                      optax.sgd(0.1))
+    train_step, eval_step = step.make_steps(graphdef, optax.sgd(0.1), batch_dice=True)
+    batch = {"image": np.zeros((2, 8, 16, 16, 1), np.float32),
+             "target": (np.zeros((2, 8, 16, 16), np.int32),)}
+    train, _ = step.jit_steps(train_step, eval_step, mesh)
+    ours = _ynnpack_ops(train.lower(state, batch).compile().as_text())
+    default = _ynnpack_ops(jax.jit(train_step).lower(state, batch).compile().as_text())
+    assert default.get("convolution", 0) > 0, f"XLA gives YNNPACK no convolution: {default}"
+    assert "convolution" not in ours and "reduce" in ours, ours  # the rest stays on YNNPACK
+    assert cpu_compiler_options(mesh, gradients=True) == conv_module.NO_YNNPACK_CONVOLUTIONS
+    for gradients in (True, False):
+        assert cpu_compiler_options(_fake_mesh("gpu"), gradients=gradients) is None
+
+
+@pytest.mark.parametrize("jaxlib_version,forward", [("0.10.2", True), ("0.11.2", True),
+                                                     ("0.12.0", False), ("1.0.0", False)])
+def test_forward_keeps_xla_defaults_from_jaxlib_0_12(jaxlib_version, forward, monkeypatch):
+    monkeypatch.setattr(conv_module.jaxlib, "__version__", jaxlib_version)
+    mesh = _fake_mesh("cpu")
+    assert (cpu_compiler_options(mesh, gradients=False) is not None) == forward
+    assert cpu_compiler_options(mesh, gradients=True) == conv_module.NO_YNNPACK_CONVOLUTIONS

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmamba.infer.sliding_window import ApplyFn, data_mesh
+from jaxmamba.layers.conv import cpu_compiler_options
 from jaxmamba.ops.batch_parallel import traced_under
 from jaxmamba.ops.spatial import split_volume
 
@@ -30,6 +31,7 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
         out = nnx.merge(graphdef, state)(split_volume(windows))
         return out[0] if isinstance(out, tuple | list) else out
 
-    forward = jax.jit(traced_under(mesh, forward))
+    forward = jax.jit(traced_under(mesh, forward),
+                      compiler_options=cpu_compiler_options(mesh, gradients=False))
 
     return lambda windows: forward(state, windows)

@@ -11,9 +11,11 @@ module names of dynamic-network-architectures 0.3.1 (`conv`, `norm`, `conv1`, `c
 and norms (the precision policy of `jaxmamba.models.precision`).
 
 On a CPU the 3D convolutions run as 2D ones (`depth_folded_conv3d`): XLA:CPU's 3D convolution
-is several times slower than its 2D one (which XLA hands to YNNPACK), and than PyTorch's oneDNN;
-`docs/benchmarks.md` has the numbers. Parameters, checkpoints and results are the same on
-every backend; on GPUs XLA's own convolution runs.
+is several times slower than its 2D one, and than PyTorch's oneDNN; and the jitted steps that
+hold them compile with `cpu_compiler_options`, which keeps the 2D ones on XLA's own
+multi-threaded code rather than YNNPACK's. `docs/benchmarks.md` has
+the numbers. Parameters, checkpoints and results are the same on every backend; on GPUs XLA's
+own convolution runs.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 from flax import nnx
 from jax import lax
+from jax.sharding import Mesh
 
 from jaxmamba.ops.batch_parallel import SPATIAL_AXIS, axis_shards
 
@@ -110,6 +114,38 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     # checkpointed: the backward keeps the operands (as XLA's conv does), not the stacked taps
     return jax.checkpoint(lambda lhs, rhs: lax.platform_dependent(
         lhs, rhs, cpu=cpu, default=xla))(lhs, rhs)
+
+
+#: XLA compile option: XLA:CPU's YNNPACK fusion types without the convolutions. By default
+#: XLA also hands YNNPACK 2D convolutions, so every `depth_folded_conv3d`, which it ran on about
+#: one of two cores. (Adding `ELTWISE` fusions brings convolutions back in.)
+NO_YNNPACK_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type": ",".join(
+    f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "REDUCE"))}
+
+
+#: From this jaxlib on, a forward pass alone (prediction, evaluation) is faster with XLA's defaults.
+YNNPACK_FORWARD_FROM = (0, 12)
+
+
+def cpu_compiler_options(mesh: Mesh, *, gradients: bool) -> dict[str, str] | None:
+    """`jax.jit(compiler_options=...)` for a computation with this package's convolutions on
+    `mesh`'s devices: `NO_YNNPACK_CONVOLUTIONS` on a CPU, None (XLA's defaults) elsewhere and,
+    from `YNNPACK_FORWARD_FROM`, for a computation without `gradients`.
+
+    Measured on 2 idle cores (Hippocampus PlainConvUNet, patch 40×56×40, float32,
+    docs/benchmarks.md), XLA's defaults -> this: the gradient of 2 windows 14.1 -> 4.7 s with
+    jaxlib 0.10.2 and 7.4 -> 4.0 s with 0.12.0; one window's forward 0.87 -> 0.62 s with 0.10.2,
+    but 0.63 -> 0.73 s with 0.12.0.
+    """
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    if not gradients and _jaxlib_version() >= YNNPACK_FORWARD_FROM:
+        return None
+    return dict(NO_YNNPACK_CONVOLUTIONS)
+
+
+def _jaxlib_version() -> tuple[int, int]:
+    return tuple(int(part) for part in jaxlib.__version__.split(".")[:2])
 
 
 def conv3d(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1, 1), *,
