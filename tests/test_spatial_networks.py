@@ -109,16 +109,8 @@ def test_conv_network_partitions_by_halos_and_shrinks_temporaries(monkeypatch):
         assert 0.5 / n < temps[n] / temps[1] < 1.3 / n, temps
 
 
-#: Compiling MultiSegMamba's block on a split volume never finished (killed after 20-25 min on a
-#: 2-core CPU, 2026-12-02; the same network's one-device train step took > 345 s to compile on an
-#: H200): an open defect of issue 17, so these cases are skipped rather than left to hang CI.
-MULTI_NEVER_COMPILES = pytest.mark.skip(reason="MultiSegMamba on a spatial mesh does not finish "
-                                               "compiling (issue 17, open)")
-
-
 @pytest.mark.slow  # three train-step compiles each: 20 s (convs) to minutes (Mamba) on 2 cores
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=MULTI_NEVER_COMPILES)
-                                     if v == "multisegmamba" else v for v in sorted(VARIANTS)])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_network_on_spatial_meshes_matches_one_device(variant):
     one = _one_step(variant, sharding.make_mesh(1))
     for data, spatial in MESHES:
@@ -145,7 +137,7 @@ def _block_value_and_grads(block, x, mesh=None):
     return jax.device_get(fn(params, x)), fn.lower(params, x).compile().as_text()
 
 
-@pytest.mark.parametrize("kind", ["uni", "bi", pytest.param("multi", marks=MULTI_NEVER_COMPILES)])
+@pytest.mark.parametrize("kind", ["uni", "bi", "multi"])
 def test_mamba_blocks_on_split_volumes_match_one_device(kind):
     """SegMamba's (uni), BiSegMamba's and SegMambaSkip's (bi) MambaLayer and MultiSegMamba's
     block on (2, 8, 4, 2, 4) volumes: outputs and the gradients of every parameter and the input

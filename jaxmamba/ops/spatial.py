@@ -104,11 +104,6 @@ def split_volume(x: jax.Array) -> jax.Array:
     return lax.with_sharding_constraint(x, P(batch_axis(x.shape[0]), SPATIAL_AXIS))
 
 
-def _manual_axes(data: str | None) -> frozenset:
-    """The mesh axes the ops map over by hand: `spatial`, and `data` when the batch splits."""
-    return frozenset({SPATIAL_AXIS} if data is None else {SPATIAL_AXIS, data})
-
-
 def _gather(x, me, n: int):
     """Every device's `x` stacked (P, ...) on every device: a psum of one-hot slots (an all-gather
     that differentiates exactly under `check_vma=False`, which the Pallas custom calls need)."""
@@ -160,8 +155,10 @@ def scan_over_tokens(fn: Callable, u, delta, A, B, C, D, z, delta_bias, delta_so
         return y, h_last
 
     in_specs = (tokens, tokens, whole, tokens, tokens, whole, tokens, whole, state)
-    mapped = jax.shard_map(local, in_specs=in_specs, out_specs=(tokens, state), check_vma=False,
-                           axis_names=_manual_axes(data))
+    # every mesh axis manual (`data` too when the batch does not split): under a partly manual
+    # shard_map JAX annotates every array-creating op with an open sharding, thousands in
+    # MultiSegMamba's block, which XLA's partitioner then did not finish compiling (issue 17)
+    mapped = jax.shard_map(local, in_specs=in_specs, out_specs=(tokens, state), check_vma=False)
     return mapped(u, delta, A, B, C, D, z, delta_bias, h0)
 
 
@@ -193,5 +190,4 @@ def conv_over_tokens(fn: Callable, x, weight, bias, *, activation, reverse: bool
                reverse=False)
         return y[:, halo:]
 
-    return jax.shard_map(local, in_specs=(tokens, P(), P()), out_specs=tokens,
-                         axis_names=_manual_axes(tokens[0]))(x, weight, bias)
+    return jax.shard_map(local, in_specs=(tokens, P(), P()), out_specs=tokens)(x, weight, bias)
