@@ -1,8 +1,6 @@
 """Training, validation and prediction with `mesh.spatial = 2` on 4 fake CPU devices, a resume on
 one device per sample, and the bad spatial sizes that are refused before compiling."""
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -13,8 +11,6 @@ from jaxmamba.models import build_model
 from jaxmamba.ops.spatial import MeshError
 from jaxmamba.rundir import save_run
 from jaxmamba.train.loop import run
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _cfg(phantom, run_dir, *overrides):

@@ -3,10 +3,10 @@ a two-step run and what it writes, exact resume, a non-finite loss, and bad inpu
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CONFIG
 from conftest import tiny_run_config as _cfg
 
 from jaxmamba.config import ConfigError, load_config
@@ -14,8 +14,6 @@ from jaxmamba.plans import PlanError
 from jaxmamba.rundir import RunDirError
 from jaxmamba.train.loop import NonFiniteLossError, run
 from jaxmamba.train.preflight import DoesNotFitError
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -159,7 +157,7 @@ def test_plainconvunet_trains(phantom):
                        "train.final_validation=false", "log.tensorboard=false", "log.plot=false"))
     assert summary["step"] == 1 and np.isfinite(summary["history"][0]["train_loss"])
     assert load_config(run_dir / "config.yaml").model.variant == "plainconvunet"
-    hippocampus = load_config(TINY.parent / "hippocampus" / "plainconvunet.yaml")
+    hippocampus = load_config(TINY_CONFIG.parent / "hippocampus" / "plainconvunet.yaml")
     assert hippocampus.model.variant == "plainconvunet" and hippocampus.optim.recipe == "nnunet"
 
 
