@@ -25,6 +25,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+#: pytester: tests/test_suite_setup.py runs small pytest sessions of its own
+pytest_plugins = ["pytester"]
+
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -142,6 +145,25 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- once per run
+def once_per_run(tmp_path_factory, name: str) -> None:
+    """Fail if the fixture `name`, meant to run once per pytest run (its module's tests share an
+    `xdist_group`), has run before in this run: on another xdist worker, so grouping is off."""
+    base = tmp_path_factory.getbasetemp()
+    # an xdist worker's base is <the run's base>/<worker id>
+    claim = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"once-{name}"
+    try:
+        claim.touch(exist_ok=False)
+    except FileExistsError:
+        import xdist
+
+        pytest.fail(f"fixture {name} ran a second time in this pytest run (worker "
+                    f"{os.environ.get('PYTEST_XDIST_WORKER')}): the xdist_group of its tests is "
+                    f"ignored (--dist loadgroup with pytest {pytest.__version__}, pytest-xdist "
+                    f"{xdist.__version__}; pyproject's test extra pins the versions that work)",
+                    pytrace=False)
 
 
 # ---------------------------------------------------------------- tiny training runs

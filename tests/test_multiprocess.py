@@ -11,7 +11,7 @@ import jax
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import build_phantom
+from conftest import build_phantom, once_per_run
 from flax import nnx
 from launching import ROOT, launch, wait_for
 
@@ -61,8 +61,9 @@ def _no_orbax_leftovers(run_dir):
 
 
 @pytest.fixture(scope="module")
-def two_by_two(setup):
+def two_by_two(setup, tmp_path_factory):
     """The uninterrupted 2-process run: 2 epochs of 2 steps, final validation."""
+    once_per_run(tmp_path_factory, "two_by_two")
     run_dir = setup / "runs" / "2x2"
     run = launch(_args(setup, run_dir), setup / "logs" / "2x2", cache_dir=setup / "xla")
     codes = run.wait(LIMIT)

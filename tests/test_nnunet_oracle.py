@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import once_per_run
 
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import MAX_FG_SAMPLES, extract_fingerprint
@@ -193,6 +194,7 @@ def _large_cases(root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def nnunet_runs(datasets_dir, tmp_path_factory) -> dict[str, Path]:
     """nnunetv2's fingerprints and plans of every dataset here, in one process: name -> raw."""
+    once_per_run(tmp_path_factory, "nnunet_runs")
     root = tmp_path_factory.mktemp("nnunet")
     raws = [_hippocampus(datasets_dir, root), _synthetic(root), *_large_cases(root)]
     raws = {r.name.split("_", 1)[1].lower(): r for r in raws}
