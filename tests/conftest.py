@@ -93,10 +93,33 @@ def rng(seed) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def check_reference(reference, what: str = "the reference") -> None:
+    """Fail unless every array of the pytree `reference` is finite and one of them is nonzero:
+    a comparison with a NaN reference cannot fail (`assert_allclose` and `assert_array_equal` call
+    NaN equal to NaN, `rel_err` is NaN), nor can one of two all-zero results."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(reference)]
+    assert leaves, f"{what} is empty"
+    bad = sum(int(x.size - np.isfinite(x).sum()) for x in leaves if x.dtype.kind in "fc")
+    assert not bad, f"{what} holds {bad} NaN or inf value(s)"
+    assert any(np.any(x != 0) for x in leaves), f"{what} is all zero"
+
+
+def assert_close_to(actual, reference, *, rtol: float = 1e-7, atol: float = 0.0,
+                    err_msg: str = ""):
+    """`np.testing.assert_allclose` of two pytrees of arrays, leaf by leaf, after
+    `check_reference(reference)`."""
+    check_reference(reference, f"the reference {err_msg}".rstrip())
+    paths, tree = jax.tree_util.tree_flatten_with_path(reference)
+    for (path, r), a in zip(paths, tree.flatten_up_to(actual), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=rtol, atol=atol,
+                                   err_msg=f"{err_msg} {jax.tree_util.keystr(path)}".strip())
+
+
 def rel_err(a, b) -> float:
-    """`|a - b| / |b|` in the Frobenius norm, in float64."""
+    """`|a - b| / |b|` in the Frobenius norm, in float64; `b` must be finite and nonzero."""
+    check_reference(b)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def tiny_plan(**changes):
@@ -127,6 +150,23 @@ def datasets_dir() -> Path:
 #: The test extra installs torch and nnunetv2 on Python < 3.12 only (pyproject.toml): there the
 #: `nnunet` tests run (and fail without them); on newer Pythons they skip.
 NNUNET_TOOLCHAIN = sys.version_info < (3, 12)
+
+
+def import_test_extra(name: str):
+    """The module `name` of the test extra's torch packages (torch, dynamic_network_architectures):
+    a failed import fails the test where the extra installs them (`NNUNET_TOOLCHAIN`), so a broken
+    install cannot drop the parity tests silently, and skips it elsewhere."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        message = f"{name} does not import ({err})"
+        if NNUNET_TOOLCHAIN:
+            pytest.fail(f"{message}: the test extra installs it on Python 3.11 "
+                        f"(pip install -e '.[test]')", pytrace=False)
+        pytest.skip(f"{message}: the test extra installs torch on Python 3.11 only; these tests "
+                    f"run on the Python 3.11 toolchain (.ci/run)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,8 +7,8 @@ batch it is traced with (interpret mode on the 4 fake CPU devices).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import assert_close_to
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -59,9 +59,9 @@ def test_kernel_sees_local_batch_and_matches_reference(key, seen_batches, batch,
     assert seen_batches and set(seen_batches) == {local}
     reference = jax.value_and_grad(_loss("reference", True), argnums=(0, 3))
     ref_value, (ref_du, ref_dB) = reference(*args)
-    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-    np.testing.assert_allclose(du, ref_du, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dB, ref_dB, rtol=1e-4, atol=1e-5)
+    assert_close_to(value, ref_value, rtol=1e-5)
+    assert_close_to(du, ref_du, rtol=1e-4, atol=1e-5)
+    assert_close_to(dB, ref_dB, rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_mesh_in_context_the_kernel_sees_the_whole_batch(key, seen_batches):

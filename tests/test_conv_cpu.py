@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_plan
+from conftest import assert_close_to, tiny_plan
 from flax import nnx
 
 from jaxmamba.layers import conv as conv_module
@@ -60,7 +60,7 @@ def test_depth_folded_equals_lax_conv(spatial, cin, cout, kernel, stride):
     ref = jax.jit(value_and_grads, static_argnums=0)(_reference, x, w, g)
     for a, b in zip(ours, ref, strict=True):
         assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_close_to(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_depth_folded_bf16_and_asymmetric_padding():
@@ -69,12 +69,12 @@ def test_depth_folded_bf16_and_asymmetric_padding():
     ours = depth_folded_conv3d(x, w, (1, 2, 1), pad, preferred_element_type=jnp.float32)
     ref = _reference(x.astype(jnp.float32), w.astype(jnp.float32), (1, 2, 1), pad)
     assert ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)  # bf16 products are exact in f32
+    assert_close_to(ours, ref, rtol=1e-5, atol=1e-5)  # bf16 products are exact in f32
     y = depth_folded_conv3d(x, w, (1, 1, 1), _pad((3, 3, 3)))
     assert y.dtype == jnp.bfloat16
-    np.testing.assert_allclose(y.astype(jnp.float32),
-                               _reference(x.astype(jnp.float32), w.astype(jnp.float32),
-                                          (1, 1, 1), _pad((3, 3, 3))), rtol=2e-2, atol=2e-2)
+    assert_close_to(y.astype(jnp.float32),
+                    _reference(x.astype(jnp.float32), w.astype(jnp.float32),
+                               (1, 1, 1), _pad((3, 3, 3))), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("kernel,stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2)),
@@ -101,7 +101,7 @@ def test_conv3d_takes_the_fast_path_on_cpu(kernel, stride):
     assert "[b, 0, 1, 2, f]" in gpu and "[b, 0, 1, f]" not in gpu  # XLA's conv on GPUs
     bias = conv.bias[...].reshape(1, 1, 1, 1, -1)
     ref = _reference(x, conv.kernel[...], stride, _pad(kernel)) + bias
-    np.testing.assert_allclose(jax.jit(fwd)(state, x), ref, rtol=1e-5, atol=1e-5)
+    assert_close_to(jax.jit(fwd)(state, x), ref, rtol=1e-5, atol=1e-5)
 
 
 def _fake_mesh(platform):

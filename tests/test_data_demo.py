@@ -8,8 +8,6 @@ import pytest
 
 from jaxmamba.data import check_dataset, fold_cases, preprocess_dataset, train_iterator
 
-nilearn = pytest.importorskip("nilearn", reason="the demo extra: pip install -e '.[demo]'")
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tiny_plan
+from conftest import assert_close_to, check_reference, tiny_plan
 from flax import nnx
 
 from jaxmamba.cli import main
@@ -73,6 +73,7 @@ def test_load_run_restores_the_saved_parameters(tmp_path):
     assert find_checkpoint(tmp_path / "run") == "latest"
     _, got, _ = nnx.split(loaded.model, nnx.Param, ...)
     assert jax.tree.structure(got) == jax.tree.structure(params)
+    check_reference(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # the network predicts the full-resolution logits only
@@ -89,8 +90,8 @@ def test_converted_run_predicts_without_options(tmp_path):
     assert loaded.checkpoint == "best" and loaded.plan.labels == plan.labels
     x = np.random.default_rng(1).normal(size=(1, *plan.patch_size, 1)).astype(np.float32)
     model.set_deep_supervision(False)
-    np.testing.assert_allclose(network_apply_fn(loaded.model)(x), model(jnp.asarray(x))[0],
-                               rtol=1e-5, atol=1e-5)
+    assert_close_to(network_apply_fn(loaded.model)(x), model(jnp.asarray(x))[0],
+                    rtol=1e-5, atol=1e-5)
 
 
 def test_predict_then_evaluate(setup, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close_to
 from flax import nnx
 
 from jaxmamba.infer.network import network_apply_fn
@@ -124,7 +125,7 @@ def test_matches_numpy_reference_with_position_dependent_network(key, axes, batc
                          batch_size=batch_size, accumulate=accumulate,
                          mesh=data_mesh(jax.devices()[:n_devices]))
     want = _reference(lambda w: np.asarray(fn(jnp.asarray(w))), image, patch, k, axes or ())
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_close_to(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_output_shape_is_reported():
@@ -157,7 +158,7 @@ def test_network_apply_fn_replicates_and_matches_direct_call(key):
     got = predict_logits(fn, image, (4, 8, 8), num_classes=3, mirror_axes=(0, 2))
     # a per-voxel linear map is equivariant and window-independent: logits = the map itself
     want = np.asarray(model(jnp.asarray(image)[None])[0][0])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_close_to(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_falls_back_to_the_host_when_the_device_runs_out_of_memory(key):

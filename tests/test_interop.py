@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err, tiny_plan
+from conftest import import_test_extra, rel_err, tiny_plan
 from flax import nnx
 
 from jaxmamba import cli
@@ -145,7 +145,7 @@ def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_pth_checkpoints_load_safely(reference_dir, tmp_path):
-    torch = pytest.importorskip("torch")  # the optional extra jaxmamba[torch]
+    torch = import_test_extra("torch")
     ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
     plain = tmp_path / "state_dict.pth"
     write_state_dict(ref, plain)
@@ -188,8 +188,8 @@ def test_matches_dynamic_network_architectures(key, dna_class, variant):
     `ResidualEncoderUNet` (the reference's baseline) and `PlainConvUNet` (nnU-Net's default),
     built with nnU-Net's arguments and perturbed weights, give the same outputs through their own
     state dicts, and export gives those state dicts back bit for bit."""
-    torch = pytest.importorskip("torch")  # with the optional extra jaxmamba[torch] only
-    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    torch = import_test_extra("torch")
+    dna = import_test_extra("dynamic_network_architectures.architectures.unet")
     plan = fixtures_plan()
     net = getattr(dna, dna_class)(
         1, plan.num_stages, plan.features_per_stage, torch.nn.Conv3d, plan.kernel_sizes,
@@ -217,7 +217,7 @@ def test_matches_dynamic_network_architectures(key, dna_class, variant):
 
 def _nnunet_checkpoint(path, sd, plan, configuration="3d_fullres"):
     """What nnU-Net's trainer saves: the weights and the init_args it was built from."""
-    torch = pytest.importorskip("torch")
+    torch = import_test_extra("torch")
     plans, dataset = plan.to_nnunet()
     torch.save({"network_weights": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                 "trainer_name": "nnUNetTrainer",

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import assert_close_to, rel_err
 from flax import nnx
 
 from jaxmamba.layers import Mamba, MambaLayer, MambaTrans, MultiMambaTrans, PanMambaTrans
@@ -98,7 +98,7 @@ def test_causal_conv1d(key, reverse):
     want = want + np.asarray(b)
     if reverse:
         want = want[:, ::-1]
-    np.testing.assert_allclose(causal_conv1d(x, w, b, reverse=reverse), want, rtol=1e-5, atol=1e-6)
+    assert_close_to(causal_conv1d(x, w, b, reverse=reverse), want, rtol=1e-5, atol=1e-6)
 
 
 def test_mamba_trans_is_two_pre_ln_residuals(key):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_close_to
 from scipy.spatial.distance import cdist
 
 from jaxmamba.infer.metrics import (
@@ -96,8 +97,8 @@ def test_surface_distances_match_brute_force():
         to_gt, to_pred = surface_distances(pred, gt, spacing)
         sp, sg = (np.argwhere(_brute_surface(m)) * spacing for m in (pred, gt))
         pairwise = cdist(sp, sg)
-        np.testing.assert_allclose(np.sort(to_gt), np.sort(pairwise.min(1)), rtol=1e-6)
-        np.testing.assert_allclose(np.sort(to_pred), np.sort(pairwise.min(0)), rtol=1e-6)
+        assert_close_to(np.sort(to_gt), np.sort(pairwise.min(1)), rtol=1e-6)
+        assert_close_to(np.sort(to_pred), np.sort(pairwise.min(0)), rtol=1e-6)
         want = np.percentile(np.concatenate([pairwise.min(1), pairwise.min(0)]), 95)
         assert hd95(pred, gt, spacing) == pytest.approx(want)
 

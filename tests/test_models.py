@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err, tiny_plan
+from conftest import assert_close_to, import_test_extra, rel_err, tiny_plan
 from flax import nnx
 
 from jaxmamba.layers.conv import (
@@ -71,7 +71,7 @@ def test_transposed_conv_is_pytorch_conv_transpose(key):
     expected = np.zeros((2, 3, 8, 6, cout))
     for p in np.ndindex(*stride):
         expected[:, p[0]::1, p[1]::2, p[2]::3] = np.einsum("bdhwc,co->bdhwo", x, w[:, :, *p]) + b
-    np.testing.assert_allclose(_call(layer, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to(_call(layer, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel,stride", [((1, 3, 3), (1, 1, 1)), ((3, 3, 3), (1, 2, 2)),
@@ -91,7 +91,7 @@ def test_instance_norm_matches_numpy(key):
     xn = np.asarray(x, np.float64)
     mean, var = xn.mean((1, 2, 3), keepdims=True), xn.var((1, 2, 3), keepdims=True)
     expected = (xn - mean) / np.sqrt(var + 1e-5) * np.arange(1, 7) - np.arange(6)
-    np.testing.assert_allclose(_call(norm, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+    assert_close_to(_call(norm, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_basic_block_d_skip_is_resnet_d(key):
@@ -107,8 +107,8 @@ def test_basic_block_d_skip_is_resnet_d(key):
     rng = _rng(key)
     x = rng.standard_normal((1, 2, 4, 6, 3)).astype(np.float32)
     expected = sum(x[:, :, p::2, q::3] for p in range(2) for q in range(3)) / 6
-    np.testing.assert_allclose(_call(AvgPool((1, 2, 3)), jnp.asarray(x)), expected, rtol=1e-5,
-                               atol=1e-6)
+    assert_close_to(_call(AvgPool((1, 2, 3)), jnp.asarray(x)), expected, rtol=1e-5,
+                    atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- init
@@ -136,8 +136,8 @@ def test_initialisation_is_dynamic_network_architectures(dna_class, variant):
     """Parameter by parameter against DNA's own network initialised as nnU-Net does
     (`network.apply(network.initialize)`: InitWeights_He(1e-2), and for ResEnc
     init_last_bn_before_add_to_0): vectors exactly, weight tensors by their std (≤ 12 %)."""
-    torch = pytest.importorskip("torch")
-    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    torch = import_test_extra("torch")
+    dna = import_test_extra("dynamic_network_architectures.architectures.unet")
     from jaxmamba.interop.torch import export_state_dict
 
     plan = small_plan(base_num_features=32, max_num_features=64, n_blocks_encoder=(2, 2, 2),
@@ -239,7 +239,7 @@ def test_deep_supervision_outputs_full_resolution_first(key):
     x = jnp.asarray(_rng(key).standard_normal((2, *plan.patch_size, 2), np.float32))
     outs, (full,) = nnx.jit(lambda m, s, x: (m(x), s(x)))(model, single, x)
     assert [o.shape for o in outs] == [(2, 4, 8, 8, 3), (2, 4, 4, 4, 3)]
-    np.testing.assert_allclose(full, outs[0], rtol=1e-6, atol=1e-6)
+    assert_close_to(full, outs[0], rtol=1e-6, atol=1e-6)
     single.set_deep_supervision(True)
     assert single.deep_supervision and len(jax.eval_shape(lambda m, x: m(x), single, x)) == 2
 
@@ -274,7 +274,7 @@ def test_mamba_wiring_of_the_encoder(key, skip_only):
     got, expected, other = nnx.jit(lambda e, x: (e(x), by_hand(e, x, skip_only),
                                                  by_hand(e, x, not skip_only)))(enc, x)
     for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6)
+        assert_close_to(g, e, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got[-1], other[-1], atol=1e-3)  # the two wirings differ
     assert [v for v, spec in VARIANTS.items() if spec.mamba_on_skips_only] == ["segmambaskip"]
 

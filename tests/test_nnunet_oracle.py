@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import once_per_run
+from conftest import assert_close_to, once_per_run
 
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import MAX_FG_SAMPLES, extract_fingerprint
@@ -217,7 +217,7 @@ def test_fingerprint_equals_nnunet(oracle):
     default = json.loads((raw.parents[1] / "preprocessed" / "budget.json").read_text())["budget"]
     assert MAX_FG_SAMPLES == default
     ours = extract_fingerprint(RawDataset.open(raw), progress=False, max_samples=SAMPLES)
-    np.testing.assert_allclose(ours["spacings"], theirs["spacings"], rtol=1e-6)
+    assert_close_to(ours["spacings"], theirs["spacings"], rtol=1e-6)
     assert ours["shapes_after_crop"] == theirs["shapes_after_crop"]
     assert ours["median_relative_size_after_cropping"] == pytest.approx(
         theirs["median_relative_size_after_cropping"], rel=1e-12)

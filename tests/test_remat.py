@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close_to
 from flax import nnx
 
 from jaxmamba.config import ModelConfig
@@ -88,8 +89,7 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
         y, vjp = jax.vjp(f, params, x)
         results.append((y, *vjp(g)))
     for got in results[1:]:
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[0]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_close_to(got, results[0], rtol=1e-5, atol=1e-6)
 
 
 def test_config_default_and_choices_are_the_layers():

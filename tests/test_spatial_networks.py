@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_plan
+from conftest import assert_close_to, check_reference, tiny_plan
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,9 +63,11 @@ def _assert_same(a, b):
     differ from one device's by a few 1e-5 at these steep tiny-patch gradients; a wrong halo or
     block state is off by far more."""
     (pa, ma, _), (pb, mb, _) = a, b
-    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
-    np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-4)
+    assert_close_to(ma["loss"], mb["loss"], rtol=1e-5)
+    assert_close_to(ma["grad_norm"], mb["grad_norm"], rtol=1e-4)
+    check_reference(mb["counts"])
     np.testing.assert_array_equal(ma["counts"], mb["counts"])
+    check_reference(pb)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * np.abs(y).max() + 1e-6)
 
@@ -151,7 +153,8 @@ def test_mamba_blocks_on_split_volumes_match_one_device(kind):
     ((_, ref_y), ref_grads), _ = _block_value_and_grads(block, x)
     for data, spatial in MESHES:
         ((_, y), grads), hlo = _block_value_and_grads(block, x, sharding.make_mesh(data, spatial))
-        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+        assert_close_to(y, ref_y, rtol=1e-5, atol=1e-5)
+        check_reference(ref_grads)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max() + 1e-6)
         assert _collectives(hlo, "collective-permute")  # the causal conv's halo

@@ -6,9 +6,8 @@ devices (and over data=2 x spatial=2) equal the unsharded op to float32 rounding
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from conftest import random_case
+from conftest import assert_close_to, random_case
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,12 +50,12 @@ def test_sharded_scan_equals_unsharded(key, implementation, reverse, shape):
     args, mesh = _inputs(key), _mesh(*shape)
     (value, (y, h)), grads = _value_and_grads(implementation, reverse, mesh)(*_placed(mesh, args))
     (ref, (ref_y, ref_h)), ref_grads = _value_and_grads("reference", reverse)(*args)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-5)
+    assert_close_to(y, ref_y, rtol=1e-5, atol=1e-5)
+    assert_close_to(h, ref_h, rtol=1e-5, atol=1e-5)
+    assert_close_to(value, ref, rtol=1e-5, atol=1e-5)
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
     for name, g, r in zip(names, grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
+        assert_close_to(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_sharded_scan_splits_the_tokens(key):
@@ -75,10 +74,10 @@ def test_block_start_states_compose_in_order(key):
     a, b = jax.random.uniform(key, (2, 3, 1, 1, 1))
     h0 = jnp.full((1, 1, 1), 2.0)
     starts, last = block_start_states(a, b, h0, reverse=False)
-    np.testing.assert_allclose(starts[2], a[1] * (a[0] * h0 + b[0]) + b[1], rtol=1e-6)
+    assert_close_to(starts[2], a[1] * (a[0] * h0 + b[0]) + b[1], rtol=1e-6)
     starts, last = block_start_states(a, b, h0, reverse=True)
-    np.testing.assert_allclose(starts[0], a[1] * (a[2] * h0 + b[2]) + b[1], rtol=1e-6)
-    np.testing.assert_allclose(last, a[0] * starts[0] + b[0], rtol=1e-6)
+    assert_close_to(starts[0], a[1] * (a[2] * h0 + b[2]) + b[1], rtol=1e-6)
+    assert_close_to(last, a[0] * starts[0] + b[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("reverse,shape", [(False, (1, 4)), (True, (1, 4)), (True, (2, 2))])
@@ -95,6 +94,5 @@ def test_sharded_causal_conv_equals_unsharded(key, reverse, shape):
     mesh = _mesh(*shape)
     (_, y), grads = jax.jit(traced_under(mesh, fn))(*_placed(mesh, (x, w, b)))
     (_, ref_y), ref_grads = jax.jit(fn)(x, w, b)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert_close_to(y, ref_y, rtol=1e-5, atol=1e-6)
+    assert_close_to(grads, ref_grads, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ one device per sample, and the bad spatial sizes that are refused before compili
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tiny_plan, tiny_run_config
+from conftest import assert_close_to, tiny_plan, tiny_run_config
 
 from jaxmamba.cli import main
 from jaxmamba.models import build_model
@@ -28,8 +28,8 @@ def test_spatial_run_trains_validates_resumes_and_predicts_on_any_mesh(phantom, 
     plain = run(_cfg(phantom, phantom / "runs" / "plain", "train.final_validation=false"),
                 max_epochs=1)
     a, b = spatial["history"][0], plain["history"][0]
-    np.testing.assert_allclose([a["train_loss"], a["val_loss"]], [b["train_loss"], b["val_loss"]],
-                               rtol=1e-4)
+    assert_close_to([a["train_loss"], a["val_loss"]], [b["train_loss"], b["val_loss"]],
+                    rtol=1e-4)
     dice = spatial["final_validation"]["validation"]
     assert 0 <= dice["mean"] <= 1 and spatial["step"] == 2
 
@@ -50,7 +50,7 @@ def test_spatial_run_trains_validates_resumes_and_predicts_on_any_mesh(phantom, 
     assert len(cases) == 5
     for case in cases:
         one, two = (np.load(o / case)["probabilities"] for o in outs)
-        np.testing.assert_allclose(two, one, atol=1e-5)
+        assert_close_to(two, one, atol=1e-5)
         label = case.replace(".npz", ".nii.gz")
         np.testing.assert_array_equal(nib.load(outs[1] / label).get_fdata(),
                                       nib.load(outs[0] / label).get_fdata())

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import check_reference
 from flax import nnx
 
 from jaxmamba.rundir import RunDirError
@@ -47,6 +48,7 @@ def test_round_trip_latest_and_best(tmp_path):
     p, t, d, meta = fresh.restore(params, train)
     assert meta == {"epoch": 2} and d == {"next_index": 9, "nested": [1, 2]}
     assert jax.tree.structure(t) == jax.tree.structure(train)  # NamedTuples, not tuples
+    check_reference((later, train))
     for a, b in zip(jax.tree.leaves((p, t)), jax.tree.leaves((later, train)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     p_best, t_best, d_best, meta_best = fresh.restore(params, None, which="best")

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, check_reference
 from conftest import tiny_run_config as _cfg
 
 from jaxmamba.config import ConfigError, load_config
@@ -75,6 +75,7 @@ def test_resume_continues_bit_for_bit(phantom, uninterrupted, capsys):
     assert any(line.startswith("epoch 2: train loss ") for line in said), said
     assert capsys.readouterr().out == ""  # the library says its lines to `say`, never prints
     assert _losses(second["history"]) == _losses(whole["history"])  # exact, not approximate
+    check_reference(whole["state"].params)
     for a, b in zip(_leaves(second["state"].params), _leaves(whole["state"].params), strict=True):
         np.testing.assert_array_equal(a, b)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -217,6 +218,7 @@ def test_sigint_mid_epoch_saves_that_step_and_resumes_exactly(phantom, monkeypat
     monkeypatch.setattr(loop, "_consume", real)
     resumed = run(_cfg(phantom, run_dir, *opts))
     assert _losses(resumed["history"]) == _losses(whole["history"])
+    check_reference(whole["state"].params)
     for a, b in zip(jax.tree.leaves(resumed["state"].params),
                     jax.tree.leaves(whole["state"].params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close_to
 
 from jaxmamba.train import losses
 
@@ -40,7 +41,7 @@ def test_dc_ce_matches_nnunet(rng, batch_dice, k):
     loss = jax.jit(losses.dc_ce_loss, static_argnames="batch_dice")
     got = loss(jnp.asarray(logits), jnp.asarray(target), batch_dice=batch_dice)
     want = _nnunet_dc_ce(logits, target, batch_dice)
-    np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+    assert_close_to(float(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_deep_supervision_weights():
@@ -57,7 +58,7 @@ def test_deep_supervision_loss(rng):
     w = np.array([1, 0.5, 0.0]) / 1.5
     want = sum(wi * _nnunet_dc_ce(np.asarray(o), np.asarray(t), False)
                for wi, o, t in zip(w, outs, tgts, strict=True))
-    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert_close_to(float(got), want, rtol=1e-5)
     with pytest.raises(ValueError, match="2 network outputs but 3 targets"):
         losses.deep_supervision_loss(outs[:2], tgts, batch_dice=False)
     with pytest.raises(ValueError, match="does not match target"):

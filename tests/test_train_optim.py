@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_close_to
 
 from jaxmamba.config import OptimConfig
 from jaxmamba.train import optim
@@ -127,4 +128,4 @@ def test_recipe_matches_torch_update_rule(recipe, rng):
     got = _run(r, as32(params), [as32(g) for g in grads_seq])
     for gi, wi, p0 in zip(got, want, params, strict=True):
         # compare the displacement, which is what the update rule determines
-        np.testing.assert_allclose(np.asarray(gi) - p0, wi - p0, rtol=2e-4, atol=1e-6)
+        assert_close_to(np.asarray(gi) - p0, wi - p0, rtol=2e-4, atol=1e-6)
