@@ -117,11 +117,17 @@ def test_a_failed_read_leaves_nothing_pending():
 
 
 def test_clean_stale_keeps_the_newest_step_only(tmp_path):
+    """What kills leave: orbax temporaries (a killed save, of any checkpoint) and an older step
+    (a killed deletion)."""
     _steps(tmp_path, LATEST, "1", "2", "3.orbax-checkpoint-tmp-1")
     _steps(tmp_path, BEST, "1")
+    _steps(tmp_path, PREEMPTED, "5.orbax-checkpoint-tmp-3")
+    (rundir.checkpoint_dir(tmp_path, LATEST) / "1" / "x").write_text("x")  # not empty
     removed = rundir.clean_stale(tmp_path)
-    assert sorted(p.name for p in removed) == ["1", "3.orbax-checkpoint-tmp-1"]
+    assert sorted(p.name for p in removed) == ["1", "3.orbax-checkpoint-tmp-1",
+                                               "5.orbax-checkpoint-tmp-3"]
     assert (rundir.steps(tmp_path, LATEST), rundir.steps(tmp_path, BEST)) == ([2], [1])
+    assert not any(rundir.checkpoint_dir(tmp_path, PREEMPTED).iterdir())
 
 
 def test_plan_checks_name_the_file_and_the_field(tmp_path):
