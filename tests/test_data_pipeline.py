@@ -147,19 +147,6 @@ def test_validation_batches_repeat_and_are_not_augmented(cache):
     assert np.isin(values[values != 0], data).all()
 
 
-def test_batches_shard_over_a_data_axis(cache):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    out, plan = cache
-    train, _ = fold_cases(out, 3)
-    batch = next(train_iterator(out, plan, train, seed=2, batch_size=4))
-    mesh = jax.make_mesh((4,), ("data",))
-    sharded = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
-    assert sharded["image"].sharding.shard_shape(sharded["image"].shape)[0] == 1
-    np.testing.assert_array_equal(np.asarray(sharded["target"][0]), batch["target"][0])
-
-
 def test_workers_end_when_the_training_process_is_killed(cache, tmp_path):
     """`kill -9` of the process that iterates: its grain workers end too (they used to stay)."""
     import signal
