@@ -127,6 +127,9 @@ def test_shipped_configs_load_and_build_their_recipe(path):
         assert (cfg.optim.recipe, cfg.train.epochs) == want
         assert cfg.model.variant == path.stem.removesuffix("_nnunet")
         assert cfg.train.iters_per_epoch == 250
+    if path.parent.name == "hippocampus":  # nnU-Net's default network with nnU-Net's recipe
+        assert cfg.model.variant == path.stem
+        assert path.stem != "plainconvunet" or cfg.optim.recipe == "nnunet"
 
 
 def test_train_command_line(capsys, tmp_path):

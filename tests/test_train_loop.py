@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY_CONFIG, check_reference
+from conftest import check_reference
 from conftest import tiny_run_config as _cfg
 
 from jaxmamba.config import ConfigError, load_config
@@ -147,19 +147,6 @@ def test_bad_input_is_refused_before_any_work(phantom, uninterrupted, tmp_path):
     with pytest.raises(ConfigError, match="model.variant = 'unet'"):
         _cfg(phantom, tmp_path / "v", "model.variant=unet")
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("*.json"))
-
-
-@pytest.mark.slow
-def test_plainconvunet_trains(phantom):
-    """nnU-Net's default network through the same loop: one step lowers nothing to NaN and the
-    checkpoint records the variant; the Hippocampus config selects it."""
-    run_dir = phantom / "runs" / "plain"
-    summary = run(_cfg(phantom, run_dir, "model.variant=plainconvunet", "train.epochs=1",
-                       "train.final_validation=false", "log.tensorboard=false", "log.plot=false"))
-    assert summary["step"] == 1 and np.isfinite(summary["history"][0]["train_loss"])
-    assert load_config(run_dir / "config.yaml").model.variant == "plainconvunet"
-    hippocampus = load_config(TINY_CONFIG.parent / "hippocampus" / "plainconvunet.yaml")
-    assert hippocampus.model.variant == "plainconvunet" and hippocampus.optim.recipe == "nnunet"
 
 
 def test_ctrl_c_in_final_validation_exits_cleanly_and_rerun_finishes_it(phantom, uninterrupted,
