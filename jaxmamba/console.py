@@ -50,9 +50,10 @@ def finished_line(run_dir: Path, epoch: int, epochs: int, *, final_validation_mi
 
 def compiled_line(seconds: float, variant: str, patch_size: Sequence[int], batch_size: int,
                   devices: int, spatial: int, device_kind: str) -> str:
+    """`devices`: the data axis's devices, each of `spatial` devices (`mesh.spatial`) per sample."""
     return (f"compiled the train step in {seconds:.1f} s ({variant}, patch {list(patch_size)}, "
-            f"batch {batch_size} over {devices} device(s) x {spatial} per sample, "
-            f"{device_kind})")
+            f"batch {batch_size} over {devices} data-parallel device(s), {spatial} device(s) per "
+            f"sample (mesh.spatial), {device_kind})")
 
 
 def throughput_line(seconds_per_step: float, batch_size: int, steps: int) -> str:

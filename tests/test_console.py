@@ -74,6 +74,9 @@ def test_training_lines():
     assert console.resumed_line(Path("r"), 3, 5, 40) == (
         "resumed r at epoch 3, 5 steps into it (step 40)")
     assert console.resumed_line(Path("r"), 3, None, 40) == "resumed r at epoch 3 (step 40)"
+    assert console.compiled_line(61.25, "segmamba", (64, 64, 64), 2, 2, 2, "cpu") == (
+        "compiled the train step in 61.2 s (segmamba, patch [64, 64, 64], batch 2 over 2 "
+        "data-parallel device(s), 2 device(s) per sample (mesh.spatial), cpu)")
     assert console.saved_line(Path("r"), [], []) == "no epoch was saved yet"
     assert console.saved_line(Path("r"), [1, 2], [7]) == (
         "the last complete epoch (2) and the state at step 7 are saved in r; run the same "
