@@ -16,6 +16,7 @@ step in the same epoch, and orbax's barrier names are made of the step alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -58,7 +59,10 @@ class IteratorSnapshot:
 
 
 class Checkpointer:
-    """`latest` every epoch and `best` by validation Dice, each keeping one checkpoint."""
+    """`latest` every epoch and `best` by validation Dice, each keeping one checkpoint.
+
+    `preempted/` exists only while it holds a checkpoint: its first save creates it and
+    `drop_preempted` removes it."""
 
     def __init__(self, run_dir: str | Path, *, async_save: bool = True):
         self.dir = Path(run_dir).absolute() / CHECKPOINTS_DIR
@@ -66,7 +70,7 @@ class Checkpointer:
             which: ocp.CheckpointManager(self.dir / which, item_names=items,
                                          options=ocp.CheckpointManagerOptions(
                                              max_to_keep=1, enable_async_checkpointing=async_save,
-                                             create=True,
+                                             create=which != PREEMPTED,
                                              multiprocessing_options=ocp.options.
                                              MultiprocessingOptions(
                                                  barrier_sync_key_prefix=f"jaxmamba_{which}")))
@@ -95,6 +99,8 @@ class Checkpointer:
             self.managers[LATEST].wait_until_finished()
             for step in manager.all_steps():
                 manager.delete(step)
+            with contextlib.suppress(OSError):  # emptied; another process may have removed it
+                (self.dir / PREEMPTED).rmdir()
 
     def read_meta(self, which: str = LATEST, epoch: int | None = None) -> dict:
         epoch = self.latest_epoch(which) if epoch is None else epoch
