@@ -1,6 +1,8 @@
-"""Test setup: 4 fake CPU devices, strict rank promotion, and what the tests share: seeded random
-draws (`seed`, `key`, `rng`, `seeded_rng`), `rel_err`, `tiny_plan` and the data folders outside
-the repository.
+"""Test setup: 4 fake CPU devices, XLA's fast CPU compiles, strict rank promotion, the CI
+toolchain split (`JAXMAMBA_CI_TOOLCHAIN`), and what the tests share: seeded random draws (`seed`,
+`key`, `rng`, `seeded_rng`), comparisons that check their reference (`assert_close_to`,
+`check_reference`, `rel_err`), `tiny_plan`, the tiny training runs, the scan's inputs, the data
+folders outside the repository and the guard of once-per-run fixtures (`once_per_run`).
 
 Every random draw comes from a seed derived from the test's node id, so a run is reproducible and
 each test draws its own numbers. The seed is printed (pytest shows it under "Captured stdout
@@ -12,9 +14,15 @@ import os
 import sys
 from pathlib import Path
 
+#: XLA's fast CPU compiles: no LLVM optimisation, no expensive LLVM passes (a quarter less CPU
+#: time for the suite). The code differs from XLA's default in float rounding only, which every
+#: tolerance test allows; a test that needs the default code (exact labels against nnU-Net's
+#: predictor, where argmax ties flip) runs it in a child with `default_codegen_env()`. Flags in
+#: the caller's XLA_FLAGS come after these, so they win.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-).strip()
+    f"{FAST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+)
 
 #: JAX's persistent compilation cache stays off in tests (and in the commands they start): no
 #: test writes to the user's cache directory (tests/test_compile_cache.py turns it on in a tmp dir).
@@ -44,6 +52,12 @@ MISSING = {
                 "Decathlon, medicaldecathlon.com, converted with `nnUNetv2_convert_MSD_dataset "
                 "-i Task04_Hippocampus`)",
 }
+
+
+def default_codegen_env() -> dict[str, str]:
+    """This process's environment for a child that compiles XLA's default CPU code (4 devices)."""
+    flags = os.environ["XLA_FLAGS"].replace(FAST_XLA_FLAGS, "")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags.split())}
 
 
 def require_shared(path: Path, what: str) -> Path:
@@ -169,9 +183,49 @@ def import_test_extra(name: str):
                     f"run on the Python 3.11 toolchain (.ci/run)")
 
 
+#: CI (.ci/run) runs the README's test command once per toolchain and names the toolchain in
+#: JAXMAMBA_CI_TOOLCHAIN; a heavy test runs on one of them (markers in pyproject.toml): `newest_jax`
+#: (SPMD, shard_map, multi-process, Pallas) on the newest JAX, `numerics` (against fixtures,
+#: oracles and torch) on Python 3.11. Unset, as in a developer's run, nothing is deselected.
+CI_TOOLCHAINS = {"py311": ("newest_jax", "the Python 3.12 toolchain (newest JAX)"),
+                 "py312": ("numerics", "the Python 3.11 toolchain")}
+
+
+def ci_deselection() -> tuple[str, str] | None:
+    """`(marker, where those tests run)` for JAXMAMBA_CI_TOOLCHAIN, None when it is unset."""
+    toolchain = os.environ.get("JAXMAMBA_CI_TOOLCHAIN")
+    if not toolchain:
+        return None
+    if toolchain not in CI_TOOLCHAINS:
+        raise pytest.UsageError(f"JAXMAMBA_CI_TOOLCHAIN={toolchain!r}: expected one of "
+                                f"{', '.join(CI_TOOLCHAINS)} (or unset: every test)")
+    return CI_TOOLCHAINS[toolchain]
+
+
+def _deselection_line() -> str | None:
+    if (deselect := ci_deselection()) is None:
+        return None
+    marker, where = deselect
+    return (f"JAXMAMBA_CI_TOOLCHAIN={os.environ['JAXMAMBA_CI_TOOLCHAIN']}: tests marked "
+            f"{marker} are deselected, CI runs them on {where} (.ci/run)")
+
+
+def pytest_report_header(config):
+    return _deselection_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if line := _deselection_line():
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where JAX's default backend is a GPU; tests marked `nnunet`
-    only on the Python 3.11 toolchain."""
+    only on the Python 3.11 toolchain; in CI, heavy tests on one toolchain (`ci_deselection`)."""
+    if (deselect := ci_deselection()) is not None:
+        marker = deselect[0]
+        config.hook.pytest_deselected(items=[i for i in items if marker in i.keywords])
+        items[:] = [i for i in items if marker not in i.keywords]
     skips = {}
     if jax.default_backend() != "gpu":
         skips["gpu"] = pytest.mark.skip(

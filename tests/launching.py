@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from conftest import FAST_XLA_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,10 +23,11 @@ def free_port() -> int:
 
 
 def clean_env(devices: int, cache_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """What a child gets: no variables of the test process (no pytest XLA_FLAGS, no SLURM_*)."""
+    """What a child gets: no variables of the test process (no SLURM_*, no device count), but
+    the tests' fast XLA compiles (conftest.FAST_XLA_FLAGS)."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "XLA_FLAGS": f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
            "JAXMAMBA_COMPILE_CACHE": str(cache_dir) if cache_dir is not None else "off"}
     if cache_dir is not None:  # the runs compile the same programs: later ones load them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
