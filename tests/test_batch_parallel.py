@@ -47,6 +47,7 @@ def _loss(implementation, reverse):
     return f
 
 
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("batch,local", [(4, 1), (8, 2), (2, 2)])  # 2 does not split: no map
 def test_kernel_sees_local_batch_and_matches_reference(key, seen_batches, batch, local):
     mesh = sharding.make_mesh(-1)

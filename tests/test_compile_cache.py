@@ -45,6 +45,7 @@ def _run(setting: str, **env_vars: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.newest_jax
 @pytest.mark.slow
 def test_second_process_loads_what_the_first_compiled(tmp_path):
     cache = tmp_path / "xla"

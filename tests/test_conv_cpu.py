@@ -44,6 +44,7 @@ def _reference(x, w, stride, padding):
                                         precision=jax.lax.Precision.HIGHEST)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spatial,cin,cout,kernel,stride", CASES)
 def test_depth_folded_equals_lax_conv(spatial, cin, cout, kernel, stride):
     """Outputs and both gradients (of `sum(y · g)`, one jitted call each way)."""
@@ -63,6 +64,7 @@ def test_depth_folded_equals_lax_conv(spatial, cin, cout, kernel, stride):
         assert_close_to(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.numerics
 def test_depth_folded_bf16_and_asymmetric_padding():
     x, w = _draw((5, 6, 7), 4, 3, (3, 3, 3), jnp.bfloat16)
     pad = [(2, 0), (1, 1), (0, 2)]

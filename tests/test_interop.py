@@ -41,6 +41,7 @@ def _abstract(variant, plan=None):
     return nnx.eval_shape(lambda: build_model(variant, plan or fixtures_plan()))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name,variant", [("SegMamba", "segmamba"),
                                           ("MultiSegMamba", "multisegmamba")])
 def test_export_after_import_is_bit_exact(reference_dir, name, variant):
@@ -54,6 +55,7 @@ def test_export_after_import_is_bit_exact(reference_dir, name, variant):
         assert np.array_equal(sd[k], v), k
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name,variant", [("SegMamba", "segmamba"),
                                           ("MultiSegMamba", "multisegmamba")])
 def test_import_reproduces_the_reference_outputs(reference_dir, name, variant):
@@ -144,6 +146,7 @@ def test_pth_without_torch_names_the_extra(tmp_path, monkeypatch):
         read_state_dict(path)
 
 
+@pytest.mark.numerics
 def test_pth_checkpoints_load_safely(reference_dir, tmp_path):
     torch = import_test_extra("torch")
     ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
@@ -163,6 +166,7 @@ def test_pth_checkpoints_load_safely(reference_dir, tmp_path):
         torch.load(nnunet, weights_only=True)
 
 
+@pytest.mark.numerics
 def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     plans = tmp_path / "plans" / "nnUNetPlans.json"
     fixtures_plan().save(plans)
@@ -181,6 +185,7 @@ def test_convert_torch_command_round_trip(reference_dir, tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dna_class,variant", [("ResidualEncoderUNet", "resencunet"),
                                                ("PlainConvUNet", "plainconvunet")])
 def test_matches_dynamic_network_architectures(key, dna_class, variant):
@@ -226,6 +231,7 @@ def _nnunet_checkpoint(path, sd, plan, configuration="3d_fullres"):
     return path
 
 
+@pytest.mark.numerics
 def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, capsys):
     """convert-torch refuses an nnU-Net checkpoint trained with other plans (or another
     configuration), naming the file and the key, and writes nothing; agreeing ones convert."""
@@ -247,6 +253,7 @@ def test_checkpoint_init_args_must_agree_with_the_plan(reference_dir, tmp_path, 
     assert cli.main(["convert-torch", str(good), *args, str(tmp_path / "c")]) == 0
 
 
+@pytest.mark.numerics
 def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     model = load_torch(_fixture(reference_dir, "SegMamba"), "segmamba", fixtures_plan())

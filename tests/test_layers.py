@@ -55,6 +55,7 @@ def np_mamba(p, x, prefix=""):
     return y @ g("out_proj/kernel")
 
 
+@pytest.mark.numerics
 def test_mamba_shapes_and_initialisation():
     m = Mamba(32, d_state=32, rngs=nnx.Rngs(0))
     p = params(m)
@@ -72,6 +73,7 @@ def test_mamba_shapes_and_initialisation():
         assert np.abs(p[name]).max() > 0.8 * bound
 
 
+@pytest.mark.numerics
 def test_mamba_matches_float64_definition(key):
     m = Mamba(16, d_state=8, rngs=nnx.Rngs(1))
     x = jax.random.normal(key, (2, 24, 16))
@@ -82,6 +84,7 @@ def test_mamba_matches_float64_definition(key):
     assert rel_err(m(x, reverse=True), want_rev) <= TOL
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("reverse", [False, True])
 def test_causal_conv1d(key, reverse):
     kx, kw, kb = jax.random.split(key, 3)
@@ -101,6 +104,7 @@ def test_causal_conv1d(key, reverse):
     assert_close_to(causal_conv1d(x, w, b, reverse=reverse), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_mamba_trans_is_two_pre_ln_residuals(key):
     blk = MambaTrans(8, rngs=nnx.Rngs(2))
     p = params(blk)
@@ -111,6 +115,7 @@ def test_mamba_trans_is_two_pre_ln_residuals(key):
     assert rel_err(blk(jnp.asarray(x, jnp.float32)), want) <= TOL
 
 
+@pytest.mark.numerics
 def test_pan_mamba_trans_equals_explicit_flips(key):
     blk = PanMambaTrans(8, rngs=nnx.Rngs(3))
     x = jax.random.normal(key, (2, 11, 8))
@@ -119,6 +124,7 @@ def test_pan_mamba_trans_equals_explicit_flips(key):
     assert rel_err(blk(x), blk.norm(fwd + bwd)) <= TOL
 
 
+@pytest.mark.numerics
 def test_multi_mamba_trans_equals_explicit_transposes(key):
     """Reference formulation in NCDHW: permutations [0, 1, 2, 4] of itertools over (2, 3, 4)."""
     blk = MultiMambaTrans(4, rngs=nnx.Rngs(4))
@@ -137,6 +143,7 @@ def test_multi_mamba_trans_equals_explicit_transposes(key):
     assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_mamba_layer_flattens_normalises_and_keeps_dtype(key, bidirectional):
     layer = MambaLayer(8, bidirectional=bidirectional, rngs=nnx.Rngs(5))

@@ -112,6 +112,7 @@ def test_basic_block_d_skip_is_resnet_d(key):
 
 
 # ------------------------------------------------------------------------------- init
+@pytest.mark.numerics
 def test_initialisation_is_the_references():
     """He normal (a=1e-2) with PyTorch fan-ins, zero biases, last norm of each block zeroed."""
     model = build_model("segmamba", small_plan(max_num_features=32, base_num_features=32,
@@ -130,6 +131,7 @@ def test_initialisation_is_the_references():
     assert bool(jnp.all(ln.scale[...] == 1)) and ln.epsilon == 1e-5
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dna_class,variant", [("PlainConvUNet", "plainconvunet"),
                                                ("ResidualEncoderUNet", "resencunet")])
 def test_initialisation_is_dynamic_network_architectures(dna_class, variant):
@@ -222,6 +224,7 @@ def _random_params(model, key):
 # resencunet and plainconvunet there against dynamic-network-architectures and in
 # test_deep_supervision_outputs_full_resolution_first; bisegmamba is segmambaskip's network with
 # the other wiring (test_mamba_wiring_of_the_encoder).
+@pytest.mark.numerics
 def test_segmambaskip_runs_forward(key):
     plan = mini_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model(
@@ -232,6 +235,7 @@ def test_segmambaskip_runs_forward(key):
     assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 0
 
 
+@pytest.mark.numerics
 def test_deep_supervision_outputs_full_resolution_first(key):
     plan = small_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model("resencunet", plan)), key)
@@ -281,6 +285,7 @@ def test_mamba_wiring_of_the_encoder(key, skip_only):
     assert [v for v, spec in VARIANTS.items() if spec.mamba_on_skips_only] == ["segmambaskip"]
 
 
+@pytest.mark.numerics
 def test_bf16_precision_switch(key):
     """bf16 convolutions/norms: parameters stay float32, outputs float32 and close to float32's."""
     plan = mini_plan()

@@ -22,7 +22,7 @@ from jaxmamba.rundir import load_run
 from jaxmamba.train import loop, validate
 
 # one xdist worker for the module: its training fixture runs once, and no two gloo jobs compete
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multiprocess")]
+pytestmark = [pytest.mark.slow, pytest.mark.newest_jax, pytest.mark.xdist_group("multiprocess")]
 LIMIT = 900  # seconds a launch may take before it counts as a hang (slow compiles, 2 cores)
 
 

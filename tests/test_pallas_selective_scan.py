@@ -62,6 +62,7 @@ def _phase_case(key, reverse, b=2, l=48, d=16, n=8):
     return (b, l, d, n), inputs, g, st
 
 
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("reverse", [False, True])
 def test_phase_kernels_match_references(key, reverse):
     """K1 (chunk end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients)
@@ -98,6 +99,7 @@ def test_phase_kernels_match_references(key, reverse):
         assert rel_err(x, x_ref) <= F32_GRAD_TOL, name
 
 
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("reverse", [False, True])
 def test_phase_references_match_the_sequential_reference(key, reverse):
     """The oracle for the phases' jnp references: K1's end states and K3's outputs are
@@ -122,6 +124,7 @@ def test_phase_references_match_the_sequential_reference(key, reverse):
     assert rel_err(h_end, h_ref.reshape(h_in.shape)) <= F32_OUT_TOL
 
 
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),
                                                  (True, 2, True)])
 def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
@@ -139,6 +142,7 @@ def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
                  F32_OUT_TOL, F32_GRAD_TOL)
 
 
+@pytest.mark.newest_jax
 def test_large_state(key):
     """N=256 (the deep Synapse stages' d_state) with its default tiling (4 replayed steps)."""
     args, h0, g = random_case(key, 1, 20, 16, 256)
@@ -147,6 +151,7 @@ def test_large_state(key):
                  F32_OUT_TOL, F32_GRAD_TOL)
 
 
+@pytest.mark.newest_jax
 def test_finite_differences_float64(key):
     """The custom VJP against central differences along random directions (float64, reverse,
     2 chunks with padding, 4 sub-chunks each and 2 saved states, all inputs and the initial
@@ -187,6 +192,7 @@ def largest_intermediate(jaxpr) -> int:
     return max(sizes)
 
 
+@pytest.mark.newest_jax
 def test_no_length_times_state_tensor():
     """The fwd+bwd holds nothing near B·L·D·N elements (the largest is (B, L/(S·stride), D, N));
     the check itself sees a (B, L, D, N) product."""
@@ -226,6 +232,7 @@ def kernel_output_bytes(jaxpr) -> dict[str, int]:
 
 
 #: Synapse stage 0 (batch 2, 48x192x192 tokens, d_inner 64, d_state 32) and a small shape.
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("b,l,d,n,fused", [(2, 1769472, 64, 32, False), (1, 4096, 16, 16, False),
                                            (1, 4096, 16, 16, True)])
 def test_saved_and_backward_state_bytes(b, l, d, n, fused):
@@ -321,6 +328,7 @@ def test_default_tiling(b, l, d, n):
         assert b * (l // t.chunk) * (d // t.block_d) >= MIN_PROGRAMS
 
 
+@pytest.mark.newest_jax
 def test_kernels_lower_to_triton():
     """Every kernel of the fwd+bwd lowers to Triton IR for a CUDA GPU, on any machine (traced
     and lowered, not compiled: catches a primitive or shape that Pallas' Triton lowering lacks,

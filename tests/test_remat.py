@@ -79,6 +79,7 @@ def test_conv_norm_act_keeps_only_the_conv_output():
         2 * 6**3 * 8 * 2 + 3**3 * 4 * 8 * 2)
 
 
+@pytest.mark.numerics
 def test_outputs_and_gradients_do_not_depend_on_remat(monkeypatch):
     """A bidirectional MambaLayer on the Pallas scan (interpret mode off a GPU, with the small
     tiling of the scan's contract tests: two chunks, saved states), whose chunk states "scan" and

@@ -128,6 +128,7 @@ def impl(request, monkeypatch):
     return "pallas"
 
 
+@pytest.mark.numerics
 def test_reference_matches_mamba_ssm_fixtures(reference_dir):
     """The oracle itself: the sequential reference against mamba_ssm's float64 cases, in float64
     and float32."""
@@ -144,6 +145,7 @@ def test_reference_matches_mamba_ssm_fixtures(reference_dir):
                     assert rel_err(g, case["grads"][name]) <= grad_tol, (case["name"], name)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, indirect=True)
 class TestSelectiveScan:
     """The contract every fast implementation meets, through the public op."""
@@ -217,6 +219,7 @@ class TestSelectiveScan:
                      BF16_OUT_TOL, BF16_GRAD_TOL)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("l,chunk", [(37, 16), (64, 16), (5, 8), (100, 7)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_xla_chunking(key, l, chunk, reverse):

@@ -29,6 +29,7 @@ from jaxmamba.ops.batch_parallel import traced_under
 from jaxmamba.ops.spatial import split_volume
 from jaxmamba.train import sharding, step
 
+pytestmark = pytest.mark.newest_jax
 PLAN = tiny_plan(patch_size=(8, 4, 4), batch_dice=True)
 MESHES = ((1, 2), (2, 2))  # (data, spatial)
 

@@ -46,6 +46,7 @@ def _value_and_grads(implementation, reverse, mesh=None):
     pytest.param("pallas", True, (2, 2), marks=pytest.mark.slow),  # interpret mode: slow
     pytest.param("pallas", False, (1, 4), marks=pytest.mark.slow),
 ])
+@pytest.mark.newest_jax
 def test_sharded_scan_equals_unsharded(key, implementation, reverse, shape):
     args, mesh = _inputs(key), _mesh(*shape)
     (value, (y, h)), grads = _value_and_grads(implementation, reverse, mesh)(*_placed(mesh, args))
@@ -58,6 +59,7 @@ def test_sharded_scan_equals_unsharded(key, implementation, reverse, shape):
         assert_close_to(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.newest_jax
 def test_sharded_scan_splits_the_tokens(key):
     """The compiled program holds each device's block only and exchanges the small pairs."""
     args = _inputs(key, l=64)
@@ -80,6 +82,7 @@ def test_block_start_states_compose_in_order(key):
     assert_close_to(last, a[0] * starts[0] + b[0], rtol=1e-6)
 
 
+@pytest.mark.newest_jax
 @pytest.mark.parametrize("reverse,shape", [(False, (1, 4)), (True, (1, 4)), (True, (2, 2))])
 def test_sharded_causal_conv_equals_unsharded(key, reverse, shape):
     kx, kw, kb = jax.random.split(key, 3)

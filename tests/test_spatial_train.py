@@ -18,6 +18,7 @@ def _cfg(phantom, run_dir, *overrides):
                            *overrides)
 
 
+@pytest.mark.newest_jax
 @pytest.mark.slow  # ten small compiles: ~1-2 min on a 2-core CPU
 def test_spatial_run_trains_validates_resumes_and_predicts_on_any_mesh(phantom, capsys):
     """tiny.yaml's patch 8x16x16 (S0 / total stride 2 = 4) over data=2 x spatial=2: the first

@@ -55,6 +55,7 @@ DISPLACEMENT_TOL = 1e-5
 NO_GRADIENT = "['conv']['bias']"
 
 
+@pytest.mark.newest_jax
 def test_four_devices_match_one(rng, seed):
     batch = {"image": rng.normal(size=(4, 4, 8, 8, 1)).astype(np.float32),
              "target": (rng.integers(0, 3, (4, 4, 8, 8)).astype(np.int32),)}
