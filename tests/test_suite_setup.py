@@ -29,6 +29,7 @@ def test_a_group_runs_on_one_worker(pytester, monkeypatch):
             pass
     """)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # xdist alone: seconds, not tens
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)  # options of plugins not loaded there
     result = pytester.runpytest_subprocess("-p", "xdist", "-n", "2", "--dist", "loadgroup",
                                            "-p", "no:cacheprovider")
     result.assert_outcomes(passed=8)
