@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import FAST_XLA_FLAGS
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,11 +21,12 @@ def free_port() -> int:
 
 
 def clean_env(devices: int, cache_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """What a child gets: no variables of the test process (no SLURM_*, no device count), but
-    the tests' fast XLA compiles (conftest.FAST_XLA_FLAGS)."""
+    """What a child gets: no variables of the test process (no pytest XLA_FLAGS, no SLURM_*) but
+    its choice of XLA's fast compiles (tests/conftest.py)."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-           "XLA_FLAGS": f"{FAST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_DISABLE_MOST_OPTIMIZATIONS": os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "0"),
            "JAXMAMBA_COMPILE_CACHE": str(cache_dir) if cache_dir is not None else "off"}
     if cache_dir is not None:  # the runs compile the same programs: later ones load them
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import default_codegen_env
+from conftest import default_codegen
 
 from jaxmamba import cli
 from jaxmamba.data import preprocess_case
@@ -287,37 +285,34 @@ def predictions(nnunet, datasets_dir, tmp_path_factory):
     nnunet.mp.setattr(nnunet.predict, "compute_gaussian",
                       _float32_gaussian(nnunet.predict.compute_gaussian, nnunet.torch))
     out = {}
-    for seed, variant in enumerate(DNA_CLASS):
-        images = [_hippocampus_case(datasets_dir, HIPPOCAMPUS_CASES[seed])[0][0]]
-        run = save_run(root / variant / "run", _perturbed(build_model(variant, plan, rngs=seed),
-                                                          seed), plan, source="test")
-        sd = root / variant / "state_dict.pth"
-        assert cli.main(["convert-torch", str(run), "--to-torch", "-o", str(sd)]) == 0
-        folder = _nnunet_model_folder(nnunet, plan, variant, sd)
-        predictor = nnunet.predict.nnUNetPredictor(
-            tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-            perform_everything_on_device=False, device=nnunet.torch.device("cpu"),
-            allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
-        ref_dir = root / variant / "nnunet"
-        ref_dir.mkdir()
-        predictor.predict_from_files_sequential(
-            [[str(f)] for f in images],
-            [str(ref_dir / f.name.removesuffix("_0000.nii.gz")) for f in images],
-            save_probabilities=True, overwrite=True)
-        imported = root / variant / "imported"
-        assert cli.main(["convert-torch", str(folder / "fold_0" / "checkpoint_final.pth"),
-                         "--plans", str(run / "nnUNetPlans.json"), "--variant", variant,
-                         "-o", str(imported), "--trust-checkpoint"]) == 0
-        got_dir = root / variant / "jaxmamba"
-        # in a child with XLA's default CPU code: the tests' fast compiles flip argmax ties
-        done = subprocess.run(
-            [sys.executable, "-m", "jaxmamba.cli", "predict", "-m", str(imported), "-i",
-             *map(str, images), "-o", str(got_dir), "--save-probabilities",
-             "--mirror-axes", ",".join(map(str, MIRROR_AXES))],
-            env=default_codegen_env(), capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout + done.stderr
-        out[variant] = (ref_dir, got_dir, [f.name.removesuffix("_0000.nii.gz") for f in images])
+    with default_codegen():  # XLA's default CPU code: fast code flips argmax ties
+        for seed, variant in enumerate(DNA_CLASS):
+            images = [_hippocampus_case(datasets_dir, HIPPOCAMPUS_CASES[seed])[0][0]]
+            run = save_run(root / variant / "run", _perturbed(build_model(variant, plan, rngs=seed),
+                                                              seed), plan, source="test")
+            sd = root / variant / "state_dict.pth"
+            assert cli.main(["convert-torch", str(run), "--to-torch", "-o", str(sd)]) == 0
+            folder = _nnunet_model_folder(nnunet, plan, variant, sd)
+            predictor = nnunet.predict.nnUNetPredictor(
+                tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                perform_everything_on_device=False, device=nnunet.torch.device("cpu"),
+                allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+            ref_dir = root / variant / "nnunet"
+            ref_dir.mkdir()
+            predictor.predict_from_files_sequential(
+                [[str(f)] for f in images],
+                [str(ref_dir / f.name.removesuffix("_0000.nii.gz")) for f in images],
+                save_probabilities=True, overwrite=True)
+            imported = root / variant / "imported"
+            assert cli.main(["convert-torch", str(folder / "fold_0" / "checkpoint_final.pth"),
+                             "--plans", str(run / "nnUNetPlans.json"), "--variant", variant,
+                             "-o", str(imported), "--trust-checkpoint"]) == 0
+            got_dir = root / variant / "jaxmamba"
+            assert cli.main(["predict", "-m", str(imported), "-i", *map(str, images),
+                             "-o", str(got_dir), "--save-probabilities",
+                             "--mirror-axes", ",".join(map(str, MIRROR_AXES))]) == 0
+            out[variant] = (ref_dir, got_dir, [f.name.removesuffix("_0000.nii.gz") for f in images])
     return out
 
 
