@@ -300,7 +300,7 @@ def _restore(folder: Path) -> tuple[UNet, Plan]:
         precision = meta.get("precision") or meta.get("config", {}).get("model", {}).get(
             "precision", "float32")
         model = nnx.eval_shape(lambda: build_model(meta["variant"], plan, precision=precision))
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                               nnx.state(model, nnx.Param))
         params = manager.restore(step, args=ocp.args.Composite(
