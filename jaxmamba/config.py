@@ -119,9 +119,6 @@ class Config:
         """Plain YAML-safe dictionary (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
-
 
 # ---------------------------------------------------------------------- loading
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -18,7 +18,7 @@ The scan output is the value named `SCAN_OUTPUT` in `jaxmamba.layers.mamba.Mamba
 states are the outputs of the Pallas kernel `STATE_KERNEL` (`jaxmamba.kernels.scan_forward`,
 `(B, L/T, D, N)` per chunk of T tokens and Σδ per chunk). With the `xla` or `reference` scan there
 are no such kernel outputs, so under "scan" and "states" the scan's forward runs again in the
-backward. Outputs and gradients are the same under every choice (tests/test_layers.py); only
+backward. Outputs and gradients are the same under every choice (tests/test_remat.py); only
 memory and time differ (docs/benchmarks.md).
 """
 

@@ -2,7 +2,7 @@
 
 The network is split once into a static graph and two pytrees: parameters (trained) and the rest
 (non-parameter variables, carried unchanged). The steps are pure functions of
-`(TrainState, batch)`; `compile_steps` jits them with the state replicated and the batch sharded
+`(TrainState, batch)`; `jit_steps` jits them with the state replicated and the batch sharded
 over the `data` mesh axis, so one program serves 1..N devices. Batches are
 `{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution first}`.
 """
