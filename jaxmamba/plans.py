@@ -28,6 +28,7 @@ from typing import Any
 
 from jaxmamba.atomic import write_text
 from jaxmamba.errors import UserError
+from jaxmamba.jsonfile import read_json
 
 CONFIGURATION = "3d_fullres"
 
@@ -569,13 +570,7 @@ def _legacy_architecture(cfg: dict, need, source: str, where: str) -> dict[str, 
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError as err:
-        raise PlanError(f"{path}: file not found") from err
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{path}: not valid JSON ({err})") from err
+    data = read_json(path, PlanError)
     if not isinstance(data, dict):
         raise PlanError(f"{path}: expected a JSON object at the top level")
     return data

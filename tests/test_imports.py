@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 #: A name is a top-level module or package of jaxmamba; a command module (`cli.py` or `cli/`
 #: anywhere) belongs to the `cli` layer wherever it lives.
 LAYERS = (
-    ("errors", "atomic", "console", "distributed", "config", "plans", "scan_math",
+    ("errors", "atomic", "jsonfile", "console", "distributed", "config", "plans", "scan_math",
      "compile_cache"),
     ("kernels",),
     ("ops",),

@@ -13,7 +13,6 @@ fits; `jaxmamba.infer.network.network_apply_fn` turns an NNX U-Net into one.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxmamba.atomic import atomic_path, remove_stale_temporaries
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
+from jaxmamba.data.dataset import case_file_pattern
 from jaxmamba.infer.preview import save_preview
 from jaxmamba.plans import Plan
 
@@ -57,7 +57,7 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
     name is a case of its own. Raises `DataError` naming every case whose channels are missing
     or extra, and every file that does not follow the naming.
     """
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    pattern = case_file_pattern(file_ending)
     channels: dict[str, dict[int, Path]] = {}
     problems: list[str] = []
 

@@ -14,6 +14,7 @@ from typing import Any
 from jaxmamba import console
 from jaxmamba import data as jdata
 from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError
+from jaxmamba.data.planner import preprocessed_beside
 from jaxmamba.plans import Plan, PlanError
 
 #: Plan fields a config may override: they change the network or the batches, not preprocessing.
@@ -39,8 +40,8 @@ def apply_plan_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
 
 def cache_dir(cfg: Config) -> Path:
     raw = Path(cfg.data.raw_dir)
-    return Path(cfg.data.preprocessed_dir) if cfg.data.preprocessed_dir else raw.with_name(
-        raw.name + "_preprocessed")
+    return (Path(cfg.data.preprocessed_dir) if cfg.data.preprocessed_dir
+            else preprocessed_beside(raw))
 
 
 def prepare_data(cfg: Config, *, progress: bool = True, say: Callable[[str], None] | None = None):
