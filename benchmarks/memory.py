@@ -35,8 +35,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from jaxmamba.choices import REMAT  # noqa: E402
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for  # noqa: E402
-from jaxmamba.layers.remat import REMAT, saved_bytes  # noqa: E402
+from jaxmamba.layers.remat import saved_bytes  # noqa: E402
 from jaxmamba.models import VARIANTS, build_model  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train.preflight import (  # noqa: E402

@@ -46,8 +46,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxmamba.config import RECIPES, OptimConfig  # noqa: E402
-from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT  # noqa: E402
+from jaxmamba.choices import (  # noqa: E402
+    DEFAULT_REMAT,
+    RECIPES,  # noqa: E402
+    REMAT,
+)
+from jaxmamba.config import OptimConfig  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
     build_model,

@@ -23,11 +23,16 @@ from typing import Any, Literal
 import yaml
 
 from jaxmamba.atomic import write_text
+from jaxmamba.choices import (
+    DEFAULT_REMAT,
+    BundledDataset,
+    Precision,
+    Recipe,
+    Remat,
+    ScanImplementation,
+    Variant,
+)
 from jaxmamba.errors import UserError
-
-VARIANTS = (
-    "plainconvunet", "resencunet", "segmamba", "bisegmamba", "segmambaskip", "multisegmamba")
-RECIPES = ("nnunet", "radam_cosine", "radam_onecycle")
 
 
 class ConfigError(UserError, ValueError):
@@ -41,7 +46,7 @@ class DataConfig:
     raw_dir: str = ""  # nnU-Net raw folder: dataset.json, imagesTr/, labelsTr/ (required)
     preprocessed_dir: str = ""  # preprocessing cache; "" = <raw_dir>_preprocessed
     plans: str | None = None  # nnUNetPlans.json to use; None = plan from the dataset fingerprint
-    build: Literal["demo", "phantom"] | None = None  # build this dataset at raw_dir if it is absent
+    build: BundledDataset | None = None  # build this dataset at raw_dir if it is absent
     fold: int = 0  # nnU-Net 5-fold split (splits_final.json), nnunetv2 `generate_crossval_split`
     num_workers: int = 0  # grain worker processes for training patches (0 = in-process)
     plan_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Plan fields
@@ -49,20 +54,22 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    variant: Literal["plainconvunet", "resencunet", "segmamba", "bisegmamba", "segmambaskip",
-                     "multisegmamba"] = "segmamba"
-    precision: Literal["float32", "bf16"] = "float32"  # convolutions; Mamba always float32
-    scan_implementation: Literal["reference", "xla", "pallas"] | None = None  # None = fastest
+    """The network; the fields named as `jaxmamba.layers.options.MambaOptions`'s are its options
+    (the choices of each are `jaxmamba.choices`')."""
+
+    variant: Variant = "segmamba"
+    precision: Precision = "float32"  # convolutions; Mamba always float32
+    scan_implementation: ScanImplementation | None = None  # None = fastest
     # what the Mamba layers keep for the backward (jaxmamba.layers.remat): "none" everything,
     # "scan" the scan's output and chunk states, "states" only the chunk states (least memory)
-    remat: Literal["none", "scan", "states"] = "states"
+    remat: Remat = DEFAULT_REMAT
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Recipe and its hyper-parameters; defaults are the reference's (configs/README.md)."""
 
-    recipe: Literal["nnunet", "radam_cosine", "radam_onecycle"] = "nnunet"
+    recipe: Recipe = "nnunet"
     lr: float | None = None  # None = recipe default: 1e-2 (nnunet), 3e-4 (RAdam recipes)
     weight_decay: float = 3e-5  # coupled L2, added to the gradient (torch SGD/RAdam)
     clip_norm: float = 12.0  # global gradient norm clip (nnU-Net fork default)

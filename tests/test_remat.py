@@ -1,19 +1,17 @@
 """`model.remat`: what each Mamba layer kind keeps for the backward, as an exact byte count, and
 the same outputs and gradients under every choice."""
 
-import typing
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmamba.config import ModelConfig
+from jaxmamba.choices import REMAT
 from jaxmamba.kernels.tiling import default_tiling, padded_state
 from jaxmamba.layers import MambaLayer, MultiMambaTrans
 from jaxmamba.layers.conv import ConvNormAct
-from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT, saved_bytes
+from jaxmamba.layers.remat import saved_bytes
 
 C, N = 8, 4  # channels, d_state; E = 2C inner channels
 SHAPE = (2, 4, 6, 10)  # (B, S0, S1, S2): L = 240 tokens, not a multiple of every chunk size
@@ -90,11 +88,6 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
     for got in results[1:]:
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[0]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_config_default_and_choices_are_the_layers():
-    assert ModelConfig().remat == DEFAULT_REMAT
-    assert typing.get_args(typing.get_type_hints(ModelConfig)["remat"]) == REMAT
 
 
 def test_unknown_remat_lists_the_choices():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jaxmamba.choices import ACCUMULATE
 from jaxmamba.console import progress_enabled
 from jaxmamba.errors import UserError
 from jaxmamba.rundir import CHECKPOINTS, DATASET_FILE, PLANS_FILE
@@ -42,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per network call (default: one per device, or per N "
                              "devices with --spatial N)")
-    parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
+    parser.add_argument("--accumulate", choices=ACCUMULATE, default="auto",
                         help="where logits are summed: auto picks the device when it fits")
     parser.add_argument("--allow-non-finite", action="store_true",
                         help="predict even with a checkpoint whose parameters hold NaN or inf "

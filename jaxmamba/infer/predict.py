@@ -29,7 +29,8 @@ from jaxmamba.plans import Plan
 if TYPE_CHECKING:  # JAX is imported when a case is predicted, so `--help` answers without it
     from jax.sharding import Mesh
 
-    from jaxmamba.infer.sliding_window import Accumulate, ApplyFn
+    from jaxmamba.choices import Accumulate
+    from jaxmamba.infer.sliding_window import ApplyFn
 
 
 class PredictionError(DataError):

@@ -21,7 +21,6 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from jaxmamba.choices import ACCUMULATE, Accumulate, check
 from jaxmamba.ops.batch_parallel import BATCH_AXIS, SPATIAL_AXIS
 from jaxmamba.ops.spatial import check_spatial_divides
 
 ApplyFn = Callable[[jax.Array], jax.Array]
-Accumulate = Literal["auto", "device", "host"]
 
 #: Fraction of the first device's free memory the accumulator may take under `accumulate="auto"`.
 _DEVICE_MEMORY_FRACTION = 0.5
@@ -208,8 +207,7 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
 
 
 def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> bool:
-    if accumulate not in ("auto", "device", "host"):
-        raise ValueError(f"accumulate={accumulate!r}; expected 'auto', 'device' or 'host'")
+    check(accumulate, ACCUMULATE, "accumulate")
     if accumulate != "auto":
         return accumulate == "device"
     stats = device.memory_stats() or {}

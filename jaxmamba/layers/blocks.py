@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxmamba.choices import DEFAULT_REMAT
 from jaxmamba.layers.init import torch_layer_norm, torch_linear
 from jaxmamba.layers.mamba import Mamba
-from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat, rematerialised
+from jaxmamba.layers.remat import check_remat, rematerialised
 from jaxmamba.ops.spatial import split_volume
 
 #: MultiSegMamba's axis orders: `itertools.permutations([2, 3, 4])` items 0, 1, 2, 4 of the

@@ -11,7 +11,8 @@ layer's input:
 * "none": no `jax.checkpoint`; the backward keeps every intermediate.
 * "scan": keeps the selective scan's output `y` and its chunk states; recomputes the LayerNorms,
   the in-, x- and dt-projections, the causal conv, softplus, the gate and the residual sums.
-* "states" (default): keeps only the scan's chunk states; recomputes the above and the scan's
+* "states" (default, `jaxmamba.choices.DEFAULT_REMAT`): keeps only the scan's chunk states;
+  recomputes the above and the scan's
   output (the scan's output kernel runs once more in the backward).
 
 The scan output is the value named `SCAN_OUTPUT` in `jaxmamba.layers.mamba.Mamba`; the chunk
@@ -32,10 +33,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_policies
 from jax.extend.core import Literal
 
-#: The choices of `model.remat` (jaxmamba.config spells the same tuple out).
-REMAT = ("none", "scan", "states")
-#: Measured default (benchmarks/memory.py, docs/benchmarks.md).
-DEFAULT_REMAT = "states"
+from jaxmamba.choices import REMAT
+
 #: `checkpoint_name` of the selective scan's output in `Mamba.__call__`.
 SCAN_OUTPUT = "mamba_scan_output"
 #: Name of the Pallas forward kernel whose outputs are the scan's per-chunk states.

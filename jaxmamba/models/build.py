@@ -21,8 +21,10 @@ import functools
 import jax
 from flax import nnx
 
+from jaxmamba import choices
+from jaxmamba.choices import DEFAULT_REMAT
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
-from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat
+from jaxmamba.layers.remat import check_remat
 from jaxmamba.models.precision import compute_dtype
 from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 from jaxmamba.plans import Plan
@@ -40,7 +42,7 @@ class Variant:
     residual_encoder: bool = True  # False: DNA's PlainConvEncoder (plan n_conv_per_stage_encoder)
 
 
-VARIANTS: dict[str, Variant] = {
+_SPECS = {
     "plainconvunet": Variant("PlainConvUNet", None, residual_decoder=False,
                              residual_encoder=False),
     "resencunet": Variant("ResEncUNet", None, residual_decoder=False),
@@ -49,6 +51,8 @@ VARIANTS: dict[str, Variant] = {
     "segmambaskip": Variant("SegMambaSkip", "bi", mamba_on_skips_only=True),
     "multisegmamba": Variant("MultiSegMamba", "multi", d_state_cap=64),
 }
+#: Each of `jaxmamba.choices.VARIANTS` with what distinguishes it.
+VARIANTS: dict[str, Variant] = {name: _SPECS[name] for name in choices.VARIANTS}
 
 #: Other spellings accepted for a variant (the reference's class names).
 ALIASES = {"pansegmamba": "bisegmamba", "residualencoderunet": "resencunet"}
@@ -59,7 +63,7 @@ def canonical_variant(variant: str) -> str:
     name = variant.lower().replace("-", "").replace("_", "")
     name = ALIASES.get(name, name)
     if name not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {sorted(VARIANTS)}")
+        choices.check(variant, choices.VARIANTS, "variant")  # raises, naming the value given
     return name
 
 
