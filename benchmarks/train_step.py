@@ -46,12 +46,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxmamba.choices import (  # noqa: E402
-    DEFAULT_REMAT,
-    RECIPES,  # noqa: E402
-    REMAT,
-)
+from jaxmamba.choices import DEFAULT_REMAT, RECIPES, REMAT  # noqa: E402
 from jaxmamba.config import OptimConfig  # noqa: E402
+from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
     build_model,
@@ -133,7 +130,7 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     plan = plan.replace(patch_size=tuple(args.patch or plan.patch_size),
                         batch_size=args.batch or plan.batch_size)
     batch = plan.batch_size * n_devices  # weak scaling: the per-device batch stays
-    kw = dict(precision=args.precision, scan_implementation=args.scan, remat=args.remat)
+    kw = dict(precision=args.precision, mamba=MambaOptions(args.scan, args.remat))
     device = jax.devices()[0]
     mesh = sharding.make_mesh(n_devices)
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxmamba.choices import REMAT
 from jaxmamba.kernels.tiling import default_tiling, padded_state
-from jaxmamba.layers import MambaLayer, MultiMambaTrans
+from jaxmamba.layers import MambaLayer, MambaOptions, MultiMambaTrans
 from jaxmamba.layers.conv import ConvNormAct
 from jaxmamba.layers.remat import saved_bytes
 
@@ -30,7 +30,7 @@ def functional(module):
 
 def layer_saved(kind, remat, scan="pallas"):
     make, _ = KINDS[kind]
-    layer = nnx.eval_shape(lambda: make(d_state=N, scan_implementation=scan, remat=remat,
+    layer = nnx.eval_shape(lambda: make(d_state=N, options=MambaOptions(scan, remat),
                                         rngs=nnx.Rngs(0)))
     f, params = functional(layer)
     return saved_bytes(f, params, jax.ShapeDtypeStruct((*SHAPE, C), jnp.bfloat16))
@@ -80,7 +80,7 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
     x = jax.random.normal(jax.random.key(0), (1, 2, 3, 4, C))
     results = []
     for remat in REMAT:
-        f, params = functional(make(d_state=N, scan_implementation=scan, remat=remat,
+        f, params = functional(make(d_state=N, options=MambaOptions(scan, remat),
                                     rngs=nnx.Rngs(1)))
         g = jax.random.normal(jax.random.key(1), x.shape)
         y, vjp = jax.vjp(f, params, x)
@@ -92,4 +92,12 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
 
 def test_unknown_remat_lists_the_choices():
     with pytest.raises(ValueError, match="remat='all': expected one of 'none', 'scan', 'states'"):
-        MambaLayer(C, bidirectional=False, remat="all", rngs=nnx.Rngs(0))
+        MambaOptions(remat="all")
+
+
+def test_options_are_the_config_model_fields():
+    from jaxmamba.config import ModelConfig
+
+    assert MambaOptions.of(ModelConfig()) == MambaOptions()
+    assert MambaOptions.of(ModelConfig(scan_implementation="xla", remat="scan")) == MambaOptions(
+        scan_implementation="xla", remat="scan")

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmamba.layers import conv
+from jaxmamba.layers import MambaOptions, conv
 from jaxmamba.layers.blocks import MambaLayer, MultiMambaTrans
 from jaxmamba.models import VARIANTS, build_model
 from jaxmamba.ops.batch_parallel import traced_under
@@ -44,7 +44,7 @@ def _compiled_step(variant, mesh, plan=PLAN):
     """The train step compiled on `mesh` (the sequential reference scan compiles fastest), its
     state and batch."""
     tx = optax.sgd(1.0)
-    model = build_model(variant, plan, scan_implementation="reference", rngs=0)
+    model = build_model(variant, plan, mamba=MambaOptions("reference"), rngs=0)
     graphdef, state = step.init_state(model, tx)
     train, _ = step.jit_steps(*step.make_steps(graphdef, tx, batch_dice=True), mesh)
     state, batch = sharding.replicate(state, mesh), sharding.global_batch(_batch(plan), mesh)
@@ -143,9 +143,9 @@ def test_mamba_blocks_on_split_volumes_match_one_device(kind):
     block on (2, 8, 4, 2, 4) volumes: outputs and the gradients of every parameter and the input
     with S0 over 2 slabs, and over data=2 x spatial=2, equal one device."""
     rngs = nnx.Rngs(0)
-    block = (MultiMambaTrans(4, d_state=4, scan_implementation="xla", rngs=rngs)
+    block = (MultiMambaTrans(4, d_state=4, options=MambaOptions("xla"), rngs=rngs)
              if kind == "multi" else
-             MambaLayer(4, bidirectional=kind == "bi", d_state=4, scan_implementation="xla",
+             MambaLayer(4, bidirectional=kind == "bi", d_state=4, options=MambaOptions("xla"),
                         rngs=rngs))
     x = jax.random.normal(jax.random.key(1), (2, 8, 4, 2, 4))
     ((_, ref_y), ref_grads), _ = _block_value_and_grads(block, x)

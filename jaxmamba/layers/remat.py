@@ -33,8 +33,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_policies
 from jax.extend.core import Literal
 
-from jaxmamba.choices import REMAT
-
 #: `checkpoint_name` of the selective scan's output in `Mamba.__call__`.
 SCAN_OUTPUT = "mamba_scan_output"
 #: Name of the Pallas forward kernel whose outputs are the scan's per-chunk states.
@@ -50,14 +48,6 @@ POLICIES: dict[str, Callable[..., bool]] = {
         checkpoint_policies.save_only_these_names(SCAN_OUTPUT), _chunk_states),
     "states": _chunk_states,
 }
-
-
-def check_remat(remat: str, where: str) -> str:
-    """`remat` if it is one of `REMAT`, else a ValueError naming `where` and the choices."""
-    if remat not in REMAT:
-        raise ValueError(f"{where}: remat={remat!r}: expected one of "
-                         f"{', '.join(repr(r) for r in REMAT)}")
-    return remat
 
 
 def rematerialised(fn: Callable, remat: str) -> Callable:

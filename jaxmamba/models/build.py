@@ -22,9 +22,8 @@ import jax
 from flax import nnx
 
 from jaxmamba import choices
-from jaxmamba.choices import DEFAULT_REMAT
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
-from jaxmamba.layers.remat import check_remat
+from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
 from jaxmamba.models.precision import compute_dtype
 from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 from jaxmamba.plans import Plan
@@ -85,39 +84,35 @@ class KeyStream:
         return jax.random.fold_in(self._key, self._count - 1)
 
 
-def _mamba_module(kind: str, cap: int, scan_implementation: str | None, remat: str,
-                  rngs: KeyStream, channels: int) -> nnx.Module:
-    kw = dict(d_state=d_state_for(channels, cap), scan_implementation=scan_implementation,
-              remat=remat, rngs=rngs)
+def _mamba_module(kind: str, cap: int, options: MambaOptions, rngs: KeyStream,
+                  channels: int) -> nnx.Module:
+    kw = dict(d_state=d_state_for(channels, cap), options=options, rngs=rngs)
     if kind == "multi":
         return MultiMambaTrans(channels, **kw)
     return MambaLayer(channels, bidirectional=kind == "bi", **kw)
 
 
 def build_model(variant: str, plan: Plan, *, precision: str = "float32",
-                deep_supervision: bool = True, scan_implementation: str | None = None,
-                remat: str = DEFAULT_REMAT, rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
+                deep_supervision: bool = True, mamba: MambaOptions = DEFAULT_OPTIONS,
+                rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
     """The network `variant` for `plan`, initialised as the reference's `get_*_from_plans`.
 
     `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
-    parameters and the Mamba path stay float32. `scan_implementation` is passed to
-    `selective_scan` (None picks the fastest available). `remat` is what the Mamba layers keep
-    for the backward (`jaxmamba.layers.remat.REMAT`). Use `nnx.eval_shape(lambda:
-    build_model(...))` for shapes only.
+    parameters and the Mamba path stay float32. `mamba` is how every Mamba layer computes (the
+    scan's implementation, what the backward keeps: `jaxmamba.layers.options.MambaOptions`).
+    Use `nnx.eval_shape(lambda: build_model(...))` for shapes only.
     """
     name = canonical_variant(variant)
-    check_remat(remat, "build_model")
     spec = VARIANTS[name]
     dtype = compute_dtype(precision)
     rngs = KeyStream(rngs) if isinstance(rngs, int) else rngs
     features = plan.features_per_stage
-    mamba = None
+    mamba_module = None
     if spec.mamba is not None:
-        mamba = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap,
-                                  scan_implementation, remat, rngs)
+        mamba_module = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap, mamba, rngs)
     if spec.residual_encoder:
         encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes,
-                                  plan.strides, plan.n_blocks_encoder, mamba=mamba,
+                                  plan.strides, plan.n_blocks_encoder, mamba=mamba_module,
                                   mamba_on_skips_only=spec.mamba_on_skips_only, dtype=dtype,
                                   rngs=rngs)
     else:

@@ -29,6 +29,7 @@ from jaxmamba import data as jdata
 from jaxmamba.config import Config, save_config
 from jaxmamba.console import progress_enabled
 from jaxmamba.infer.sliding_window import data_mesh
+from jaxmamba.layers import MambaOptions
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
 from jaxmamba.ops.spatial import check_patch_splits
 from jaxmamba.plans import Plan
@@ -156,8 +157,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     t = cfg.train
     recipe = build_recipe(cfg.optim, epochs=t.epochs, iters_per_epoch=t.iters_per_epoch)
     model = build_model(cfg.model.variant, plan, precision=cfg.model.precision,
-                        scan_implementation=cfg.model.scan_implementation,
-                        remat=cfg.model.remat, rngs=cfg.seed)
+                        mamba=MambaOptions.of(cfg.model), rngs=cfg.seed)
     graphdef, state = steps.init_state(model, recipe.tx)
     del model
     state = sharding.replicate(state, mesh)
