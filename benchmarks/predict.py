@@ -43,8 +43,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmamba.infer.network import network_apply_fn  # noqa: E402
-from jaxmamba.infer.sliding_window import compute_steps, data_mesh, predict_logits  # noqa: E402
+from jaxmamba.infer.sliding_window import compute_steps, predict_logits  # noqa: E402
 from jaxmamba.models import build_model  # noqa: E402
+from jaxmamba.ops.mesh import make_mesh  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 
 SHARED = Path(os.environ.get("JAXMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -70,7 +71,7 @@ def main() -> None:
     plan = Plan.load(args.plans)
     if args.patch:
         plan = plan.replace(patch_size=tuple(args.patch))
-    mesh = data_mesh(jax.devices()[:1])
+    mesh = make_mesh(1)
     model = build_model(args.variant, plan, precision=args.precision, deep_supervision=False)
     nnunet = _nnunet_predictor_factory(args, model, plan)
     apply_fn = network_apply_fn(model, mesh)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import VARIANTS, build_model  # noqa: E402
-from jaxmamba.ops.spatial import check_patch_splits  # noqa: E402
+from jaxmamba.ops.mesh import check_patch_splits, make_mesh  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train import sharding, step  # noqa: E402
 
@@ -53,7 +53,7 @@ def tiny_plan(patch, features, stages) -> Plan:
 
 def measure(variant: str, plan: Plan, spatial: int, scan: str | None, timed: bool) -> dict:
     check_patch_splits(plan.patch_size, plan.strides, spatial, devices=jax.device_count())
-    mesh = sharding.make_mesh(1, spatial)
+    mesh = make_mesh(1, spatial)
     tx = optax.sgd(1e-3)
     model = build_model(variant, plan, deep_supervision=False, mamba=MambaOptions(scan),
                         rngs=0)

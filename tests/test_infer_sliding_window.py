@@ -11,12 +11,12 @@ from flax import nnx
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.sliding_window import (
     compute_steps,
-    data_mesh,
     gaussian_importance_map,
     mirror_combinations,
     pad_to_patch,
     predict_logits,
 )
+from jaxmamba.ops.mesh import make_mesh
 
 
 @pytest.mark.parametrize("size, patch, expected", [
@@ -122,7 +122,7 @@ def test_matches_numpy_reference_with_position_dependent_network(key, axes, batc
     fn = jax.jit(lambda w: jnp.tanh(w @ mix) + ramp[None])
     got = predict_logits(fn, image, patch, num_classes=k, mirror_axes=axes,
                          batch_size=batch_size, accumulate=accumulate,
-                         mesh=data_mesh(jax.devices()[:n_devices]))
+                         mesh=make_mesh(n_devices))
     want = _reference(lambda w: np.asarray(fn(jnp.asarray(w))), image, patch, k, axes or ())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

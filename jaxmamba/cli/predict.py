@@ -61,8 +61,7 @@ def run(args) -> int:
     from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
-    from jaxmamba.infer.sliding_window import data_mesh
-    from jaxmamba.ops.spatial import check_patch_splits
+    from jaxmamba.ops.mesh import check_patch_splits, local_mesh
     from jaxmamba.rundir import check_same_plan, load_run
 
     written, skipped, error = [], [], None
@@ -86,7 +85,7 @@ def run(args) -> int:
         say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
             f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
             f"device(s) per process")
-        mesh = data_mesh(spatial=args.spatial)  # this process's devices
+        mesh = local_mesh(spatial=args.spatial)  # this process's devices
         check_patch_splits(plan.patch_size, plan.strides, args.spatial,
                            devices=len(jax.local_devices()), name="--spatial", patch_key=None)
         apply_fns = [network_apply_fn(r.model, mesh) for r in runs]

@@ -25,13 +25,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
 from jaxmamba.choices import ACCUMULATE, Accumulate, check
-from jaxmamba.ops.batch_parallel import BATCH_AXIS, SPATIAL_AXIS
-from jaxmamba.ops.spatial import check_spatial_divides
+from jaxmamba.ops.mesh import DATA_AXIS, local_mesh, replicated, volume_sharding
 
 ApplyFn = Callable[[jax.Array], jax.Array]
 
@@ -95,19 +94,6 @@ def pad_to_patch(image: np.ndarray,
     return image, tuple(crop)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
-    """A mesh over `devices`, auto-sharded: 1-D with axis `data` (`BATCH_AXIS`), or `(data,
-    spatial)` with `spatial > 1` devices sharing each window (split along S0). Default: this
-    process's devices (with several processes each predicts its own cases on its own)."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    if spatial == 1:
-        return jax.make_mesh((len(devices),), (BATCH_AXIS,),
-                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    check_spatial_divides(spatial, len(devices), "--spatial")
-    return jax.make_mesh((len(devices) // spatial, spatial), (BATCH_AXIS, SPATIAL_AXIS),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
-
-
 def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[int], *,
                    num_classes: int, step_size: float = 0.5,
                    mirror_axes: Sequence[int] | None = (0, 1, 2), batch_size: int | None = None,
@@ -125,7 +111,8 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
         logits averaged); `None` or `()` switches mirroring off.
       batch_size: windows per network call, rounded up to a multiple of the mesh size (default:
         one per device).
-      mesh: devices to shard windows over (axis `data`); default this process's devices.
+      mesh: devices to shard windows over (axis `data`; `spatial` splits each window); default
+        this process's devices (`jaxmamba.ops.mesh.local_mesh`).
       accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
         `"auto"` (the device when the accumulator takes under half its free memory).
       progress: show a progress bar over windows (a string is used as its description).
@@ -142,8 +129,8 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
     starts = np.array(list(itertools.product(*compute_steps(padded.shape[:-1], patch, step_size))),
                       np.int32)
     gauss = gaussian_importance_map(patch)
-    mesh = data_mesh() if mesh is None else mesh
-    n_dev = mesh.shape[BATCH_AXIS]  # windows in parallel; a `spatial` axis splits each window
+    mesh = local_mesh() if mesh is None else mesh
+    n_dev = mesh.shape[DATA_AXIS]  # windows in parallel; a `spatial` axis splits each window
     batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
     flips = mirror_combinations(mirror_axes or ())
 
@@ -168,14 +155,12 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
                  progress: bool | str, *, on_device: bool) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-weighted sums of the windows' logits `(*S, K)` and of the weights `(*S,)`."""
     patch = gauss.shape
-    replicated = NamedSharding(mesh, PartitionSpec())
-    n_spatial = mesh.shape.get(SPATIAL_AXIS, 1)  # devices that share each window, split on S0
-    split = SPATIAL_AXIS if n_spatial > 1 and patch[0] % n_spatial == 0 else None
-    window_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS, split))
+    # windows over `data`, each split along S0 over `spatial` when it has several devices
+    window_sharding = volume_sharding(mesh, (batch_size, *patch))
     acc_device = mesh.devices.flat[0]
     acc_shape = (*padded.shape[:-1], num_classes)
 
-    image_dev = jax.device_put(padded, replicated)
+    image_dev = jax.device_put(padded, replicated(mesh))
     gauss_dev = jax.device_put(gauss, acc_device) if on_device else None
     acc = (jax.device_put(np.zeros(acc_shape, np.float32), acc_device) if on_device
            else np.zeros(acc_shape, np.float32))

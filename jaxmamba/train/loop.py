@@ -28,10 +28,9 @@ from jaxmamba import console, distributed, rundir
 from jaxmamba import data as jdata
 from jaxmamba.config import Config, save_config
 from jaxmamba.console import progress_enabled
-from jaxmamba.infer.sliding_window import data_mesh
 from jaxmamba.layers import MambaOptions
 from jaxmamba.models import VARIANTS, build_model, canonical_variant
-from jaxmamba.ops.spatial import check_patch_splits
+from jaxmamba.ops.mesh import DATA_AXIS, check_patch_splits, local_mesh, make_mesh
 from jaxmamba.plans import Plan
 from jaxmamba.rundir import LATEST, PREEMPTED, RunDirError
 from jaxmamba.train import finite, losses, preflight, sharding, signals, validate
@@ -133,7 +132,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         peek.close()
         _check_same_run(meta, cfg, None, run_dir)
 
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.spatial)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.spatial)
     if "batch_size" in cfg.data.plan_overrides:  # known before any preprocessing
         sharding.check_batch_size(int(cfg.data.plan_overrides["batch_size"]), mesh)
 
@@ -209,7 +208,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     t0 = time.perf_counter()
     compiled = train_step.lower(state, first).compile()
     say(console.compiled_line(time.perf_counter() - t0, cfg.model.variant, plan.patch_size,
-                              plan.batch_size, mesh.shape[sharding.DATA_AXIS], cfg.mesh.spatial,
+                              plan.batch_size, mesh.shape[DATA_AXIS], cfg.mesh.spatial,
                               jax.devices()[0].device_kind))
     if t.preflight:
         say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
@@ -313,7 +312,7 @@ def _final_validation(cfg, state, graphdef, plan, val_ids, run_dir, main, say) -
     model = validate.merged_model(graphdef, state.params, state.rest)
     results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
                                         epoch=cfg.train.epochs,
-                                        mesh=data_mesh(spatial=cfg.mesh.spatial),
+                                        mesh=local_mesh(spatial=cfg.mesh.spatial),
                                         progress=main and progress_enabled(cfg.log.progress))
     say(console.validation_line(validate.format_results(results, run_dir),
                                 time.perf_counter() - t0))

@@ -18,10 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmamba.layers.conv import cpu_compiler_options
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.conv3d import cpu_compiler_options
+from jaxmamba.ops.mesh import SPATIAL_AXIS, batch_sharding, replicated
 from jaxmamba.ops.spatial import split_volume
-from jaxmamba.train import losses, sharding
+from jaxmamba.train import losses
 
 
 class TrainState(NamedTuple):
@@ -73,9 +74,9 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
 def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
     """Jit with the state replicated (and donated) and the batch sharded over `data` (and, with
     a `spatial` axis, as `sharding.global_batch` places it: volumes split along S0); on a CPU
-    with `jaxmamba.layers.conv.cpu_compiler_options`."""
-    repl = sharding.replicated(mesh)
-    data = sharding.batch_sharding(mesh) if mesh.shape.get(sharding.SPATIAL_AXIS, 1) == 1 else None
+    with `jaxmamba.ops.conv3d.cpu_compiler_options`."""
+    repl = replicated(mesh)
+    data = batch_sharding(mesh) if mesh.shape.get(SPATIAL_AXIS, 1) == 1 else None
     train = jax.jit(traced_under(mesh, train_step), in_shardings=(repl, data),
                     out_shardings=(repl, repl), donate_argnums=(0,),
                     compiler_options=cpu_compiler_options(mesh, gradients=True))
