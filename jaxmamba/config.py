@@ -399,3 +399,8 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def saved_config_differs(cfg: Config, path: str | Path) -> bool:
+    """Whether the YAML file `path` (a run's saved config) holds another config than `cfg`."""
+    return cfg.to_dict() != yaml.safe_load(Path(path).read_text())

@@ -15,7 +15,8 @@ Process 0 scores.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -23,14 +24,30 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmamba import distributed
+from jaxmamba import console, distributed
 from jaxmamba.atomic import write_text
+from jaxmamba.config import Config
 from jaxmamba.data import RawDataset
 from jaxmamba.infer.evaluate import evaluate_folder, write_summary
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.predict import InputCase, find_cases, predict_cases
+from jaxmamba.ops.mesh import local_mesh
 from jaxmamba.plans import Plan
 from jaxmamba.rundir import FINAL_VALIDATION_DIR, FINAL_VALIDATION_DONE
+
+
+def after_training(cfg: Config, graphdef: nnx.GraphDef, params, rest, plan: Plan,
+                   val_ids: Sequence[str], run_dir: Path, *, progress: bool,
+                   say: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """`final_validation` of a finished run's network (its train state's `params`, `rest`) on
+    this process's devices (`--spatial` as `mesh.spatial`), its results said."""
+    t0 = time.perf_counter()
+    model = merged_model(graphdef, params, rest)
+    results = final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
+                               epoch=cfg.train.epochs, mesh=local_mesh(spatial=cfg.mesh.spatial),
+                               progress=progress)
+    say(console.validation_line(format_results(results, run_dir), time.perf_counter() - t0))
+    return results
 
 
 def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids: Sequence[str],
