@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 #: A name is a top-level module or package of jaxmamba; a command module (`cli.py` or `cli/`
 #: anywhere) belongs to the `cli` layer wherever it lives.
 LAYERS = (
-    ("errors", "choices", "atomic", "jsonfile", "console", "distributed", "config", "plans",
-     "scan_math", "compile_cache"),
+    ("errors", "choices", "atomic", "jsonfile", "console", "distributed", "typed_yaml", "config",
+     "plans", "scan_math", "compile_cache"),
     ("kernels",),
     ("ops",),
     ("layers",),
