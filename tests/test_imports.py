@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 #: anywhere) belongs to the `cli` layer wherever it lives.
 LAYERS = (
     ("errors", "choices", "atomic", "jsonfile", "console", "distributed", "typed_yaml", "config",
-     "plans", "scan_math", "compile_cache"),
+     "nnunet_plans", "plans", "scan_math", "compile_cache"),
     ("kernels",),
     ("ops",),
     ("layers",),

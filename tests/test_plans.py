@@ -9,7 +9,8 @@ import pytest
 
 from jaxmamba.cli import main
 from jaxmamba.datasets.phantom import make_phantom_dataset
-from jaxmamba.plans import NETWORK_CLASSES, Plan, PlanError
+from jaxmamba.nnunet_plans import NETWORK_CLASSES
+from jaxmamba.plans import Plan, PlanError
 
 SYNAPSE = "plans/Dataset090_SynapseAbdomen"
 LEGACY_KEYS = ("UNet_class_name", "UNet_base_num_features", "unet_max_num_features",

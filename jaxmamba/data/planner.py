@@ -35,7 +35,8 @@ import numpy as np
 
 from jaxmamba.data.normalize import scheme_for_channel
 from jaxmamba.data.resample import ANISO_THRESHOLD, new_shape
-from jaxmamba.plans import Plan, PlanError, network_class_path, reader_writer_for
+from jaxmamba.nnunet_plans import network_class_path, reader_writer_for
+from jaxmamba.plans import Plan, PlanError
 
 MIN_FEATURE_MAP = 4
 BASE_FEATURES, MAX_FEATURES = 32, 320
