@@ -31,6 +31,7 @@ from jaxmamba.choices import (
     ScanImplementation,
     Variant,
 )
+from jaxmamba.plans import override_problem
 from jaxmamba.typed_yaml import (
     ConfigError,
     Source,
@@ -205,46 +206,7 @@ def _check(cfg: Config, source: Source) -> None:
                           f"data.raw_dir=/path/to/DatasetXXX_Name (an nnU-Net raw folder)")
     if not cfg.train.run_dir:
         raise ConfigError(f"{source.of('train.run_dir')}: train.run_dir must not be empty")
-    _check_plan_overrides(cfg.data.plan_overrides, source)
-
-
-def _positive_int(v: Any) -> bool:
-    return type(v) is int and v >= 1
-
-
-def _ints(n: int | None, ok=_positive_int):
-    return lambda v: isinstance(v, list | tuple) and (n is None or len(v) == n) and all(
-        ok(x) for x in v)
-
-
-def _per_stage(entry):
-    return lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(entry(x) for x in v)
-
-
-#: Plan fields `data.plan_overrides` may set (they change the network or the batches, not the
-#: preprocessing), each with what its value must be and a check of it.
-PLAN_OVERRIDES: dict[str, tuple[str, Any]] = {
-    "patch_size": ("a list of 3 integers >= 1", _ints(3)),
-    "batch_size": ("an integer >= 1 (patches per step over all devices)", _positive_int),
-    "base_num_features": ("an integer >= 1", _positive_int),
-    "max_num_features": ("an integer >= 1", _positive_int),
-    "strides": ("a list (one per stage) of 3 integers >= 1", _per_stage(_ints(3))),
-    "kernel_sizes": ("a list (one per stage) of 3 odd integers >= 1 (a convolution keeps the "
-                     "shape with padding k // 2 only for odd k)",
-                     _per_stage(_ints(3, lambda x: _positive_int(x) and x % 2 == 1))),
-    "n_blocks_encoder": ("a list of integers >= 1, one per stage", _ints(None)),
-    "n_blocks_decoder": ("a list of integers >= 1, one per stage but the last", _ints(None)),
-    "batch_dice": ("true or false", lambda v: isinstance(v, bool)),
-}
-
-
-def _check_plan_overrides(overrides: dict[str, Any], source: Source) -> None:
-    for name, value in overrides.items():
+    for name, value in cfg.data.plan_overrides.items():  # early: before any preprocessing
         key = f"data.plan_overrides.{name}"
-        if name not in PLAN_OVERRIDES:
-            raise ConfigError(f"{source.of(key)}: {key}: not overridable (choose from "
-                              f"{', '.join(PLAN_OVERRIDES)}; preprocessing fields come from the "
-                              f"plan)")
-        expected, ok = PLAN_OVERRIDES[name]
-        if not ok(value):
-            raise ConfigError(f"{source.of(key)}: {key} = {value!r}: must be {expected}")
+        if problem := override_problem(name, value):
+            raise ConfigError(f"{source.of(key)}: {key}{problem}")

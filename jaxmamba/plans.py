@@ -3,7 +3,9 @@
 A `Plan` holds nnU-Net's `nnUNetPlans.json` `3d_fullres` configuration plus what `dataset.json`
 adds (input channels, labels), in nnU-Net's axis order, validated as a whole (`validate`). Its
 files are nnU-Net's, in every 2.x layout (`Plan.load`, `Plan.save`: `jaxmamba.nnunet_plans` is
-the format). This module is shared by `models/` and `data/` and imports neither.
+the format). A run's config may change some fields (`data.plan_overrides`): which, in what
+form (`override_problem`) and whether the result fits (`with_overrides`) is decided here alone.
+This module is shared by `models/` and `data/` and imports neither.
 """
 
 from __future__ import annotations
@@ -24,11 +26,53 @@ from jaxmamba.nnunet_plans import (
     reader_writer_for,
 )
 
-__all__ = ["CONFIGURATION", "NETWORK_CLASSES", "Plan", "PlanError"]
+__all__ = ["CONFIGURATION", "NETWORK_CLASSES", "OVERRIDABLE", "Plan", "PlanError",
+           "override_problem"]
 
 
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _ints(n: int | None, ok=_positive_int):
+    return lambda v: isinstance(v, list | tuple) and (n is None or len(v) == n) and all(
+        ok(x) for x in v)
+
+
+def _per_stage(entry):
+    return lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(entry(x) for x in v)
+
+
+#: Plan fields `data.plan_overrides` may set (they change the network or the batches, not the
+#: preprocessing), each with what its value must be and a check of it.
+OVERRIDABLE: dict[str, tuple[str, Any]] = {
+    "patch_size": ("a list of 3 integers >= 1", _ints(3)),
+    "batch_size": ("an integer >= 1 (patches per step over all devices)", _positive_int),
+    "base_num_features": ("an integer >= 1", _positive_int),
+    "max_num_features": ("an integer >= 1", _positive_int),
+    "strides": ("a list (one per stage) of 3 integers >= 1", _per_stage(_ints(3))),
+    "kernel_sizes": ("a list (one per stage) of 3 odd integers >= 1 (a convolution keeps the "
+                     "shape with padding k // 2 only for odd k)",
+                     _per_stage(_ints(3, lambda x: _positive_int(x) and x % 2 == 1))),
+    "n_blocks_encoder": ("a list of integers >= 1, one per stage", _ints(None)),
+    "n_blocks_decoder": ("a list of integers >= 1, one per stage but the last", _ints(None)),
+    "batch_dice": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def override_problem(name: str, value: Any) -> str | None:
+    """What is wrong with overriding plan field `name` by `value`, as the rest of a message
+    that names the override (`": not overridable ..."`, `" = ...: must be ..."`); None if
+    nothing. Whether the value fits a given plan is `Plan.with_overrides`'."""
+    if name not in OVERRIDABLE:
+        return (f": not overridable (choose from {', '.join(OVERRIDABLE)}; preprocessing "
+                f"fields come from the plan)")
+    expected, ok = OVERRIDABLE[name]
+    return None if ok(value) else f" = {value!r}: must be {expected}"
+
+
+def _as_tuple(v):
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +232,18 @@ class Plan:
     def replace(self, **changes: Any) -> Plan:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: dict[str, Any], *,
+                       blame: str = "data.plan_overrides") -> Plan:
+        """A copy with `overrides` (`OVERRIDABLE` fields, lists as YAML gives them) applied;
+        other fields, values of the wrong form and values that do not fit this plan are
+        `PlanError`s naming `blame` (the overrides), not the plans file."""
+        for name, value in overrides.items():
+            if problem := override_problem(name, value):
+                raise PlanError(f"{blame}.{name}{problem}")
+        changes = {k: _as_tuple(v) for k, v in overrides.items()}
+        self.replace(**changes, source=blame)  # validated, blamed on the overrides
+        return self.replace(**changes)
 
     # ------------------------------------------------------------------ nnU-Net files
     @classmethod
