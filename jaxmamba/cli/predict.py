@@ -61,6 +61,7 @@ def run(args) -> int:
     from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
+    from jaxmamba.infer.sliding_window import WindowOptions
     from jaxmamba.ops.mesh import check_patch_splits, local_mesh
     from jaxmamba.rundir import check_same_plan, load_run
 
@@ -90,11 +91,13 @@ def run(args) -> int:
                            devices=len(jax.local_devices()), name="--spatial", patch_key=None)
         apply_fns = [network_apply_fn(r.model, mesh) for r in runs]
         try:
+            window = WindowOptions(step_size=args.step_size, mirror_axes=mirror_axes,
+                                   batch_size=args.batch_size, accumulate=args.accumulate,
+                                   mesh=mesh)
             written, skipped = predict_cases(
-                apply_fns, plan, distributed.split(cases), args.output, mesh=mesh,
-                overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
-                accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())
+                apply_fns, plan, distributed.split(cases), args.output, window=window,
+                save_probabilities=args.save_probabilities, preview=args.preview,
+                overwrite=args.overwrite, progress=progress_enabled())
         finally:
             if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
                 plan.save(args.output / PLANS_FILE)

@@ -27,10 +27,7 @@ from jaxmamba.infer.preview import save_preview
 from jaxmamba.plans import Plan
 
 if TYPE_CHECKING:  # JAX is imported when a case is predicted, so `--help` answers without it
-    from jax.sharding import Mesh
-
-    from jaxmamba.choices import Accumulate
-    from jaxmamba.infer.sliding_window import ApplyFn
+    from jaxmamba.infer.sliding_window import ApplyFn, WindowOptions
 
 
 class PredictionError(DataError):
@@ -127,13 +124,12 @@ def logits_to_outputs(logits: np.ndarray, properties: dict, plan: Plan
 
 
 def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, output_dir: Path, *,
-                 save_probabilities: bool = False, mirror_axes: Sequence[int] | None = (0, 1, 2),
-                 step_size: float = 0.5, batch_size: int | None = None, mesh: Mesh | None = None,
-                 accumulate: Accumulate = "auto", preview: bool = False,
-                 progress: bool = False) -> Path:
-    """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
-    `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path."""
-    from jaxmamba.infer.sliding_window import predict_logits
+                 window: WindowOptions | None = None, save_probabilities: bool = False,
+                 preview: bool = False, progress: bool = False) -> Path:
+    """Predict one raw case with sliding windows (`window`, default nnU-Net's on this process's
+    devices) and write `output_dir/CASE<ending>` (and `CASE.npz` with `probabilities (K, z, y,
+    x)`, and `previews/CASE.png`); returns the label map's path."""
+    from jaxmamba.infer.sliding_window import DEFAULT_WINDOW, predict_logits
 
     data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
     image = np.moveaxis(data, 0, -1)
@@ -141,8 +137,7 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
     for i, fn in enumerate(apply_fns):
         desc = case.case_id if len(apply_fns) == 1 else f"{case.case_id} [{i + 1}/{len(apply_fns)}]"
         out = predict_logits(fn, image, plan.patch_size, num_classes=plan.num_classes,
-                             step_size=step_size, mirror_axes=mirror_axes, batch_size=batch_size,
-                             mesh=mesh, accumulate=accumulate, progress=desc if progress else False)
+                             window=window or DEFAULT_WINDOW, progress=desc if progress else False)
         logits = out if logits is None else logits + out
     labels, probabilities = logits_to_outputs(logits / len(apply_fns), properties, plan)
     path = output_dir / f"{case.case_id}{plan.file_ending}"
@@ -159,10 +154,11 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
 
 
 def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[InputCase],
-                  output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
-                  **options) -> tuple[list[Path], list[str]]:
-    """Predict every case not yet in `output_dir` (all with `overwrite`); `options` go to
-    `predict_case`. Returns `(written paths, skipped case ids)`.
+                  output_dir: str | Path, *, window: WindowOptions | None = None,
+                  save_probabilities: bool = False, preview: bool = False,
+                  overwrite: bool = False, progress: bool = True) -> tuple[list[Path], list[str]]:
+    """Predict every case not yet in `output_dir` (all with `overwrite`) as `predict_case` does.
+    Returns `(written paths, skipped case ids)`.
 
     A case that cannot be predicted (unreadable file, wrong geometry, ...) does not stop the
     others: after the last case, `PredictionError` lists every failure. An output of 0 bytes is
@@ -175,14 +171,15 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
     written, skipped, failures = [], [], []
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         done = _complete(output_dir / f"{case.case_id}{plan.file_ending}")
-        if options.get("save_probabilities"):
+        if save_probabilities:
             done = done and _complete(output_dir / f"{case.case_id}.npz")
         if done and not overwrite:
             skipped.append(case.case_id)
             continue
         try:
-            written.append(predict_case(apply_fns, plan, case, output_dir, progress=progress,
-                                        **options))
+            written.append(predict_case(apply_fns, plan, case, output_dir, window=window,
+                                        save_probabilities=save_probabilities, preview=preview,
+                                        progress=progress))
         except (DataError, ValueError, OSError) as err:
             message = str(err)
             failures.append(message if message.startswith(f"case {case.case_id}:")

@@ -5,6 +5,9 @@ overlap by default), each window is predicted (optionally under mirror test-time
 logits averaged over all flip combinations), weighted by a Gaussian importance map and accumulated;
 the sum is divided by the summed weights and cropped back to the input size.
 
+How it runs (stride, mirroring, windows per call, where the sums live, the devices) is one
+`WindowOptions` value, which prediction passes through unchanged.
+
 Arrays are channels-last in nnU-Net axis order: an image is `(S0, S1, S2, C)`, the
 network is any `apply_fn(windows (n, *patch, C)) -> logits (n, *patch, K)`, the result is
 `(S0, S1, S2, K)` float32 logits. Windows are batched on the device and sharded over the `data` axis
@@ -17,6 +20,7 @@ Deviation from nnU-Net, deliberately: accumulation is in float32 (nnU-Net uses f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -36,6 +40,35 @@ ApplyFn = Callable[[jax.Array], jax.Array]
 
 #: Fraction of the first device's free memory the accumulator may take under `accumulate="auto"`.
 _DEVICE_MEMORY_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOptions:
+    """How sliding-window prediction runs (`jaxmamba predict`'s options; nnU-Net's defaults).
+
+    step_size: window stride as a fraction of the patch (0.5 = nnU-Net's 50% overlap).
+    mirror_axes: spatial axes to mirror for test-time augmentation (all `2^k` combinations,
+      logits averaged); `None` or `()` switches mirroring off.
+    batch_size: windows per network call, rounded up to a multiple of the mesh's `data` axis
+      (default: one per device).
+    accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
+      `"auto"` (the device when the accumulator takes under half its free memory).
+    mesh: devices to shard windows over (axis `data`; `spatial` splits each window); default
+      this process's devices (`jaxmamba.ops.mesh.local_mesh`).
+    """
+
+    step_size: float = 0.5
+    mirror_axes: tuple[int, ...] | None = (0, 1, 2)
+    batch_size: int | None = None
+    accumulate: Accumulate = "auto"
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        check(self.accumulate, ACCUMULATE, "accumulate")
+
+
+#: nnU-Net's window settings on this process's devices.
+DEFAULT_WINDOW = WindowOptions()
 
 
 def compute_steps(image_size: Sequence[int], patch_size: Sequence[int],
@@ -95,26 +128,16 @@ def pad_to_patch(image: np.ndarray,
 
 
 def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[int], *,
-                   num_classes: int, step_size: float = 0.5,
-                   mirror_axes: Sequence[int] | None = (0, 1, 2), batch_size: int | None = None,
-                   mesh: Mesh | None = None, accumulate: Accumulate = "auto",
+                   num_classes: int, window: WindowOptions = DEFAULT_WINDOW,
                    progress: bool | str = False) -> np.ndarray:
     """Sliding-window logits of a whole volume (`predict_sliding_window_return_logits`).
 
     Args:
       apply_fn: the network, `(n, *patch, C) -> (n, *patch, num_classes)`; jit it beforehand, with
-        its parameters replicated over `mesh` when the mesh has several devices.
+        its parameters replicated over `window.mesh` when it has several devices.
       image: `(S0, S1, S2, C)` preprocessed volume; any size (padded to the patch, cropped back).
       patch_size: the plan's patch size.
-      step_size: window stride as a fraction of the patch (0.5 = nnU-Net's 50% overlap).
-      mirror_axes: spatial axes to mirror for test-time augmentation (all `2^k` combinations,
-        logits averaged); `None` or `()` switches mirroring off.
-      batch_size: windows per network call, rounded up to a multiple of the mesh size (default:
-        one per device).
-      mesh: devices to shard windows over (axis `data`; `spatial` splits each window); default
-        this process's devices (`jaxmamba.ops.mesh.local_mesh`).
-      accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
-        `"auto"` (the device when the accumulator takes under half its free memory).
+      window: stride, mirroring, windows per call, where the sums live, devices (`WindowOptions`).
       progress: show a progress bar over windows (a string is used as its description).
 
     Returns:
@@ -126,13 +149,14 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
                          f"{len(patch_size)} spatial axes")
     patch = tuple(int(p) for p in patch_size)
     padded, crop = pad_to_patch(image, patch)
-    starts = np.array(list(itertools.product(*compute_steps(padded.shape[:-1], patch, step_size))),
-                      np.int32)
+    starts = np.array(list(itertools.product(*compute_steps(padded.shape[:-1], patch,
+                                                           window.step_size))), np.int32)
     gauss = gaussian_importance_map(patch)
-    mesh = local_mesh() if mesh is None else mesh
+    mesh = local_mesh() if window.mesh is None else window.mesh
     n_dev = mesh.shape[DATA_AXIS]  # windows in parallel; a `spatial` axis splits each window
-    batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
-    flips = mirror_combinations(mirror_axes or ())
+    batch_size = n_dev * max(1, -(-(window.batch_size or n_dev) // n_dev))
+    flips = mirror_combinations(window.mirror_axes or ())
+    accumulate = window.accumulate
 
     acc_shape = (*padded.shape[:-1], num_classes)
     on_device = _choose_device(accumulate, mesh.devices.flat[0], 4 * math.prod(acc_shape))
@@ -192,7 +216,6 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
 
 
 def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> bool:
-    check(accumulate, ACCUMULATE, "accumulate")
     if accumulate != "auto":
         return accumulate == "device"
     stats = device.memory_stats() or {}

@@ -31,6 +31,7 @@ from jaxmamba.data import RawDataset
 from jaxmamba.infer.evaluate import evaluate_folder, write_summary
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.predict import InputCase, find_cases, predict_cases
+from jaxmamba.infer.sliding_window import WindowOptions
 from jaxmamba.ops.mesh import local_mesh
 from jaxmamba.plans import Plan
 from jaxmamba.rundir import FINAL_VALIDATION_DIR, FINAL_VALIDATION_DONE
@@ -70,8 +71,8 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     results = {}
     for name, cases, labels, partial in sets:
         out = set_folder(run_dir, name)
-        predict_cases([apply_fn], plan, distributed.split(cases), out, overwrite=True,
-                      mesh=mesh, progress=progress)
+        predict_cases([apply_fn], plan, distributed.split(cases), out,
+                      window=WindowOptions(mesh=mesh), overwrite=True, progress=progress)
         distributed.barrier(f"final validation {name}")
         results[name] = distributed.run_once(
             f"score {name}", lambda out=out, labels=labels, partial=partial: _score(
