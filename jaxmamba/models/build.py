@@ -71,8 +71,10 @@ class KeyStream:
 
     `nnx.Rngs` updates a counter Variable at every draw, which under tracing (`nnx.eval_shape`,
     `jit`) costs time quadratic in the number of draws (flax 0.12): 15 s for MultiSegMamba's
-    shapes. A Python counter costs nothing. The key is "rbg": its samplers compile ~4x faster
-    than threefry's, which dominates building a network eagerly (one compile per shape).
+    shapes. A Python counter costs nothing. The key is "rbg": its samplers compile ~3x faster
+    than threefry's, which dominates initialising a network, eagerly (one compile per shape) and
+    as training does it, in one jitted program (`jaxmamba.train.step.init_on_mesh`: SegMamba,
+    Synapse plan, CPU, 55 s against 151 s; docs/benchmarks.md "Initialising a network").
     """
 
     def __init__(self, seed: int):

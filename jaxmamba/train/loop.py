@@ -93,14 +93,12 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     class_names = [name for name, _ in plan.labels[1:]]
     ckpt = Checkpointer(run_dir)
 
-    # --- Network, optimizer, state, then the checkpoint restored.
+    # --- Network, optimizer, state: initialised on the mesh, then the checkpoint restored.
     t = cfg.train
     recipe = build_recipe(cfg.optim, epochs=t.epochs, iters_per_epoch=t.iters_per_epoch)
-    model = build_model(cfg.model.variant, plan, precision=cfg.model.precision,
-                        mamba=MambaOptions.of(cfg.model), rngs=cfg.seed)
-    graphdef, state = steps.init_state(model, recipe.tx)
-    del model
-    state = sharding.replicate(state, mesh)
+    graphdef, state = steps.init_on_mesh(
+        lambda: build_model(cfg.model.variant, plan, precision=cfg.model.precision,
+                            mamba=MambaOptions.of(cfg.model), rngs=cfg.seed), recipe.tx, mesh)
     train_it = jdata.train_iterator(cache, plan, train_ids, seed=cfg.seed + 1,
                                     batch_size=plan.batch_size, num_workers=cfg.data.num_workers,
                                     shard_index=jax.process_index(),

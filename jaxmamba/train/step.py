@@ -1,10 +1,11 @@
 """The train state and the pure, jitted train and eval steps (big_vision style).
 
-The network is split once into a static graph and two pytrees: parameters (trained) and the rest
-(non-parameter variables, carried unchanged). The steps are pure functions of
-`(TrainState, batch)`; `jit_steps` jits them with the state replicated and the batch sharded
-over the `data` mesh axis, so one program serves 1..N devices. Batches are
-`{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution first}`.
+The network is initialised on the devices (`init_on_mesh`) and split once into a static graph
+and two pytrees: parameters (trained) and the rest (non-parameter variables, carried unchanged).
+The steps are pure functions of `(TrainState, batch)`; `jit_steps` jits them with the state
+replicated and the batch sharded over the `data` mesh axis, so one program serves 1..N devices.
+Batches are `{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution
+first}`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,25 @@ class TrainState(NamedTuple):
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation,
                ) -> tuple[nnx.GraphDef, TrainState]:
+    """`model` split into its graph and a train state at step 0 (fresh optimizer state)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def init_on_mesh(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                 ) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state` of the network `build()` makes, as one jitted program whose outputs are
+    replicated over `mesh` (big_vision, the flax examples): the parameters are drawn on the
+    devices, nothing is built eagerly or copied from the host. `build` is traced once."""
+    graphdefs = []
+
+    def init() -> TrainState:
+        graphdef, state = init_state(build(), tx)
+        graphdefs.append(graphdef)  # static: the same for every call
+        return state
+
+    state = jax.jit(init, out_shardings=replicated(mesh))()
+    return graphdefs[0], state
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batch_dice: bool,
