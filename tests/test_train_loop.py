@@ -1,5 +1,6 @@
 """The training loop end to end on synthetic phantoms (configs/tiny.yaml), on 4 fake CPU devices:
-a two-step run and what it writes, exact resume, a non-finite loss, and bad input."""
+a two-step run and what it writes, exact resume, a non-finite loss, and bad input. Every run is
+under `jax.transfer_guard("disallow")`: an implicit host/device copy in the loop fails its test."""
 
 import json
 import shutil
@@ -12,8 +13,8 @@ from conftest import tiny_run_config as _cfg
 from jaxmamba.config import ConfigError, load_config
 from jaxmamba.plans import PlanError
 from jaxmamba.rundir import RunDirError
+from jaxmamba.train import loop
 from jaxmamba.train.finite import NonFiniteLossError
-from jaxmamba.train.loop import run
 from jaxmamba.train.preflight import DoesNotFitError
 
 
@@ -30,6 +31,13 @@ def compilation_cache(tmp_path_factory):
     yield
     for k, v in before.items():
         jax.config.update(k, v)
+
+
+def run(cfg, **kwargs):
+    """`jaxmamba.train.loop.run` where every host/device copy must be explicit."""
+    import jax
+    with jax.transfer_guard("disallow"):
+        return loop.run(cfg, **kwargs)
 
 
 def _losses(history):

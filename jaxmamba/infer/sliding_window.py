@@ -197,14 +197,14 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
         chunk = starts[first:first + batch_size]
         n_valid = len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n_valid, 0)])
-        windows = jax.device_put(_gather(image_dev, jnp.asarray(chunk), patch),
-                                 window_sharding)
+        windows = jax.device_put(_gather(image_dev, jax.device_put(chunk, replicated(mesh)),
+                                         patch), window_sharding)
         logits = _mirrored(apply_fn, windows, flips, num_classes)
         if on_device:
-            acc = _accumulate(acc, jax.device_put(logits, acc_device), gauss_dev,
-                              jax.device_put(chunk, acc_device), n_valid)
+            on_acc = jax.device_put((logits, chunk, n_valid), acc_device)
+            acc = _accumulate(acc, on_acc[0], gauss_dev, *on_acc[1:])
         else:
-            _accumulate_host(acc, np.asarray(logits)[:n_valid], gauss, chunk[:n_valid])
+            _accumulate_host(acc, jax.device_get(logits)[:n_valid], gauss, chunk[:n_valid])
         for s in chunk[:n_valid]:
             weights[tuple(slice(a, a + p) for a, p in zip(s, patch, strict=True))] += gauss
         if pending is not None:
@@ -212,7 +212,7 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
         pending = (logits, n_valid)
     bar.update(_wait(*pending))
     bar.close()
-    return np.asarray(acc), weights
+    return np.asarray(jax.device_get(acc)), weights
 
 
 def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> bool:

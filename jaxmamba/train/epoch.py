@@ -70,7 +70,7 @@ def consume(pending, tally: Tally, writer, bar, recipe, raw_dir: str, ckpt) -> N
             f"the loss became {loss} at step {step_no}", last_epoch=ckpt.latest_epoch(),
             checkpoints=ckpt.dir, raw_dir=raw_dir))
     tally.add(m)
-    lr = float(recipe.lr(step_no - 1))
+    lr = float(jax.device_get(recipe.lr(step_no - 1)))
     writer.scalars(step_no, {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]),
                              "param_norm": float(m["param_norm"]),
                              "update_norm": float(m["update_norm"])})

@@ -190,7 +190,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
                                       f"of epoch {epoch + 1}); saved in {ckpt.dir / PREEMPTED}. "
                                       f"Run the same command again to resume from this step",
                                       saved=True)
-            record = tally.record(epoch, step_no, recipe.lr(step_no - 1))
+            record = tally.record(epoch, step_no, jax.device_get(recipe.lr(step_no - 1)))
             if val_ids and t.val_iters:
                 record.update(epoch_.online_validation(eval_step, state, cache, plan, val_ids,
                                                        t.val_iters, mesh))

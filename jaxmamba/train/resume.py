@@ -99,7 +99,8 @@ class Resume:
         partial = meta.get("partial_epoch")  # a mid-epoch checkpoint: the epoch's sums so far
         progress = Progress(meta["epoch"], meta["history"], meta["best_ema"], partial)
         say(console.resumed_line(self.run_dir, progress.epoch,
-                                 partial["steps"] if partial else None, int(state.step)))
+                                 partial["steps"] if partial else None,
+                                 int(jax.device_get(state.step))))
         return state, progress
 
     def record(self, cfg: Config, plan: Plan, epoch: int) -> None:

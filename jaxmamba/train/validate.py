@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -119,5 +118,5 @@ def merged_model(graphdef: nnx.GraphDef, params, rest) -> nnx.Module:
     """The trained network as a module (for prediction), from the train state's parts: host
     copies of this process's replica (the state is replicated over all processes' devices)."""
     def host(x):
-        return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
+        return jax.device_get(x.addressable_data(0)) if isinstance(x, jax.Array) else x
     return nnx.merge(graphdef, jax.tree.map(host, params), jax.tree.map(host, rest))
