@@ -130,6 +130,12 @@ def test_data_does_not_import_models():
     assert forbidden_imports(import_graph()) == []
 
 
+def test_the_training_loop_does_not_import_infer():
+    """Only the final validation (`train/validate.py`) predicts; the loop builds its mesh from
+    `ops/mesh.py`."""
+    assert not [t for t in import_graph()["jaxmamba.train.loop"] if t.startswith("jaxmamba.infer")]
+
+
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
