@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jaxmamba.cli.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
     "predict": ("jaxmamba.cli.predict", "predict NIfTI cases with trained run directories"),
     "convert-torch": ("jaxmamba.cli.convert_torch", "import (or export) a PyTorch checkpoint"),
+    "postprocess": ("jaxmamba.cli.postprocess", "apply a crossval's postprocessing to label maps"),
 }
 DEBUG_ENV = "JAXMAMBA_DEBUG"
 _DEBUG_HELP = f"show the Python traceback of an error (or set {DEBUG_ENV}=1)"
