@@ -66,8 +66,9 @@ def read(run_dir: str | Path) -> dict[str, Any] | None:
 
 def add_session(run_dir: str | Path, cfg: Config, plan: Plan, params, *, start_epoch: int,
                 compile_seconds: float, memory: MemoryEstimate | None) -> dict[str, Any]:
-    """Append this session (this process's view of the devices) to `RUN_DIR/training.json`,
-    atomically, and return the record. `params`: the network's parameters (a pytree of arrays);
+    """Add this session (this process's view of the devices) to `RUN_DIR/training.json`,
+    atomically, and return the record; earlier sessions that started at `start_epoch` or later
+    are dropped. `params`: the network's parameters (a pytree of arrays);
     `memory`: XLA's estimate for the compiled train step (None if not reported)."""
     import jax
 
@@ -83,12 +84,13 @@ def add_session(run_dir: str | Path, cfg: Config, plan: Plan, params, *, start_e
             k: int(getattr(memory.stats, f"{k}_size_in_bytes"))
             for k in ("argument", "output", "temp", "alias")},
     }
-    # a resume starts again at the epoch it restored: sessions that trained epochs it redoes
-    # stay (their card and memory are still true of the run)
+    # sessions that started at this epoch or later trained nothing that is kept (a fresh start
+    # after a refused or failed one, a resume after one that saved no epoch): they go
+    earlier = [s for s in record.get("sessions", []) if s.get("start_epoch", 0) < start_epoch]
     record.update(parameters=int(sum(x.size for x in jax.tree.leaves(params))),
                   variant=cfg.model.variant, precision=cfg.model.precision,
                   patch_size=list(plan.patch_size), batch_size=plan.batch_size)
-    record["sessions"] = [*record.get("sessions", []), session]
+    record["sessions"] = [*earlier, session]
     write_text(Path(run_dir) / TRAINING_FILE, json.dumps(record, indent=1) + "\n")
     return record
 
