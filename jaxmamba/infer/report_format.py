@@ -115,7 +115,7 @@ def plot(rows: Sequence[Row], path: str | Path) -> None:
     axes = fig.subplots(1, 3)
     x = list(range(len(rows)))
     panels = [
-        ("mean Dice", [r.mean_dice for r in rows], (0, 1.15)),
+        ("mean Dice", [r.mean_dice for r in rows], (0, 1.3)),
         ("train-step memory (GiB)",
          [None if r.memory_bytes is None else r.memory_bytes / GIB for r in rows], None),
         ("training time per fold (h)", [_hours_per_fold(r) for r in rows], None),
@@ -129,13 +129,14 @@ def plot(rows: Sequence[Row], path: str | Path) -> None:
         if pp:
             ax.bar([i + width / 2 for i in x], [r.pp_mean_dice or 0.0 for r in rows], width,
                    color="C0", alpha=0.5, hatch="//", label="postprocessed")
-            ax.legend(loc="upper center", fontsize="small", ncols=2)
+            ax.legend(loc="upper center", fontsize="x-small")
         for i, v in enumerate(values):
             ax.text(i + shift, 0, " n/a" if v is None else "", rotation=90, va="bottom",
                     ha="center", fontsize="small")
         ax.set_title(title, fontsize=10)
         ax.set_xticks(x, names, fontsize=8)
-        if ylim:
+        if ylim:  # Dice: room above 1 for the legend, ticks up to 1
             ax.set_ylim(*ylim)
+            ax.set_yticks([i / 5 for i in range(6)])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
