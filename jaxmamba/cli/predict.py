@@ -47,6 +47,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-non-finite", action="store_true",
                         help="predict even with a checkpoint whose parameters hold NaN or inf "
                              "(refused by default: its predictions would be meaningless)")
+    parser.add_argument("--postprocessing", type=Path, default=None, metavar="FILE",
+                        help="apply the postprocessing that `jaxmamba crossval --postprocessing` "
+                             "decided (its postprocessing.json) to every label map")
     parser.add_argument("--spatial", type=int, default=1, metavar="N",
                         help="devices sharing each window, split along its first axis (windows "
                              "larger than one device's memory; default 1)")
@@ -78,6 +81,13 @@ def run(args) -> int:
                       f"predicting anyway (--allow-non-finite)")
         check_same_plan(runs)
         plan = runs[0].plan
+        postprocess = None
+        if args.postprocessing is not None:
+            from jaxmamba.infer.postprocess import load
+            pp = load(args.postprocessing, dataset_name=plan.dataset_name,
+                      labels=dict(plan.labels))
+            postprocess = pp.apply
+            say(pp.describe())
         cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
         for r in runs:
             say(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
@@ -94,7 +104,8 @@ def run(args) -> int:
                 apply_fns, plan, distributed.split(cases), args.output, mesh=mesh,
                 overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                 mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
-                accumulate=args.accumulate, preview=args.preview, progress=progress_enabled())
+                accumulate=args.accumulate, preview=args.preview, postprocess=postprocess,
+                progress=progress_enabled())
         finally:
             if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
                 plan.save(args.output / PLANS_FILE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,9 +129,12 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
                  save_probabilities: bool = False, mirror_axes: Sequence[int] | None = (0, 1, 2),
                  step_size: float = 0.5, batch_size: int | None = None, mesh: Mesh | None = None,
                  accumulate: Accumulate = "auto", preview: bool = False,
+                 postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
                  progress: bool = False) -> Path:
     """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
-    `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path."""
+    `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path.
+    `postprocess` maps the label map (z, y, x) before it is drawn and written (e.g.
+    `jaxmamba.infer.postprocess.Postprocessing.apply`; the probabilities stay as predicted)."""
     from jaxmamba.infer.sliding_window import predict_logits
 
     data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
@@ -144,6 +147,8 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
                              mesh=mesh, accumulate=accumulate, progress=desc if progress else False)
         logits = out if logits is None else logits + out
     labels, probabilities = logits_to_outputs(logits / len(apply_fns), properties, plan)
+    if postprocess is not None:
+        labels = postprocess(labels)
     path = output_dir / f"{case.case_id}{plan.file_ending}"
     if save_probabilities:
         _save_npz(output_dir / f"{case.case_id}.npz", probabilities=probabilities)

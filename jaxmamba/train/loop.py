@@ -39,6 +39,7 @@ from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.data import prepare_data
 from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.optim import build_recipe
+from jaxmamba.train.record import StepTimes, add_session
 from jaxmamba.train.writers import RunWriter
 
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
@@ -192,7 +193,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         writer.close()
         ckpt.close()
         summary = _summary(run_dir, start_epoch, state, graphdef, plan, writer, best_ema)
-        missing = (start_epoch == t.epochs and t.final_validation
+        missing = (start_epoch == t.epochs and t.final_validation and cfg.data.fold != "all"
                    and validate.done(run_dir, t.epochs) is None)
         say(console.finished_line(run_dir, start_epoch, t.epochs,
                                   final_validation_missing=missing))
@@ -208,11 +209,16 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     first = sharding.global_batch(next(train_it), mesh)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, first).compile()
-    say(console.compiled_line(time.perf_counter() - t0, cfg.model.variant, plan.patch_size,
+    compile_seconds = time.perf_counter() - t0
+    say(console.compiled_line(compile_seconds, cfg.model.variant, plan.patch_size,
                               plan.batch_size, mesh.shape[sharding.DATA_AXIS], cfg.mesh.spatial,
                               jax.devices()[0].device_kind))
+    memory = preflight.estimate(compiled)
+    if main:  # what `jaxmamba report` reads
+        add_session(run_dir, cfg, plan, state.params, start_epoch=start_epoch,
+                    compile_seconds=compile_seconds, memory=memory)
     if t.preflight:
-        say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
+        say(preflight.check_fits(memory, plan, limit_gib=t.memory_limit_gib))
     if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
         eval_step = eval_step.lower(state, first).compile()
     # Compiling takes each process its own time (cache hits, load): meet before the first step,
@@ -309,6 +315,9 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
 
 def _final_validation(cfg, state, graphdef, plan, val_ids, run_dir, main, say) -> dict:
     """Sliding-window validation of the held-out cases, split over the processes."""
+    if cfg.data.fold == "all":
+        say(console.no_final_validation_line())
+        return {}
     t0 = time.perf_counter()
     model = validate.merged_model(graphdef, state.params, state.rest)
     results = validate.final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
@@ -337,13 +346,15 @@ def _summary(run_dir, epochs, state, graphdef, plan, writer, best_ema) -> dict[s
 
 
 class _Tally:
-    """Sums of one epoch's step metrics (host side)."""
+    """Sums of one epoch's step metrics (host side), and when each step was seen done."""
 
     def __init__(self, n_classes: int):
         self.n, self.loss, self.grad_norm = 0, 0.0, 0.0
         self.counts = np.zeros((3, n_classes))
+        self.times = StepTimes()
 
     def add(self, m: dict) -> None:
+        self.times.tick()
         self.n += 1
         self.loss += float(m["loss"])
         self.grad_norm += float(m["grad_norm"])
@@ -368,7 +379,8 @@ class _Tally:
     def record(self, epoch: int, step: int, lr) -> dict:
         return {"epoch": epoch, "step": step, "train_loss": self.loss / max(self.n, 1),
                 "train_dice": _nan_to_none(self.dice()), "lr": float(lr),
-                "grad_norm": self.grad_norm / max(self.n, 1)}
+                "grad_norm": self.grad_norm / max(self.n, 1),
+                "step_seconds": self.times.median()}
 
 
 def _consume(pending, tally: _Tally, writer: RunWriter, bar, recipe, raw_dir: str, ckpt):
