@@ -56,7 +56,9 @@ class DataConfig:
     preprocessed_dir: str = ""  # preprocessing cache; "" = <raw_dir>_preprocessed
     plans: str | None = None  # nnUNetPlans.json to use; None = plan from the dataset fingerprint
     build: BundledDataset | None = None  # build this dataset at raw_dir if it is absent
-    fold: int = 0  # nnU-Net 5-fold split (splits_final.json), nnunetv2 `generate_crossval_split`
+    #: nnU-Net 5-fold split (splits_final.json), nnunetv2 `generate_crossval_split`; "all"
+    #: trains on every case (nnU-Net's fold `all`), with no validation
+    fold: int | Literal["all"] = 0
     num_workers: int = 0  # grain worker processes for training patches (0 = in-process)
     plan_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # Plan fields
 
@@ -182,7 +184,8 @@ def _check(cfg: Config, source: Source) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{source.of(key)}: {key} = {value}: must be > 0")
-    nonneg = {"train.val_iters": t.val_iters, "data.fold": cfg.data.fold,
+    nonneg = {"train.val_iters": t.val_iters,
+              "data.fold": cfg.data.fold if isinstance(cfg.data.fold, int) else 0,
               "data.num_workers": cfg.data.num_workers, "optim.weight_decay": o.weight_decay}
     for key, value in nonneg.items():
         if value < 0:

@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-non-finite", action="store_true",
                         help="predict even with a checkpoint whose parameters hold NaN or inf "
                              "(refused by default: its predictions would be meaningless)")
+    parser.add_argument("--postprocessing", type=Path, default=None, metavar="FILE",
+                        help="apply the postprocessing that `jaxmamba crossval --postprocessing` "
+                             "decided (its postprocessing.json) to every label map")
     parser.add_argument("--spatial", type=int, default=1, metavar="N",
                         help="devices sharing each window, split along its first axis (windows "
                              "larger than one device's memory; default 1)")
@@ -79,6 +82,13 @@ def run(args) -> int:
                       f"predicting anyway (--allow-non-finite)")
         check_same_plan(runs)
         plan = runs[0].plan
+        postprocess = None
+        if args.postprocessing is not None:
+            from jaxmamba.infer.postprocess import load
+            pp = load(args.postprocessing, dataset_name=plan.dataset_name,
+                      labels=dict(plan.labels))
+            postprocess = pp.apply
+            say(pp.describe())
         cases = find_cases(args.input, plan.num_input_channels, plan.file_ending)
         for r in runs:
             say(f"{r.run_dir}: {r.variant}, {r.checkpoint} checkpoint")
@@ -97,7 +107,7 @@ def run(args) -> int:
             written, skipped = predict_cases(
                 apply_fns, plan, distributed.split(cases), args.output, window=window,
                 save_probabilities=args.save_probabilities, preview=args.preview,
-                overwrite=args.overwrite, progress=progress_enabled())
+                postprocess=postprocess, overwrite=args.overwrite, progress=progress_enabled())
         finally:
             if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
                 plan.save(args.output / PLANS_FILE)

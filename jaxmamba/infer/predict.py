@@ -13,7 +13,7 @@ fits; `jaxmamba.infer.network.network_apply_fn` turns an NNX U-Net into one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -125,10 +125,14 @@ def logits_to_outputs(logits: np.ndarray, properties: dict, plan: Plan
 
 def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, output_dir: Path, *,
                  window: WindowOptions | None = None, save_probabilities: bool = False,
-                 preview: bool = False, progress: bool = False) -> Path:
+                 preview: bool = False,
+                 postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                 progress: bool = False) -> Path:
     """Predict one raw case with sliding windows (`window`, default nnU-Net's on this process's
     devices) and write `output_dir/CASE<ending>` (and `CASE.npz` with `probabilities (K, z, y,
-    x)`, and `previews/CASE.png`); returns the label map's path."""
+    x)`, and `previews/CASE.png`); returns the label map's path. `postprocess` maps the label map
+    (z, y, x) before it is drawn and written (e.g.
+    `jaxmamba.infer.postprocess.Postprocessing.apply`; the probabilities stay as predicted)."""
     from jaxmamba.infer.sliding_window import DEFAULT_WINDOW, predict_logits
 
     data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
@@ -140,6 +144,8 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
                              window=window or DEFAULT_WINDOW, progress=desc if progress else False)
         logits = out if logits is None else logits + out
     labels, probabilities = logits_to_outputs(logits / len(apply_fns), properties, plan)
+    if postprocess is not None:
+        labels = postprocess(labels)
     path = output_dir / f"{case.case_id}{plan.file_ending}"
     if save_probabilities:
         _save_npz(output_dir / f"{case.case_id}.npz", probabilities=probabilities)
@@ -156,6 +162,7 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
 def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[InputCase],
                   output_dir: str | Path, *, window: WindowOptions | None = None,
                   save_probabilities: bool = False, preview: bool = False,
+                  postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
                   overwrite: bool = False, progress: bool = True) -> tuple[list[Path], list[str]]:
     """Predict every case not yet in `output_dir` (all with `overwrite`) as `predict_case` does.
     Returns `(written paths, skipped case ids)`.
@@ -179,7 +186,7 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
         try:
             written.append(predict_case(apply_fns, plan, case, output_dir, window=window,
                                         save_probabilities=save_probabilities, preview=preview,
-                                        progress=progress))
+                                        postprocess=postprocess, progress=progress))
         except (DataError, ValueError, OSError) as err:
             message = str(err)
             failures.append(message if message.startswith(f"case {case.case_id}:")

@@ -1,10 +1,11 @@
 # One epoch's bookkeeping: step-metric sums, online validation, the pseudo-Dice EMA, throughput.
 """What the training loop adds up per epoch (host side), as nnU-Net's trainer does.
 
-`Tally` sums the step metrics (`consume` reads one step's while the next runs) and becomes the
-epoch's record; `online_validation` is nnU-Net's pseudo-Dice on fixed validation patches;
-`update_best` keeps its EMA (0.9 old + 0.1 new) and whether this epoch is the best;
-`Throughput` says the steps' speed once. Records are JSON-able (NaN becomes None).
+`Tally` sums the step metrics (`consume` reads one step's while the next runs) and the steps'
+times (`jaxmamba.train.record.StepTimes`) and becomes the epoch's record; `online_validation`
+is nnU-Net's pseudo-Dice on fixed validation patches; `update_best` keeps its EMA (0.9 old +
+0.1 new) and whether this epoch is the best; `Throughput` says the steps' speed once. Records
+are JSON-able (NaN becomes None).
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ from jaxmamba import console
 from jaxmamba import data as jdata
 from jaxmamba.train import finite, losses, sharding
 from jaxmamba.train.finite import NonFiniteLossError
+from jaxmamba.train.record import StepTimes
 
 THROUGHPUT_STEPS = 10  # steps after the first whose speed is reported
 
 
 class Tally:
-    """Sums of one epoch's step metrics (host side)."""
+    """Sums of one epoch's step metrics (host side), and when each step was seen done."""
 
     def __init__(self, n_classes: int):
         self.n, self.loss, self.grad_norm = 0, 0.0, 0.0
         self.counts = np.zeros((3, n_classes))
+        self.times = StepTimes()
 
     def add(self, m: dict) -> None:
+        self.times.tick()
         self.n += 1
         self.loss += float(m["loss"])
         self.grad_norm += float(m["grad_norm"])
@@ -56,7 +60,8 @@ class Tally:
     def record(self, epoch: int, step: int, lr) -> dict:
         return {"epoch": epoch, "step": step, "train_loss": self.loss / max(self.n, 1),
                 "train_dice": nan_to_none(self.dice()), "lr": float(lr),
-                "grad_norm": self.grad_norm / max(self.n, 1)}
+                "grad_norm": self.grad_norm / max(self.n, 1),
+                "step_seconds": self.times.median()}
 
 
 def consume(pending, tally: Tally, writer, bar, recipe, raw_dir: str, ckpt) -> None:

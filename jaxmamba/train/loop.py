@@ -37,6 +37,7 @@ from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import Checkpointer
 from jaxmamba.train.data import prepare_data
 from jaxmamba.train.optim import build_recipe
+from jaxmamba.train.record import add_session
 from jaxmamba.train.resume import Resume
 from jaxmamba.train.writers import RunWriter
 
@@ -115,7 +116,7 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
         writer.close()
         ckpt.close()
         summary = _summary(run_dir, start_epoch, state, graphdef, plan, writer, best_ema)
-        missing = (start_epoch == t.epochs and t.final_validation
+        missing = (start_epoch == t.epochs and t.final_validation and cfg.data.fold != "all"
                    and validate.done(run_dir, t.epochs) is None)
         say(console.finished_line(run_dir, start_epoch, t.epochs,
                                   final_validation_missing=missing))
@@ -132,11 +133,16 @@ def _run(cfg: Config, max_epochs, stop: signals.StopOnSignal, run_dir: Path, mai
     first = sharding.global_batch(next(train_it), mesh)
     t0 = time.perf_counter()
     compiled = train_step.lower(state, first).compile()
-    say(console.compiled_line(time.perf_counter() - t0, cfg.model.variant, plan.patch_size,
+    compile_seconds = time.perf_counter() - t0
+    say(console.compiled_line(compile_seconds, cfg.model.variant, plan.patch_size,
                               plan.batch_size, mesh.shape[DATA_AXIS], cfg.mesh.spatial,
                               jax.devices()[0].device_kind))
+    memory = preflight.estimate(compiled)
+    if main:  # what `jaxmamba report` reads
+        add_session(run_dir, cfg, plan, state.params, start_epoch=start_epoch,
+                    compile_seconds=compile_seconds, memory=memory)
     if t.preflight:
-        say(preflight.check_fits(preflight.estimate(compiled), plan, limit_gib=t.memory_limit_gib))
+        say(preflight.check_fits(memory, plan, limit_gib=t.memory_limit_gib))
     if val_ids and t.val_iters:  # ahead too, so that no process compiles it after the barrier
         eval_step = eval_step.lower(state, first).compile()
     # Compiling takes each process its own time (cache hits, load): meet before the first step,

@@ -40,7 +40,11 @@ def after_training(cfg: Config, graphdef: nnx.GraphDef, params, rest, plan: Plan
                    val_ids: Sequence[str], run_dir: Path, *, progress: bool,
                    say: Callable[[str], None]) -> dict[str, dict[str, float]]:
     """`final_validation` of a finished run's network (its train state's `params`, `rest`) on
-    this process's devices (`--spatial` as `mesh.spatial`), its results said."""
+    this process's devices (`--spatial` as `mesh.spatial`), its results said; none for
+    `data.fold=all` (nothing is held out)."""
+    if cfg.data.fold == "all":
+        say(console.no_final_validation_line())
+        return {}
     t0 = time.perf_counter()
     model = merged_model(graphdef, params, rest)
     results = final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
