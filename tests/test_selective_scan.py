@@ -1,5 +1,6 @@
-"""One contract class run against every fast selective-scan implementation (`xla`, `pallas` in
-interpret mode, `pallas` compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential
+"""One contract class run against every fast selective-scan implementation (`xla`; `pallas` on
+its Triton and its Mosaic GPU kernels, in interpret mode on any machine (Mosaic GPU's interpret
+mode from jax 0.11) and compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential
 reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
 op's input checks against every implementation.
 
@@ -17,14 +18,18 @@ import numpy as np
 import pytest
 from conftest import random_case, random_inputs, rel_err
 
+from jaxmamba.kernels import backends, mosaic_backend
 from jaxmamba.kernels import selective_scan as ks
+from jaxmamba.kernels.mosaic_common import MosaicTiling
 from jaxmamba.kernels.tiling import ScanTiling
 from jaxmamba.ops import selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
-#: The contract class runs against each of these (`pallas-gpu` only where a GPU is).
-IMPLEMENTATIONS = ["xla", "pallas-interpret", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
+#: The contract class runs against each of these (`*-gpu` only where a GPU is).
+IMPLEMENTATIONS = ["xla", "pallas-interpret", "pallas-mosaic-interpret",
+                   pytest.param("pallas-triton-gpu", marks=pytest.mark.gpu),
+                   pytest.param("pallas-mosaic-gpu", marks=pytest.mark.gpu)]
 
 #: ‖out − ref‖ / ‖ref‖ bounds.
 F64_TOL = 1e-10
@@ -46,6 +51,10 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 #: compile, small.
 SMALL = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1,
                    state_stride=2)
+#: The Mosaic GPU kernels' `SMALL`: 64-channel tiles (their least), two pipelined blocks of 8 rows
+#: per chunk.
+MOSAIC_SMALL = MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=2,
+                            bwd_warps=4, state_stride=2, block_rows=8)
 
 
 def load_cases(reference_dir):
@@ -115,16 +124,23 @@ def op(impl, **fixed):
 
 @pytest.fixture
 def impl(request, monkeypatch):
-    """The `implementation=` argument for one contract parameter. `pallas-interpret` runs the
-    kernels in interpret mode with the `SMALL` tiling (also on a GPU machine); `pallas-gpu`
-    compiles them with the default tiling."""
+    """The `implementation=` argument for one contract parameter, with `pallas`'s backend fixed.
+    `pallas-*interpret` runs the kernels in interpret mode with the `SMALL` (`MOSAIC_SMALL`)
+    tiling, also on a GPU machine; `pallas-*-gpu` compiles them with the default tiling."""
     if request.param == "xla":
         return "xla"
-    if request.param == "pallas-interpret":
+    backend = "mosaic" if "mosaic" in request.param else "triton"
+    monkeypatch.setattr(ks, "default_backend", lambda interpret: backend)
+    if request.param.endswith("interpret"):
+        if backend == "mosaic" and (reason := mosaic_backend.interpret_unavailable_reason()):
+            pytest.skip(reason)
         monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
+        monkeypatch.setattr(ks, "default_mosaic_tiling", lambda *shape: MOSAIC_SMALL)
         monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
         return "pallas"
-    assert request.param == "pallas-gpu", request.param  # `gpu` marker: skipped without one
+    assert request.param.endswith("-gpu"), request.param  # `gpu` marker: skipped without one
+    if reason := backends.unavailable_reason(backend):
+        pytest.skip(reason)
     return "pallas"
 
 

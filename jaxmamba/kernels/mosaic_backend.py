@@ -23,6 +23,9 @@ import jax
 
 #: Rows of a state tile: the WGMMA register layout spreads 64 rows over a warpgroup.
 TILE_ROWS = 64
+#: Let Mosaic use approximate `exp2`/`log`/division (`CompilerParams.approx_math`); read when a
+#: kernel is traced (benchmarks/mosaic_check.py times both, clearing JAX's caches between).
+APPROX_MATH = False
 
 
 @functools.cache
@@ -110,14 +113,13 @@ def pipeline(body, *, steps: int, in_specs, carry, depth: int = 2):
                                   max_concurrent_steps=min(depth, steps), init_carry=carry)
 
 
-def kernel(body, *, out_shape, grid, grid_names, interpret: bool, name: str,
-           approx_math: bool = False):
+def kernel(body, *, out_shape, grid, grid_names, interpret: bool, name: str):
     """`plgpu.kernel` over `grid` (axes read in the body with `lax.axis_index(name)`), one
     warpgroup per program. Interpret mode runs it on the CPU with every output starting as NaN
     (an element the kernel fails to write stays NaN)."""
     mgpu = module()
     params = dict(out_type=out_shape, grid=grid, grid_names=grid_names, kernel_name=name,
-                  compiler_params=mgpu.CompilerParams(approx_math=approx_math))
+                  compiler_params=mgpu.CompilerParams(approx_math=APPROX_MATH))
     if interpret:
         if reason := interpret_unavailable_reason():
             raise NotImplementedError(f"selective_scan: Mosaic GPU interpret mode: {reason}")

@@ -1,0 +1,200 @@
+"""The Mosaic GPU backend of the Pallas selective scan beyond the shared contract
+(tests/test_selective_scan.py runs that in Mosaic GPU's interpret mode and compiled): each kernel
+phase against the jnp reference of the Triton backend's phase, padded multi-chunk cases whose
+outputs start as NaN, lowering for a CUDA GPU on any machine (every JAX, including 0.10 which
+has no Mosaic GPU interpret mode), tiling, and which backend a GPU gets.
+
+GPU interpret mode runs each program of each kernel in Python callbacks: tens of seconds per
+case on a 2-core CPU, so the cases are few and small.
+"""
+
+import functools
+import importlib
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import random_case, random_inputs, rel_err
+from test_selective_scan import (
+    F32_GRAD_TOL,
+    F32_OUT_TOL,
+    FAST_COMPILE,
+    MOSAIC_SMALL,
+    assert_close,
+    outputs_and_grads,
+)
+
+from jaxmamba.kernels import backends, mosaic_backend
+from jaxmamba.kernels import mosaic_backward as mbw
+from jaxmamba.kernels import mosaic_forward as mfw
+from jaxmamba.kernels import scan_backward as kb
+from jaxmamba.kernels import scan_common as sc
+from jaxmamba.kernels import scan_forward as kf
+from jaxmamba.kernels import selective_scan as ks
+from jaxmamba.kernels.mosaic_common import MosaicTiling, as_mosaic, default_mosaic_tiling
+from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling
+from jaxmamba.ops import default_implementation
+from jaxmamba.ops.scan_reference import selective_scan_reference
+
+op_module = importlib.import_module("jaxmamba.ops.selective_scan")
+
+needs_interpret = pytest.mark.skipif(
+    mosaic_backend.interpret_unavailable_reason() is not None,
+    reason=str(mosaic_backend.interpret_unavailable_reason()))
+
+
+def mosaic(tiling=MOSAIC_SMALL, **kw):
+    return functools.partial(ks.selective_scan_pallas, backend="mosaic", interpret=True,
+                             tiling=tiling, **kw)
+
+
+@needs_interpret
+@pytest.mark.parametrize("reverse", [False, True])
+def test_phase_kernels_match_references(key, reverse):
+    """K1 (end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients) against
+    the jnp references of their phases, from random chunk start states and successor adjoints:
+    2 chunks of 2 pipelined blocks, 2 channel tiles."""
+    b, l, d, n = 1, 32, 128, 8
+    a, _, g = random_case(key, b, l, d, n)
+    u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
+                                                 "delta_bias"))
+    st = sc.ScanStatics(tiling=MOSAIC_SMALL, length=l, padded_length=l, delta_softplus=True,
+                        reverse=reverse, has_z=True, interpret=True)
+    n_chunks = l // MOSAIC_SMALL.chunk
+    k_in, k_mu = jax.random.split(jax.random.fold_in(key, 1))
+    h_in = jax.random.normal(k_in, (b, n_chunks, d, n))
+    mu = jax.random.normal(k_mu, (b, n_chunks, d, n))
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def phases():
+        hf, q = mbw.chunk_adjoints(st, u, dt, z, g, A, B, C, bias, h_in)
+        return (mfw.chunk_states(st, u, dt, A, B, bias, jnp.float32),
+                mfw.chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in), q,
+                mbw.chunk_gradients(st, u, dt, z, g, A, B, C, D, bias, hf, mu))
+
+    (h, s), y, q, grads = phases()
+    h_ref, s_ref = kf.chunk_states_reference(st, u, dt, A, B, bias, jnp.float32)
+    y_ref = kf.chunk_outputs_reference(st, u, dt, z, A, B, C, D, bias, h_in)
+    q_ref = kb.chunk_adjoints_reference(st, dt, z, g, A, C, bias, jnp.float32)
+    for name, x, x_ref in [("h", h, h_ref), ("sum_delta", s, s_ref), ("y", y, y_ref),
+                           ("q", q, q_ref)]:
+        assert x.shape == x_ref.shape and jnp.isfinite(x).all(), name
+        assert rel_err(x, x_ref) <= F32_OUT_TOL, name
+    du, ddt, dz, db, dc, da, dd, dbias = grads
+    want = kb.chunk_gradients_reference(st, u, dt, z, g, A, B, C, D, bias, h_in, mu)
+    got = (du, ddt, dz, db.sum(0), dc.sum(0), da.sum((0, 1)), dd.sum((0, 1)), dbias.sum((0, 1)))
+    for name, x, x_ref in zip(("du", "ddelta", "dz", "dB", "dC", "dA", "dD", "dbias"), got, want,
+                              strict=True):
+        assert x.shape == x_ref.shape and float(jnp.abs(x_ref).max()) > 0, name
+        assert rel_err(x, x_ref) <= F32_GRAD_TOL, name
+
+
+@needs_interpret
+@pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),
+                                                 (True, 2, True)])
+def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
+    """L=45 (3 chunks, 3 padding rows), D=80 (2 channel tiles, the second mostly padding), N=12
+    (padded to 16), 8 sub-chunks per chunk with a saved state every `stride` of them, saved by
+    the backward or (`fused_replay`) by the forward; initial state and final-state gradient.
+    Every kernel output starts as NaN (`poison_outputs`: interpret mode's fill)."""
+    args, h0, g = random_case(key, 2, 45, 80, 12)
+    tiling = MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=2,
+                          bwd_warps=4, state_stride=stride, block_rows=max(8, 2 * stride))
+    got = outputs_and_grads(mosaic(tiling=tiling, poison_outputs=True, fused_replay=fused),
+                            args, h0, g, reverse=reverse)
+    assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
+    assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=reverse),
+                 F32_OUT_TOL, F32_GRAD_TOL)
+
+
+def test_poison_outputs_needs_interpret_mode(key):
+    """Compiled Mosaic kernels cannot alias NaN buffers to their outputs: a clear error, before
+    anything is lowered."""
+    with pytest.raises(NotImplementedError, match="poison_outputs on the Mosaic GPU backend "
+                                                  "needs interpret mode"):
+        ks.selective_scan_pallas(**random_inputs(key, 1, 8, 4, 2), backend="mosaic",
+                                 interpret=False, poison_outputs=True)
+
+
+def test_kernels_lower_for_cuda():
+    """Every Mosaic kernel of the fwd+bwd lowers for a CUDA GPU on any machine and any JAX
+    (traced and lowered to Mosaic GPU's MLIR, not compiled: catches a primitive or a layout
+    that Mosaic GPU lacks, which interpret mode never sees), padded, reversed, bf16, N=32."""
+    b, l, d, n = 1, 1000, 40, 32
+    shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
+                  z=(b, l, d), delta_bias=(d,))
+    args = {k: jax.ShapeDtypeStruct(s, jnp.bfloat16 if len(s) == 3 else jnp.float32)
+            for k, s in shapes.items()}
+
+    def grads(a):
+        def loss(a):
+            y = ks.selective_scan_pallas(**a, interpret=False, reverse=True, backend="mosaic")[0]
+            return jnp.sum(y.astype(jnp.float32))
+
+        return jax.value_and_grad(loss)(a)
+
+    text = jax.jit(grads).trace(args).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4  # K1, K3, B1, B3
+    assert {"selective_scan_mosaic_chunk_states", "selective_scan_mosaic_chunk_outputs",
+            "selective_scan_mosaic_chunk_adjoints", "selective_scan_mosaic_chunk_gradients"} \
+        <= set(re.findall(r"selective_scan_mosaic_chunk_[a-z]+", text))
+
+
+@pytest.mark.parametrize("b,l,d,n", [(2, 1769472, 64, 32), (2, 442368, 128, 64),
+                                     (2, 6912, 512, 256), (2, 216, 640, 256),
+                                     (2, 262144, 64, 16), (1, 3, 5, 1)])
+def test_default_tiling(b, l, d, n):
+    """64-channel tiles, replayed states within the register budget, groups inside a block."""
+    t = default_mosaic_tiling(b, l, d, n)
+    assert t.block_d == t.bwd_block_d == 64
+    assert t.chunk % t.block_rows == 0 and t.block_rows % (t.sub_chunk * t.state_stride) == 0
+    assert t.sub_chunk * max(8, n) // 2 <= 128
+    if b * l * d >= 16 * MIN_PROGRAMS * 256:
+        assert t.chunk == 256 and t.state_stride == 2
+        assert b * (l // t.chunk) * -(-d // 64) >= MIN_PROGRAMS
+
+
+def test_bad_tiling_is_named():
+    with pytest.raises(ValueError, match="block_d=32, bwd_block_d=32: expected equal multiples "
+                                         "of 64"):
+        as_mosaic(ScanTiling(chunk=16, block_d=32, fwd_warps=1, bwd_block_d=32, sub_chunk=2,
+                             bwd_warps=1))
+    with pytest.raises(ValueError, match="block_rows=4 must divide chunk=16 and be a multiple "
+                                         "of sub_chunk x state_stride=8"):
+        MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=4,
+                     bwd_warps=4, state_stride=2, block_rows=4)
+    with pytest.raises(ValueError, match="unknown backend='cuda'"):
+        ks.selective_scan_pallas(**random_inputs(jax.random.key(0), 1, 8, 4, 2),
+                                 backend="cuda", interpret=True)
+
+
+def test_gpu_without_triton_uses_mosaic_silently(monkeypatch):
+    """A JAX whose Pallas lacks the Triton lowering: `pallas` stays the GPU default, on the
+    Mosaic GPU kernels, with no warning; without either backend the op falls back (the Triton
+    tests check that warning)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(op_module, "_warned_fallback", False)
+    reasons = {"triton": "jax.experimental.pallas.triton does not import (test)", "mosaic": None}
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b: reasons[b])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert default_implementation() == "pallas"
+        assert ks.default_backend(interpret=False) == "mosaic"
+    reasons["mosaic"] = "Mosaic GPU kernels need compute capability >= 9.0 (test)"
+    assert backends.compiled_backend() is None
+    assert "triton: jax.experimental" in backends.pallas_unavailable()
+    assert "mosaic: Mosaic GPU kernels need" in backends.pallas_unavailable()
+
+
+def test_faster_backend_is_the_default(monkeypatch):
+    """With both backends available a GPU gets the one `FASTER` names for this JAX version, and
+    interpret mode stays on Triton's (Pallas' generic interpreter runs on every JAX)."""
+    monkeypatch.setattr(backends, "unavailable_reason", lambda b: None)
+    minor = ".".join(jax.__version__.split(".")[:2])
+    for faster in backends.BACKENDS:
+        monkeypatch.setitem(backends.FASTER, minor, faster)
+        assert backends.compiled_backend() == faster
+        assert ks.default_backend(interpret=False) == faster
+        assert ks.default_backend(interpret=True) == "triton"
