@@ -9,10 +9,12 @@ In order, each section printing one JSON line per item (errors as one line, neve
    (`chunk_*_reference`, the Triton backend's oracles) on small shapes, forward and reversed;
 2. `op`: the whole op (outputs, final state, all gradients incl. the initial state) against
    `selective_scan_reference` in fp32 (padded L, D, N; reversed; N=256), bf16, float64 and with
-   `fused_replay`, for `mosaic` and, as the baseline, `triton`;
+   `fused_replay`;
 3. `time`: fwd and fwd+bwd, Mosaic and Triton, at (2, 262144, 64, 16) and Synapse stage 0
    (2, 1769472, 64, 32), with the relative difference of Mosaic's y and gradients from Triton's;
-4. `phase_time`: each Mosaic kernel alone at those shapes; then variants while time is left.
+4. `phase_time`: each Mosaic kernel alone at those shapes; then, while time is left, Mosaic
+   with the Lane lowering semantics (the default of JAX 0.10; Warpgroup from 0.11) and with
+   `approx_math`.
 A table of the timings comes last. `--out DIR` also writes every row to DIR/mosaic_check.json.
 Imports only jax, numpy and jaxmamba's `kernels` and `ops`.
 """
@@ -163,12 +165,12 @@ def _op_grads(fn, args, h0, g, reverse):
 
 
 def check_op():
-    """Section 2: the whole op against the sequential reference, per backend."""
+    """Section 2: the whole Mosaic op against the sequential reference."""
     cases = [((2, 1000, 96, 16), False, "float32", {}), ((1, 777, 64, 48), True, "float32", {}),
              ((2, 300, 32, 256), False, "float32", {}), ((1, 1000, 64, 32), True, "bfloat16", {}),
              ((1, 600, 64, 16), True, "float32", dict(fused_replay=True)),
              ((1, 40, 16, 8), False, "float64", {})]
-    for backend in ("mosaic", "triton"):
+    for backend in ("mosaic",):  # Triton's: docs/benchmarks.md, tests -m gpu
         if (reason := backends.unavailable_reason(backend)) and not INTERPRET:
             emit(op=backend, error=f"unavailable: {reason}")
             continue
@@ -218,10 +220,12 @@ def timed(fn, args, iters):
 def time_backends(iters, **variant):
     """Section 3: fwd and fwd+bwd per backend; Mosaic's results against Triton's."""
     label = variant.pop("label", None)
-    approx = variant.pop("approx_math", False)
-    if approx != mb.APPROX_MATH:
-        mb.APPROX_MATH = approx
-        jax.clear_caches()
+    knobs = dict(APPROX_MATH=variant.pop("approx_math", False),
+                 LOWERING_SEMANTICS=variant.pop("lowering_semantics", None))
+    if any(getattr(mb, k) != v for k, v in knobs.items()):
+        for k, v in knobs.items():
+            setattr(mb, k, v)
+        jax.clear_caches()  # the kernels read the knobs when traced
     for name, (b, l, d, n) in (SMOKE["timed"] if INTERPRET else TIMED).items():
         a, g, _ = inputs(jax.random.key(0), b, l, d, n)
         results = {}
@@ -350,8 +354,10 @@ def main(argv=None) -> int:
     time_backends(args.iters)
     if time.perf_counter() - T0 < args.budget - 60:
         time_phases(args.iters)
-    if time.perf_counter() - T0 < args.budget - 40:
-        time_backends(args.iters, label="mosaic[approx_math]", approx_math=True)
+    for label, knobs in [("mosaic[Lane]", dict(lowering_semantics="Lane")),
+                         ("mosaic[approx_math]", dict(approx_math=True))]:
+        if time.perf_counter() - T0 < args.budget - 40:
+            time_backends(args.iters, label=label, **knobs)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "mosaic_check.json").write_text(json.dumps(ROWS, indent=1, default=str))

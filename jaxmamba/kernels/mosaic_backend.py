@@ -26,6 +26,9 @@ TILE_ROWS = 64
 #: Let Mosaic use approximate `exp2`/`log`/division (`CompilerParams.approx_math`); read when a
 #: kernel is traced (benchmarks/mosaic_check.py times both, clearing JAX's caches between).
 APPROX_MATH = False
+#: `CompilerParams.lowering_semantics` by name ("Lane" or "Warpgroup"); None: the JAX version's
+#: default (Lane in 0.10, Warpgroup from 0.11). Read when a kernel is traced (benchmarks).
+LOWERING_SEMANTICS: str | None = None
 
 
 @functools.cache
@@ -89,13 +92,25 @@ def _load_takes_index() -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-def load(ref, layout, *, gmem: bool = False):
-    """`ref[...]` (index it with `.at[...]` first) as an array in `layout`. Shared memory uses
-    the vectorised transfer; `gmem=True` the element-wise one (global memory has no other)."""
+def load(ref, layout, *, vectorized: bool = True):
+    """`ref[...]` (index it with `.at[...]` first) as an array in `layout`. `vectorized`: the
+    shared-memory transfer free of bank conflicts, which Mosaic fails to find for some layouts
+    (a state tile from an untiled buffer); global memory needs `vectorized=False`."""
     mgpu = module()
     if _load_takes_index():
-        return mgpu.load(ref, (), layout=layout, optimized=not gmem)
-    return mgpu.load(ref, layout=layout, optimized=not gmem)
+        return mgpu.load(ref, (), layout=layout, optimized=vectorized)
+    return mgpu.load(ref, layout=layout, optimized=vectorized)
+
+
+def store(ref, x):
+    """`ref[...] = x` into global memory (index `ref` with `.at[...]` first), element-wise:
+    JAX >= 0.12.1 otherwise rejects transfers under 4 bytes a thread (a bf16 row: "GMEM transfer
+    width (2 bytes/thread) is smaller than 4 bytes"); earlier versions have no `plgpu.store`."""
+    mgpu = module()
+    if hasattr(mgpu, "store"):
+        mgpu.store(ref, x, optimized=False)
+    else:
+        ref[...] = x
 
 
 def layout_cast(x, layout):
@@ -118,8 +133,11 @@ def kernel(body, *, out_shape, grid, grid_names, interpret: bool, name: str):
     warpgroup per program. Interpret mode runs it on the CPU with every output starting as NaN
     (an element the kernel fails to write stays NaN)."""
     mgpu = module()
+    compiler = dict(approx_math=APPROX_MATH)
+    if LOWERING_SEMANTICS is not None:
+        compiler["lowering_semantics"] = getattr(mgpu.LoweringSemantics, LOWERING_SEMANTICS)
     params = dict(out_type=out_shape, grid=grid, grid_names=grid_names, kernel_name=name,
-                  compiler_params=mgpu.CompilerParams(approx_math=APPROX_MATH))
+                  compiler_params=mgpu.CompilerParams(**compiler))
     if interpret:
         if reason := interpret_unavailable_reason():
             raise NotImplementedError(f"selective_scan: Mosaic GPU interpret mode: {reason}")

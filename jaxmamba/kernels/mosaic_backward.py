@@ -125,7 +125,7 @@ def _chunk_gradients_kernel(*refs, st):
         def sub_chunk(i, carry):
             lam_next, da, dd, dbias = carry
             k = first // s + rows // s - 1 - i  # the chunk's sub-chunk k, last first
-            h = p.tile(hf_ref, k // stride, dtype=cdt)
+            h = blk.state("hf", k // stride, cdt)
             if stride > 1:  # from the saved state at the start of k's group up to k's start
                 g0 = (k // stride) * stride * s
                 h = lax.fori_loop(0, (k % stride) * s, lambda j, h: replay(g0 + j, h), h)
@@ -149,9 +149,8 @@ def _chunk_gradients_kernel(*refs, st):
                 ddt = (jnp.sum(lam * (a_nat * decayed_prev), axis=1) + u * lam_b) \
                     * mc.delta_grad_factor(p, x, r)
                 p.put_row(ddt_ref, r, ddt)
-                row = p.c * p.t + r
-                db_ref[p.j, p.b, row, :] = jnp.sum(lam * mc.by_channel(d * u, n), axis=0)
-                dc_ref[p.j, p.b, row, :] = jnp.sum(h * mc.by_channel(gy, n), axis=0)
+                p.put_partial(db_ref, r, jnp.sum(lam * mc.by_channel(d * u, n), axis=0))
+                p.put_partial(dc_ref, r, jnp.sum(h * mc.by_channel(gy, n), axis=0))
                 da = da + lam * (mc.by_channel(d, n) * decayed_prev)
                 dd = dd + gy * u
                 dbias = dbias + ddt
@@ -162,8 +161,9 @@ def _chunk_gradients_kernel(*refs, st):
 
     zeros = p.zeros_channels(cdt)
     carry = (p.tile(mu_ref, dtype=cdt), p.zeros_tile(n, cdt), zeros, zeros)
-    _, da, dd, dbias = mc.walk(p, _seq_operands(p, st, u_ref, dt_ref, z_ref, g_ref, b_ref,
-                                                c_ref), block, carry, backwards=True)
+    _, da, dd, dbias = mc.walk(
+        p, _seq_operands(p, st, u_ref, dt_ref, z_ref, g_ref, b_ref, c_ref), block, carry,
+        backwards=True, states=dict(hf=hf_ref.at[p.b, p.c, :, p.ch, :]))
     p.put_tile(da_ref, da)
     p.put_channels(dd_ref, dd)
     p.put_channels(dbias_ref, dbias)

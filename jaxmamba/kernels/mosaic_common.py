@@ -97,27 +97,32 @@ class Program:
 
     def channels(self, ref, dtype):
         """The tile's (BD,) slice of a (Dp,) vector, in the row layout."""
-        return mb.load(ref.at[self.ch], mb.layouts()[1], gmem=True).astype(dtype)
+        return mb.load(ref.at[self.ch], mb.layouts()[1], vectorized=False).astype(dtype)
 
     def tile(self, ref, *index, dtype=None):
         """The (BD, Np) tile of `ref[b, c, *index]` (A when no batch: `tile(A, batch=False)`)."""
         x = mb.load(ref.at[(self.b, self.c, *index, self.ch, slice(None))], mb.layouts()[0],
-                    gmem=True)
+                    vectorized=False)
         return x if dtype is None else x.astype(dtype)
 
     def a_tile(self, ref, dtype):
-        return mb.load(ref.at[self.ch, :], mb.layouts()[0], gmem=True).astype(dtype)
+        return mb.load(ref.at[self.ch, :], mb.layouts()[0], vectorized=False).astype(dtype)
 
     def put_tile(self, ref, x, *index):
-        ref[(self.b, self.c, *index, self.ch, slice(None))] = x.astype(ref.dtype)
+        mb.store(ref.at[(self.b, self.c, *index, self.ch, slice(None))], x.astype(ref.dtype))
 
     def put_channels(self, ref, x):
         """A per-program (BD,) result into ref (B, nC, Dp)."""
-        ref[self.b, self.c, self.ch] = x.astype(ref.dtype)
+        mb.store(ref.at[self.b, self.c, self.ch], x.astype(ref.dtype))
 
     def put_row(self, ref, r, x):
         """Row r (in the chunk) of a (B, Lp, Dp) output."""
-        ref[self.b, self.c * self.t + r, self.ch] = x.astype(ref.dtype)
+        mb.store(ref.at[self.b, self.c * self.t + r, self.ch], x.astype(ref.dtype))
+
+    def put_partial(self, ref, r, x):
+        """Row r (in the chunk) of this channel tile's (Np,) partial sum into ref (Dp/BD, B, Lp,
+        Np)."""
+        mb.store(ref.at[self.j, self.b, self.c * self.t + r, :], x.astype(ref.dtype))
 
     def zeros_tile(self, n, dtype):
         return mb.layout_cast(jnp.zeros((self.bd, n), dtype), mb.layouts()[0])
@@ -131,8 +136,9 @@ class Block:
     where its rows lie: memory block `m` of the chunk; `descending` when rows are visited from
     the block's end (a forward walk with `reverse`, or a backward walk without)."""
 
-    def __init__(self, p: Program, refs: dict, m, descending: bool):
+    def __init__(self, p: Program, refs: dict, m, first, descending: bool):
         self.p, self.refs, self.m, self.descending = p, refs, m, descending
+        self.first = first  # the scan step of the block's first row in scan order
         self.rows = p.st.tiling.block_rows
 
     def local(self, r):
@@ -144,30 +150,48 @@ class Block:
         layout = mb.layouts()[2 if name in ("B", "C") else 1]
         return mb.load(self.refs[name].at[self.local(r)], layout).astype(dtype)
 
+    def state(self, name, k, dtype):
+        """Saved state k (of the chunk, in scan order) of the scan-ordered operand `name`: a
+        (BD, Np) tile. The block holds the states of the groups of rows it holds."""
+        per_block = self.refs[name].shape[0]
+        return mb.load(self.refs[name].at[k - self.first // self.rows * per_block],
+                       mb.layouts()[0], vectorized=False).astype(dtype)
 
-def walk(p: Program, operands: dict, body, carry, *, backwards: bool):
+
+def walk(p: Program, operands: dict, body, carry, *, backwards: bool,
+         states: dict | None = None):
     """Visits the chunk block by block, in scan order (`backwards=False`) or the reverse:
     `body(block, first, carry) -> carry`, `first` the scan step of the block's first row in
-    scan order; operands (name -> the program's (T, ·) view) arrive in shared memory."""
+    scan order. Operands (name -> the program's (T, ·) view) arrive in shared memory, and so do
+    `states` (name -> a (T/group, BD, Np) view of saved states in scan order, `Block.state`)."""
     st = p.st
     rows = st.tiling.block_rows
     n_blocks = p.t // rows
     descending = backwards != st.reverse
-    names = list(operands)
+    states = states or {}
 
-    def index_map(k):
-        return (n_blocks - 1 - k if descending else k, 0)
+    def memory_block(k):
+        return n_blocks - 1 - k if descending else k
+
+    def scan_block(m):
+        return n_blocks - 1 - m if st.reverse else m
+
+    names = list(operands) + list(states)
+    specs = [mb.block_spec((rows, v.shape[-1]), lambda k: (memory_block(k), 0))
+             for v in operands.values()]
+    specs += [mb.block_spec((v.shape[0] // n_blocks, *v.shape[1:]),
+                            lambda k: (scan_block(memory_block(k)), 0, 0))
+              for v in states.values()]
 
     def block_body(idx, *refs_and_carry):
         *refs, carry = refs_and_carry
-        m = n_blocks - 1 - idx[0] if descending else idx[0]
-        first_scan_block = n_blocks - 1 - m if st.reverse else m
-        blk = Block(p, dict(zip(names, refs, strict=True)), m, descending)
-        return body(blk, first_scan_block * rows, carry)
+        m = memory_block(idx[0])
+        first = scan_block(m) * rows
+        blk = Block(p, dict(zip(names, refs, strict=True)), m, first, descending)
+        return body(blk, first, carry)
 
-    specs = [mb.block_spec((rows, v.shape[-1]), index_map) for v in operands.values()]
-    return mb.pipeline(block_body, steps=n_blocks, in_specs=specs,
-                       carry=carry)(*operands.values())
+    return mb.pipeline(block_body, steps=n_blocks, in_specs=specs, carry=carry)(
+        *operands.values(), *states.values())
 
 
 def memory_row(st: ScanStatics, s):
