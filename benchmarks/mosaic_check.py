@@ -13,8 +13,8 @@ In order, each section printing one JSON line per item (errors as one line, neve
 3. `time`: fwd and fwd+bwd, Mosaic and Triton, at (2, 262144, 64, 16) and Synapse stage 0
    (2, 1769472, 64, 32), with the relative difference of Mosaic's y and gradients from Triton's;
 4. `phase_time`: each Mosaic kernel alone at those shapes; then, while time is left, Mosaic
-   with the Lane lowering semantics (the default of JAX 0.10; Warpgroup from 0.11) and with
-   `approx_math`.
+   with the Lane lowering semantics (the default of JAX 0.10; Warpgroup from 0.11), with 16-row
+   pipelined blocks (half the shared memory) and with `approx_math`.
 A table of the timings comes last. `--out DIR` also writes every row to DIR/mosaic_check.json.
 Imports only jax, numpy and jaxmamba's `kernels` and `ops`.
 """
@@ -220,6 +220,7 @@ def timed(fn, args, iters):
 def time_backends(iters, **variant):
     """Section 3: fwd and fwd+bwd per backend; Mosaic's results against Triton's."""
     label = variant.pop("label", None)
+    block_rows = variant.pop("block_rows", None)
     knobs = dict(APPROX_MATH=variant.pop("approx_math", False),
                  LOWERING_SEMANTICS=variant.pop("lowering_semantics", None))
     if any(getattr(mb, k) != v for k, v in knobs.items()):
@@ -235,9 +236,12 @@ def time_backends(iters, **variant):
                 emit(**row, error=f"unavailable: {reason}")
                 continue
 
-            def run(a, backend=backend):
+            tiling = None if block_rows is None else dataclasses.replace(
+                default_mosaic_tiling(b, l, d, n), block_rows=block_rows)
+
+            def run(a, backend=backend, tiling=tiling):
                 return ks.selective_scan_pallas(**a, backend=backend, interpret=INTERPRET,
-                                                **variant)[0]
+                                                tiling=tiling, **variant)[0]
 
             def fwdbwd(a, g, run=run):
                 return jax.grad(lambda a: jnp.sum(run(a) * g))(a)
@@ -355,6 +359,7 @@ def main(argv=None) -> int:
     if time.perf_counter() - T0 < args.budget - 60:
         time_phases(args.iters)
     for label, knobs in [("mosaic[Lane]", dict(lowering_semantics="Lane")),
+                         ("mosaic[block_rows=16]", dict(block_rows=16)),
                          ("mosaic[approx_math]", dict(approx_math=True))]:
         if time.perf_counter() - T0 < args.budget - 40:
             time_backends(args.iters, label=label, **knobs)
