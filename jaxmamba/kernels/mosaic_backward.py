@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmamba.kernels import mosaic_common as mc
-from jaxmamba.kernels.mosaic_forward import _check_poison, call
 from jaxmamba.kernels.scan_common import ScanStatics
 
 
@@ -85,18 +84,18 @@ def _chunk_adjoints_kernel(*refs, st):
 def chunk_adjoints(st: ScanStatics, u, dt, z, g, A, B, C, bias, h_in):
     """B1. -> (saved states (B, nC, T/(S·stride), Dp, Np), local adjoints (B, nC, Dp, Np));
     with `st.fused_replay` (None, local adjoints) and `h_in` only a shape."""
-    _check_poison(st)
+    mc.check_poison(st)
     batch, _, dim = u.shape
     n_chunks, n = h_in.shape[1], A.shape[1]
     local = jax.ShapeDtypeStruct((batch, n_chunks, dim, n), h_in.dtype)
     seq_in = [u, dt] + ([z] if st.has_z else []) + [g]
     name = "selective_scan_mosaic_chunk_adjoints"
     if st.fused_replay:
-        q = call(st, _chunk_adjoints_kernel, name, batch, dim, [local])(
+        q = mc.call(st, _chunk_adjoints_kernel, name, batch, dim, [local])(
             *seq_in, A, B, C, bias)[0]
         return None, q
     saved = jax.ShapeDtypeStruct((batch, n_chunks, st.tiling.saved_states, dim, n), h_in.dtype)
-    return tuple(call(st, _chunk_adjoints_kernel, name, batch, dim, [saved, local])(
+    return tuple(mc.call(st, _chunk_adjoints_kernel, name, batch, dim, [saved, local])(
         *seq_in, A, B, C, bias, h_in))
 
 
@@ -173,7 +172,7 @@ def chunk_gradients(st: ScanStatics, u, dt, z, g, A, B, C, D, bias, h_fine, mu):
     """B3. `h_fine` from B1 (or K3), `mu (B, nC, Dp, Np)` the adjoint entering each chunk's last
     row -> (du, ddelta, dz or None) in the inputs' dtypes; dB, dC partials (Dp/BD, B, Lp, Np);
     dA partials (B, nC, Dp, Np); dD, dbias partials (B, nC, Dp)."""
-    _check_poison(st)
+    mc.check_poison(st)
     batch, length, dim = u.shape
     n = A.shape[1]
     n_tiles = dim // st.tiling.block_d
@@ -186,7 +185,7 @@ def chunk_gradients(st: ScanStatics, u, dt, z, g, A, B, C, D, bias, h_fine, mu):
         jax.ShapeDtypeStruct(mu.shape, cdt),
         jax.ShapeDtypeStruct(mu.shape[:3], cdt),
         jax.ShapeDtypeStruct(mu.shape[:3], cdt)]
-    outs = call(st, _chunk_gradients_kernel, "selective_scan_mosaic_chunk_gradients", batch,
+    outs = mc.call(st, _chunk_gradients_kernel, "selective_scan_mosaic_chunk_gradients", batch,
                 dim, out)(*seq_in, A, B, C, D, bias, h_fine, mu)
     outs = list(outs)
     if not st.has_z:

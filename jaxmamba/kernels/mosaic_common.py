@@ -12,6 +12,7 @@ interpret mode cannot run a pipeline's output copies).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,31 @@ def as_mosaic(tiling: ScanTiling) -> MosaicTiling:
         return tiling
     rows = min(tiling.chunk, max(BLOCK_ROWS, tiling.sub_chunk * tiling.state_stride))
     return MosaicTiling(**dataclasses.asdict(tiling), block_rows=rows)
+
+
+def named(name, fn, **kw):
+    """`fn` with `kw` bound, called `name` (the kernel's name in profiles and HLO)."""
+    bound = functools.partial(fn, **kw)
+
+    def kernel(*refs):
+        return bound(*refs)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    return kernel
+
+
+def call(st: ScanStatics, body, name, batch, dim, out_shape):
+    """`mosaic_backend.kernel` over the grid `(nC, B, Dp / BD)`."""
+    grid = (st.padded_length // st.tiling.chunk, batch, dim // st.tiling.block_d)
+    return mb.kernel(named(name, body, st=st), out_shape=out_shape, grid=grid,
+                     grid_names=GRID_NAMES, interpret=st.interpret, name=name)
+
+
+def check_poison(st: ScanStatics):
+    if st.poison_outputs and not st.interpret:
+        raise NotImplementedError(
+            "selective_scan: poison_outputs on the Mosaic GPU backend needs interpret mode "
+            "(its outputs start as NaN there; compiled kernels cannot alias NaN buffers)")
 
 
 class Program:

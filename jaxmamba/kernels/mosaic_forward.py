@@ -10,34 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmamba.kernels import mosaic_backend as mb
 from jaxmamba.kernels import mosaic_common as mc
 from jaxmamba.kernels.scan_common import ScanStatics
-
-
-def named(name, fn, **kw):
-    """`fn` with `kw` bound, called `name` (the kernel's name in profiles and HLO)."""
-    bound = functools.partial(fn, **kw)
-
-    def kernel(*refs):
-        return bound(*refs)
-
-    kernel.__name__ = kernel.__qualname__ = name
-    return kernel
-
-
-def call(st: ScanStatics, body, name, batch, dim, out_shape):
-    """`mosaic_backend.kernel` over the grid `(nC, B, Dp / BD)`."""
-    grid = (st.padded_length // st.tiling.chunk, batch, dim // st.tiling.block_d)
-    return mb.kernel(named(name, body, st=st), out_shape=out_shape, grid=grid,
-                     grid_names=mc.GRID_NAMES, interpret=st.interpret, name=name)
-
-
-def _check_poison(st: ScanStatics):
-    if st.poison_outputs and not st.interpret:
-        raise NotImplementedError(
-            "selective_scan: poison_outputs on the Mosaic GPU backend needs interpret mode "
-            "(its outputs start as NaN there; compiled kernels cannot alias NaN buffers)")
 
 
 def _chunk_states_kernel(u_ref, dt_ref, a_ref, b_ref, bias_ref, h_ref, s_ref, *, st):
@@ -65,12 +39,12 @@ def _chunk_states_kernel(u_ref, dt_ref, a_ref, b_ref, bias_ref, h_ref, s_ref, *,
 
 def chunk_states(st: ScanStatics, u, dt, A, B, bias, dtype):
     """K1. Padded operands -> (end states (B, nC, Dp, Np) from a zero start, Σδ (B, nC, Dp))."""
-    _check_poison(st)
+    mc.check_poison(st)
     batch, _, dim = u.shape
     n_chunks = st.padded_length // st.tiling.chunk
     out = [jax.ShapeDtypeStruct((batch, n_chunks, dim, A.shape[1]), dtype),
            jax.ShapeDtypeStruct((batch, n_chunks, dim), dtype)]
-    return call(st, _chunk_states_kernel, "selective_scan_mosaic_chunk_states", batch, dim,
+    return mc.call(st, _chunk_states_kernel, "selective_scan_mosaic_chunk_states", batch, dim,
                 out)(u, dt, A, B, bias)
 
 
@@ -118,14 +92,14 @@ def chunk_outputs(st: ScanStatics, u, dt, z, A, B, C, D, bias, h_in, *,
     """K3. Padded operands and the chunk start states `h_in (B, nC, Dp, Np)` -> y (B, Lp, Dp)
     in u's dtype; with `save_states` also the backward's saved states (B, nC, T/(S·stride),
     Dp, Np), the state before every `sub_chunk·state_stride` rows."""
-    _check_poison(st)
+    mc.check_poison(st)
     batch, _, dim = u.shape
     out = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
     if save_states:
         out.append(jax.ShapeDtypeStruct(
             (batch, h_in.shape[1], st.tiling.saved_states, dim, A.shape[1]), h_in.dtype))
     seq_in = [u, dt] + ([z] if st.has_z else [])
-    outs = call(st, functools.partial(_chunk_outputs_kernel, save_states=save_states),
+    outs = mc.call(st, functools.partial(_chunk_outputs_kernel, save_states=save_states),
                 "selective_scan_mosaic_chunk_outputs", batch, dim, out)(
         *seq_in, A, B, C, D, bias, h_in)
     return outs if save_states else outs[0]
