@@ -176,6 +176,7 @@ def test_gpu_without_triton_uses_mosaic_silently(monkeypatch):
     tests check that warning)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(op_module, "_warned_fallback", False)
+    monkeypatch.delenv(backends.ENV, raising=False)
     reasons = {"triton": "jax.experimental.pallas.triton does not import (test)", "mosaic": None}
     monkeypatch.setattr(backends, "unavailable_reason", lambda b: reasons[b])
     with warnings.catch_warnings():
@@ -192,9 +193,37 @@ def test_faster_backend_is_the_default(monkeypatch):
     """With both backends available a GPU gets the one `FASTER` names for this JAX version, and
     interpret mode stays on Triton's (Pallas' generic interpreter runs on every JAX)."""
     monkeypatch.setattr(backends, "unavailable_reason", lambda b: None)
+    monkeypatch.delenv(backends.ENV, raising=False)
     minor = ".".join(jax.__version__.split(".")[:2])
     for faster in backends.BACKENDS:
         monkeypatch.setitem(backends.FASTER, minor, faster)
         assert backends.compiled_backend() == faster
         assert ks.default_backend(interpret=False) == faster
         assert ks.default_backend(interpret=True) == "triton"
+
+
+def test_unmeasured_jax_takes_the_newest_measurement_below():
+    """JAX 0.11 was measured (Mosaic GPU faster); 0.12 and later take 0.11's choice; 0.10,
+    below every measurement (Mosaic never compiled there), gets Triton."""
+    assert backends.FASTER["0.11"] == "mosaic"
+    assert [backends.preferred(v) for v in ("0.10.2", "0.11.2", "0.12.0.1", "0.12.1",
+                                            "0.13.0.dev20270101")] == \
+        ["triton", "mosaic", "mosaic", "mosaic", "mosaic"]
+
+
+def test_environment_picks_the_backend(monkeypatch):
+    """`JAXMAMBA_PALLAS_BACKEND` overrides the measured choice; a bad name or a backend that
+    cannot compile here is one error naming the variable."""
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda b: "needs compute capability >= 9.0 (test)" if b == "mosaic"
+                        else None)
+    monkeypatch.setenv(backends.ENV, "triton")
+    assert ks.default_backend(interpret=False) == "triton"
+    monkeypatch.setenv(backends.ENV, "mosaic")
+    with pytest.raises(ValueError, match=r"^JAXMAMBA_PALLAS_BACKEND=mosaic: its kernels cannot "
+                                         r"compile here: needs compute capability"):
+        ks.default_backend(interpret=False)
+    monkeypatch.setenv(backends.ENV, "cuda")
+    with pytest.raises(ValueError, match=r"JAXMAMBA_PALLAS_BACKEND='cuda': expected one of "
+                                         r"triton, mosaic"):
+        backends.compiled_backend()
