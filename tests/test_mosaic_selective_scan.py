@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import random_case, random_inputs, rel_err
+from test_pallas_selective_scan import kernel_output_bytes
 from test_selective_scan import (
     F32_GRAD_TOL,
     F32_OUT_TOL,
@@ -107,6 +108,49 @@ def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
     assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
     assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=reverse),
                  F32_OUT_TOL, F32_GRAD_TOL)
+
+
+def _kernel_names(fn, args) -> set[str]:
+    """Names of the Pallas kernels `fn(args)` traces (nothing lowered or run)."""
+    return set(kernel_output_bytes(jax.make_jaxpr(fn)(args).jaxpr))
+
+
+def test_float64_compiled_falls_back_to_triton(key, monkeypatch):
+    """Compiled Mosaic GPU has no float64 (its layout inference finds no layout for float64
+    tiles: "Layout inference failed", one H200, JAX 0.11.2, 2026-12-07). Asked for by name: one
+    error naming the first float64 argument, before anything is traced. By default: the Triton
+    kernels, with a warning once; without Triton, the error. float32 stays on Mosaic."""
+    args = random_inputs(key, 1, 8, 4, 2)
+
+    def grads(**kw):
+        def loss(a):
+            return jnp.sum(ks.selective_scan_pallas(**a, interpret=False, **kw)[0])
+        return jax.grad(loss)
+
+    with jax.enable_x64(True):
+        wide = dict(args, initial_state=jnp.zeros((1, 4, 2), jnp.float64))
+        with pytest.raises(ValueError, match=r"^selective_scan: initial_state has dtype "
+                                             r"float64, which the compiled Mosaic GPU kernels "
+                                             r"do not support.*backend='triton'"):
+            ks.selective_scan_pallas(**wide, interpret=False, backend="mosaic")
+        monkeypatch.setattr(ks, "default_backend", lambda interpret: "mosaic")
+        monkeypatch.setattr(ks, "_warned_float64", False)
+        monkeypatch.setattr(backends, "unavailable_reason", lambda b: None)
+        f64 = {k: v.astype(jnp.float64) for k, v in args.items()}
+        with pytest.warns(UserWarning, match="u has dtype float64.*running the Triton kernels "
+                                             "instead"):
+            names = _kernel_names(grads(), f64)
+        assert names == {f"selective_scan_chunk_{k}" for k in
+                         ("states", "outputs", "adjoints", "gradients")}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*float64")  # once
+            assert _kernel_names(grads(), f64) == names
+            mosaic_names = _kernel_names(grads(), args)
+        assert mosaic_names == {n.replace("scan_", "scan_mosaic_") for n in names}
+        monkeypatch.setattr(backends, "unavailable_reason",
+                            lambda b: "no Triton lowering (test)" if b == "triton" else None)
+        with pytest.raises(ValueError, match="u has dtype float64"):
+            ks.selective_scan_pallas(**f64, interpret=False)
 
 
 def test_poison_outputs_needs_interpret_mode(key):

@@ -27,6 +27,7 @@ from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
 from jaxmamba.scan_math import compute_dtype
 
 _warned_interpret = False
+_warned_float64 = False
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -103,6 +104,31 @@ def default_backend(interpret: bool) -> str:
     return backends.compiled_backend() or "triton"
 
 
+def resolve_backend(backend: str | None, interpret: bool, arrays: dict) -> str:
+    """`backend`, or `default_backend` for None; float64 `arrays` (name -> array or None) do not
+    compile on Mosaic GPU (its layout inference finds no register layout for float64 tiles):
+    asked for by name, an error naming the first float64 argument; by default, the Triton
+    kernels with a one-time warning (the same error where Triton does not compile here).
+    Interpret mode runs float64 on either backend."""
+    global _warned_float64
+    chosen = backend or default_backend(interpret)
+    if chosen not in backends.BACKENDS:
+        raise ValueError(f"selective_scan_pallas: unknown backend={chosen!r}; expected one of "
+                         f"{backends.BACKENDS} or None")
+    wide = [k for k, x in arrays.items() if x is not None and x.dtype == jnp.float64]
+    if chosen != "mosaic" or interpret or not wide:
+        return chosen
+    problem = (f"selective_scan: {wide[0]} has dtype float64, which the compiled Mosaic GPU "
+               "kernels do not support (float32, bfloat16 or float16)")
+    if backend is None and backends.unavailable_reason("triton") is None:
+        if not _warned_float64:
+            _warned_float64 = True
+            warnings.warn(f"{problem}; running the Triton kernels instead.", stacklevel=3)
+        return "triton"
+    raise ValueError(f"{problem}; cast the inputs to float32, or use backend='triton' or "
+                     "implementation='xla' for float64.")
+
+
 def _pad(x, axis: int, size: int):
     if x.shape[axis] == size:
         return x
@@ -132,16 +158,16 @@ def selective_scan_pallas(
     kernel; those states, `(B, L/(S·stride), D, N)`, are then kept from the forward to the
     backward instead of living only inside the backward.
     `backend`: "triton" or "mosaic" (Mosaic GPU, `mosaic_selective_scan.py`); None picks
-    `default_backend`. The Mosaic kernels' tiling is a `MosaicTiling` (64-channel tiles).
+    `default_backend`, and float64 inputs compiled take Triton (`resolve_backend`). The Mosaic
+    kernels' tiling is a `MosaicTiling` (64-channel tiles).
     """
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
     n = A.shape[1]
     interpret = resolve_interpret(interpret)
-    backend = backend or default_backend(interpret)
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"selective_scan_pallas: unknown backend={backend!r}; expected one of "
-                         f"{backends.BACKENDS} or None")
+    backend = resolve_backend(backend, interpret, dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+        initial_state=initial_state))
     if backend == "mosaic":
         tiling = as_mosaic(tiling or default_mosaic_tiling(batch, length, dim, n))
     tiling = tiling or default_tiling(batch, length, dim, n)
