@@ -35,7 +35,7 @@ from jaxmamba.kernels import scan_common as sc
 from jaxmamba.kernels import scan_forward as kf
 from jaxmamba.kernels import selective_scan as ks
 from jaxmamba.kernels.mosaic_common import MosaicTiling, as_mosaic, default_mosaic_tiling
-from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling
+from jaxmamba.kernels.tiling import MIN_PROGRAMS, ScanTiling, default_tiling
 from jaxmamba.ops import default_implementation
 from jaxmamba.ops.scan_reference import selective_scan_reference
 
@@ -190,14 +190,44 @@ def test_kernels_lower_for_cuda():
                                      (2, 6912, 512, 256), (2, 216, 640, 256),
                                      (2, 262144, 64, 16), (1, 3, 5, 1)])
 def test_default_tiling(b, l, d, n):
-    """64-channel tiles, replayed states within the register budget, groups inside a block."""
+    """64-channel tiles, replayed states within the register budget, groups inside a block; a
+    saved backward state every 16 rows (Triton's spacing) where 4 sub-chunks reach it."""
     t = default_mosaic_tiling(b, l, d, n)
     assert t.block_d == t.bwd_block_d == 64
     assert t.chunk % t.block_rows == 0 and t.block_rows % (t.sub_chunk * t.state_stride) == 0
     assert t.sub_chunk * max(8, n) // 2 <= 128
+    assert t.state_stride <= 4
     if b * l * d >= 16 * MIN_PROGRAMS * 256:
-        assert t.chunk == 256 and t.state_stride == 2
+        assert t.chunk == 256 and t.sub_chunk * t.state_stride == min(16, 4 * t.sub_chunk)
         assert b * (l // t.chunk) * -(-d // 64) >= MIN_PROGRAMS
+
+
+@pytest.mark.parametrize("b,l,d,n", [(2, 1769472, 64, 32), (2, 262144, 64, 16)])
+def test_kernel_outputs_no_larger_than_triton(b, l, d, n):
+    """Traced, not run: at Synapse stage 0 and (2, 262144, 64, 16) the Mosaic fwd+bwd's kernels
+    write the Triton ones' bytes or fewer (dB/dC partials: one 64-channel tile), and B1's saved
+    backward states, the largest temporary, are the same (B, L/16, D, N): 1.69 GiB at stage 0
+    (a state every 8 rows gave 3.59 instead of 1.91 GiB of fwd+bwd temporaries, one H200,
+    2026-12-07)."""
+    shapes = dict(u=(b, l, d), delta=(b, l, d), A=(d, n), B=(b, l, n), C=(b, l, n), D=(d,),
+                  z=(b, l, d), delta_bias=(d,))
+    args = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+    def written(backend):
+        def loss(a):
+            return jnp.sum(ks.selective_scan_pallas(**a, interpret=False, backend=backend)[0])
+
+        out = kernel_output_bytes(jax.make_jaxpr(jax.grad(loss))(args).jaxpr)
+        return {k.replace("_mosaic", ""): v for k, v in out.items()}
+
+    mosaic, triton = written("mosaic"), written("triton")
+    assert set(mosaic) == set(triton) and len(mosaic) == 4
+    assert all(mosaic[k] <= triton[k] for k in mosaic), (mosaic, triton)
+    t, t_triton = default_mosaic_tiling(b, l, d, n), default_tiling(b, l, d, n)
+    assert t.chunk == t_triton.chunk and t.saved_states == t_triton.saved_states
+    local_adjoints = b * (l // t.chunk) * d * n * 4
+    assert mosaic["selective_scan_chunk_adjoints"] == triton["selective_scan_chunk_adjoints"] \
+        == local_adjoints + b * (l // 16) * d * n * 4
 
 
 def test_bad_tiling_is_named():

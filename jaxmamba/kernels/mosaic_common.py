@@ -29,6 +29,13 @@ BLOCK_ROWS = 32
 #: Registers (fp32 words per thread) for the gradient kernel's replayed states: a (64, N) state
 #: is N/2 words per thread, so N=16 replays 8 steps, N=32 four.
 BWD_STATE_WORDS = 64
+#: Rows between the backward's saved states: the Triton kernels' (`tiling.default_tiling`: 8-row
+#: sub-chunks, a state every second one), so both backends keep the same `(B, L/16, D, N)` buffer
+#: where `MAX_STATE_STRIDE` allows it (N <= 32).
+SAVED_STATE_ROWS = 16
+#: Sub-chunks per saved state at most: the gradient kernel replays `(stride - 1)/2` sub-chunks
+#: per sub-chunk on average before its own (docs/benchmarks.md: the trade at Synapse stage 0).
+MAX_STATE_STRIDE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +61,9 @@ class MosaicTiling(ScanTiling):
 def default_mosaic_tiling(batch: int, length: int, dim: int, state: int) -> MosaicTiling:
     """64-channel tiles; `chunk` as `tiling.default_tiling` (the largest of 256…16 giving
     `MIN_PROGRAMS` programs); `sub_chunk` such that its states fit `BWD_STATE_WORDS`;
-    `state_stride` 2 where the chunk holds two sub-chunks."""
+    `state_stride` such that a state is saved every `SAVED_STATE_ROWS` rows, at most
+    `MAX_STATE_STRIDE` (N=16: 8 x 2, N=32: 4 x 4, N=64: 2 x 4, N >= 128: 1 x 4) and at most the
+    chunk's sub-chunks."""
     n = padded_state(state)
     n_d = -(-dim // mb.TILE_ROWS)
     chunk = 256
@@ -62,7 +71,7 @@ def default_mosaic_tiling(batch: int, length: int, dim: int, state: int) -> Mosa
         chunk //= 2
     chunk = max(8, min(chunk, next_pow2(length)))
     sub_chunk = max(1, min(8, chunk, 2 * BWD_STATE_WORDS // n))
-    stride = max(1, min(2, chunk // sub_chunk))
+    stride = max(1, min(MAX_STATE_STRIDE, SAVED_STATE_ROWS // sub_chunk, chunk // sub_chunk))
     rows = min(chunk, max(BLOCK_ROWS, sub_chunk * stride))
     return MosaicTiling(chunk, mb.TILE_ROWS, 4, mb.TILE_ROWS, sub_chunk, 4, stride, rows)
 
