@@ -1,13 +1,20 @@
-"""The Mosaic GPU backend of the Pallas selective scan beyond the shared contract
-(tests/test_selective_scan.py runs that in Mosaic GPU's interpret mode and compiled): each kernel
-phase against the jnp reference of the Triton backend's phase, padded multi-chunk cases whose
-outputs start as NaN, lowering for a CUDA GPU on any machine (every JAX, including 0.10 which
-has no Mosaic GPU interpret mode), tiling, and which backend a GPU gets.
+"""The Mosaic GPU backend of the Pallas selective scan: the scan contract in Mosaic GPU's
+interpret mode, one case per feature (tests/test_selective_scan.py runs the whole contract
+class against it compiled, on a GPU), each kernel phase against the jnp reference of the Triton
+backend's phase, lowering for a CUDA GPU on any machine (every JAX, including 0.10 which has no
+Mosaic GPU interpret mode), float64's fallback, the saved states' bytes, tiling, and which
+backend a GPU gets.
 
-GPU interpret mode runs each program of each kernel in Python callbacks: tens of seconds per
-case on a 2-core CPU, so the cases are few and small.
+GPU interpret mode runs each program of each kernel in Python callbacks (~1000x Pallas' generic
+interpreter: tens of seconds per case on a 2-core CPU), so the cases are few and small. What the
+contract class checks, and where it is here: outputs, final state and every gradient with an
+initial state (every case); reverse; padding of L, D and N, several chunks and channel tiles,
+NaN-poisoned outputs, saved-state strides and `fused_replay` (`test_padded_multi_chunk_poisoned`);
+float64, bf16, no optional inputs, extreme δ (one test each); mamba_ssm's fixtures check the
+reference that all of these compare with.
 """
 
+import contextlib
 import functools
 import importlib
 import re
@@ -15,15 +22,19 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import random_case, random_inputs, rel_err
 from test_pallas_selective_scan import kernel_output_bytes
 from test_selective_scan import (
+    BF16_GRAD_TOL,
+    BF16_OUT_TOL,
     F32_GRAD_TOL,
     F32_OUT_TOL,
+    F64_TOL,
     FAST_COMPILE,
-    MOSAIC_SMALL,
     assert_close,
+    op,
     outputs_and_grads,
 )
 
@@ -45,19 +56,46 @@ needs_interpret = pytest.mark.skipif(
     mosaic_backend.interpret_unavailable_reason() is not None,
     reason=str(mosaic_backend.interpret_unavailable_reason()))
 
+#: The interpret-mode tiling: 64-channel tiles (the least), 16-row chunks of two pipelined blocks
+#: of 8 rows, 2-row sub-chunks, a saved state every 2 of them.
+MOSAIC_SMALL = MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=2,
+                            bwd_warps=4, state_stride=2, block_rows=8)
+
 
 def mosaic(tiling=MOSAIC_SMALL, **kw):
     return functools.partial(ks.selective_scan_pallas, backend="mosaic", interpret=True,
                              tiling=tiling, **kw)
 
 
+@pytest.fixture
+def mosaic_op(monkeypatch):
+    """`selective_scan(implementation="pallas")` on the Mosaic kernels in interpret mode with
+    `MOSAIC_SMALL` (the contract class's `impl` fixture, for this backend)."""
+    monkeypatch.setattr(ks, "default_backend", lambda interpret: "mosaic")
+    monkeypatch.setattr(ks, "default_mosaic_tiling", lambda *shape: MOSAIC_SMALL)
+    monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
+    return op("pallas")
+
+
+@contextlib.contextmanager
+def float64_everywhere():
+    """float64 for the whole process: `jax.enable_x64` is thread-local, and Mosaic GPU's
+    interpreter computes in host callbacks on XLA's threads (float32 results there)."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
 @needs_interpret
-@pytest.mark.parametrize("reverse", [False, True])
-def test_phase_kernels_match_references(key, reverse):
+def test_phase_kernels_match_references(key):
     """K1 (end states, Σδ), K3 (outputs), B1 (chunk-local adjoints) and B3 (gradients) against
     the jnp references of their phases, from random chunk start states and successor adjoints:
-    2 chunks of 2 pipelined blocks, 2 channel tiles."""
-    b, l, d, n = 1, 32, 128, 8
+    2 chunks of 2 pipelined blocks, 2 channel tiles, reversed (the forward row order runs in the
+    op's cases below)."""
+    b, l, d, n, reverse = 1, 32, 128, 8, True
     a, _, g = random_case(key, b, l, d, n)
     u, dt, z, A, B, C, D, bias = (a[k] for k in ("u", "delta", "z", "A", "B", "C", "D",
                                                  "delta_bias"))
@@ -93,13 +131,13 @@ def test_phase_kernels_match_references(key, reverse):
 
 
 @needs_interpret
-@pytest.mark.parametrize("reverse,stride,fused", [(False, 1, False), (True, 4, False),
-                                                 (True, 2, True)])
+@pytest.mark.parametrize("reverse,stride,fused", [(False, 1, True), (True, 4, False)])
 def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
-    """L=45 (3 chunks, 3 padding rows), D=80 (2 channel tiles, the second mostly padding), N=12
-    (padded to 16), 8 sub-chunks per chunk with a saved state every `stride` of them, saved by
-    the backward or (`fused_replay`) by the forward; initial state and final-state gradient.
-    Every kernel output starts as NaN (`poison_outputs`: interpret mode's fill)."""
+    """L=45 (3 chunks, 3 padding rows: last in the forward row order, first reversed), D=80
+    (2 channel tiles, the second mostly padding), N=12 (padded to 16), 8 sub-chunks per chunk
+    with a saved state every `stride` of them, saved by the forward (`fused_replay`) or by the
+    backward; initial state and final-state gradient. Every kernel output starts as NaN
+    (`poison_outputs`: interpret mode's fill)."""
     args, h0, g = random_case(key, 2, 45, 80, 12)
     tiling = MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=2,
                           bwd_warps=4, state_stride=stride, block_rows=max(8, 2 * stride))
@@ -107,6 +145,57 @@ def test_padded_multi_chunk_poisoned(key, reverse, stride, fused):
                             args, h0, g, reverse=reverse)
     assert got[1].dtype == jnp.float32 and len(jax.tree.leaves(got[2])) == 9
     assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=reverse),
+                 F32_OUT_TOL, F32_GRAD_TOL)
+
+
+@needs_interpret
+def test_float64_matches_reference(key, mosaic_op):
+    """float64 inputs (interpret mode only: compiled Mosaic GPU has none): the kernels' maths to
+    float64 rounding, reversed, 2 chunks with padding."""
+    with float64_everywhere():
+        args, h0, g = random_case(key, 1, 20, 8, 16, dtype=jnp.float64)
+        h0, g = h0.astype(jnp.float64), g.astype(jnp.float64)
+        got = outputs_and_grads(mosaic_op, args, h0, g, reverse=True)
+        assert got[0].dtype == got[1].dtype == jnp.float64
+        assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=True),
+                     F64_TOL, F64_TOL)
+
+
+@needs_interpret
+def test_bfloat16_inputs(key, mosaic_op):
+    """bf16 activations, fp32 states: within bf16's rounding of the fp32 reference."""
+    args, h0, g = random_case(key, 1, 40, 16, 16, dtype=jnp.bfloat16)
+    got = outputs_and_grads(mosaic_op, args, h0, g)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    up = {k: v.astype(jnp.float32) for k, v in args.items()}
+    assert_close(got, outputs_and_grads(selective_scan_reference, up, h0, g),
+                 BF16_OUT_TOL, BF16_GRAD_TOL)
+
+
+@needs_interpret
+def test_without_optional_inputs(key, monkeypatch):
+    """No z, D, delta_bias and no softplus (the kernels' `has_z=False` path)."""
+    monkeypatch.setattr(ks, "default_backend", lambda interpret: "mosaic")
+    monkeypatch.setattr(ks, "default_mosaic_tiling", lambda *shape: MOSAIC_SMALL)
+    monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
+    args, h0, g = random_case(key, 2, 12, 4, 3, with_optional=False)
+    args["delta"] = jnp.abs(args["delta"])  # without softplus, δ must be positive
+    got = outputs_and_grads(op("pallas", delta_softplus=False), args, h0, g)
+    assert len(jax.tree.leaves(got[2])) == 6
+    assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g,
+                                        delta_softplus=False), F32_OUT_TOL, F32_GRAD_TOL)
+
+
+@needs_interpret
+def test_extreme_delta(key, mosaic_op):
+    """Large δ·|A| (the decay underflows to 0) in one batch element and tiny δ in the other,
+    reversed: finite, and both match the reference."""
+    args, h0, g = random_case(key, 2, 33, 4, 16)
+    noise = args["delta"] + 1.0  # a standard normal
+    args["delta"] = jnp.stack([noise[0] + 29.0, 1e-3 * noise[1] - 41.0])
+    got = outputs_and_grads(mosaic_op, args, h0, g, reverse=True)
+    assert np.isfinite(np.asarray(got[0])).all()
+    assert_close(got, outputs_and_grads(selective_scan_reference, args, h0, g, reverse=True),
                  F32_OUT_TOL, F32_GRAD_TOL)
 
 

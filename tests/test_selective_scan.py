@@ -1,8 +1,10 @@
 """One contract class run against every fast selective-scan implementation (`xla`; `pallas` on
-its Triton and its Mosaic GPU kernels, in interpret mode on any machine (Mosaic GPU's interpret
-mode from jax 0.11) and compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential
-reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
-op's input checks against every implementation.
+its Triton kernels in interpret mode on any machine; `pallas` on its Triton and its Mosaic GPU
+kernels compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential reference as
+oracles; the reference against the fixtures; the XLA path's chunking and memory; the op's input
+checks against every implementation. The Mosaic GPU kernels' interpret mode, ~1000x slower than
+Pallas' generic interpreter, gets one case per contract feature instead
+(tests/test_mosaic_selective_scan.py).
 
 The scan helpers here (`random_inputs`, `random_case`, `outputs_and_grads`) are shared
 with tests/test_pallas_selective_scan.py. Interpret mode spends its time in XLA's CPU compiler,
@@ -10,7 +12,6 @@ so every case runs as one jit compiled without LLVM's expensive passes (`FAST_CO
 """
 
 import contextlib
-import dataclasses
 import functools
 import re
 
@@ -20,16 +21,15 @@ import numpy as np
 import pytest
 from conftest import random_case, random_inputs, rel_err
 
-from jaxmamba.kernels import backends, mosaic_backend
+from jaxmamba.kernels import backends
 from jaxmamba.kernels import selective_scan as ks
-from jaxmamba.kernels.mosaic_common import MosaicTiling
 from jaxmamba.kernels.tiling import ScanTiling
 from jaxmamba.ops import selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
 #: The contract class runs against each of these (`*-gpu` only where a GPU is).
-IMPLEMENTATIONS = ["xla", "pallas-interpret", "pallas-mosaic-interpret",
+IMPLEMENTATIONS = ["xla", "pallas-interpret",
                    pytest.param("pallas-triton-gpu", marks=pytest.mark.gpu),
                    pytest.param("pallas-mosaic-gpu", marks=pytest.mark.gpu)]
 
@@ -53,29 +53,6 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 #: compile, small.
 SMALL = ScanTiling(chunk=16, block_d=16, fwd_warps=1, bwd_block_d=16, sub_chunk=2, bwd_warps=1,
                    state_stride=2)
-#: The Mosaic GPU kernels' `SMALL`: 64-channel tiles (their least), two pipelined blocks of 8 rows
-#: per chunk.
-MOSAIC_SMALL = MosaicTiling(chunk=16, block_d=64, fwd_warps=4, bwd_block_d=64, sub_chunk=2,
-                            bwd_warps=4, state_stride=2, block_rows=8)
-#: Mosaic GPU's interpreter spends ~0.1 s per pipelined block (2026-12, 2 cores): sequences
-#: longer than 64 (the fixtures' L=1000) take 64-row blocks in 128-row chunks.
-MOSAIC_LONG = dataclasses.replace(MOSAIC_SMALL, chunk=128, block_rows=64)
-
-
-def mosaic_interpret_tiling(b, l, d, n):
-    return MOSAIC_SMALL if l <= 64 else MOSAIC_LONG
-
-
-@contextlib.contextmanager
-def float64_everywhere():
-    """float64 for the whole process: `jax.enable_x64` is thread-local, and Mosaic GPU's
-    interpreter computes in host callbacks on XLA's threads (float32 results there)."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def load_cases(reference_dir):
@@ -146,17 +123,14 @@ def op(impl, **fixed):
 @pytest.fixture
 def impl(request, monkeypatch):
     """The `implementation=` argument for one contract parameter, with `pallas`'s backend fixed.
-    `pallas-*interpret` runs the kernels in interpret mode with the `SMALL` (`MOSAIC_SMALL`)
-    tiling, also on a GPU machine; `pallas-*-gpu` compiles them with the default tiling."""
+    `pallas-interpret` runs the Triton kernels in interpret mode with the `SMALL` tiling, also on
+    a GPU machine; `pallas-*-gpu` compiles them with the default tiling."""
     if request.param == "xla":
         return "xla"
     backend = "mosaic" if "mosaic" in request.param else "triton"
     monkeypatch.setattr(ks, "default_backend", lambda interpret: backend)
-    if request.param.endswith("interpret"):
-        if backend == "mosaic" and (reason := mosaic_backend.interpret_unavailable_reason()):
-            pytest.skip(reason)
+    if request.param == "pallas-interpret":
         monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
-        monkeypatch.setattr(ks, "default_mosaic_tiling", mosaic_interpret_tiling)
         monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
         return "pallas"
     assert request.param.endswith("-gpu"), request.param  # `gpu` marker: skipped without one
@@ -194,7 +168,7 @@ class TestSelectiveScan:
                 pytest.skip(f"float64 on compiled Mosaic GPU needs the Triton kernels: {reason}")
             monkeypatch.setattr(ks, "_warned_float64", False)
             expect = pytest.warns(UserWarning, match="float64.*running the Triton kernels")
-        with float64_everywhere(), expect:
+        with jax.enable_x64(True), expect:
             for case in load_cases(reference_dir):
                 y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
                                              case["grad_y"], jnp.float64)
