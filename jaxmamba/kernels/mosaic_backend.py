@@ -24,7 +24,7 @@ import jax
 #: Rows of a state tile: the WGMMA register layout spreads 64 rows over a warpgroup.
 TILE_ROWS = 64
 #: Let Mosaic use approximate `exp2`/`log`/division (`CompilerParams.approx_math`); read when a
-#: kernel is traced (benchmarks/mosaic_check.py times both, clearing JAX's caches between).
+#: kernel is traced (`benchmarks/scan.py --variants approx_math` times it, clearing JAX's caches).
 APPROX_MATH = False
 #: `CompilerParams.lowering_semantics` by name ("Lane" or "Warpgroup"); None: the JAX version's
 #: default (Lane in 0.10, Warpgroup from 0.11). Read when a kernel is traced (benchmarks).
