@@ -86,6 +86,12 @@ def validation_line(results_table: str, seconds: float) -> str:
     return f"{results_table}\n(sliding-window validation took {seconds:.0f} s)"
 
 
+def no_final_validation_line() -> str:
+    """A run of `data.fold=all`: nothing was held out to validate."""
+    return ("final validation: skipped, data.fold=all trains on every case (none is held out); "
+            "validate with the runs of folds 0-4 and `jaxmamba crossval`")
+
+
 def done_line(run_dir: Path, checkpoints: Path, files: Sequence[str]) -> str:
     """The last line of a run: where its checkpoints and other `files` are."""
     return f"done: {run_dir} (checkpoints in {checkpoints}, {', '.join(files)})"

@@ -15,6 +15,8 @@ RUN_DIR/
                                  (meta also holds the epoch's partial sums); removed once the
                                  epoch it belongs to is complete
   metrics.jsonl, curves.png, tensorboard/         what `jaxmamba.train.writers` writes
+  training.json                  parameters, and per session the card, compiled train-step
+                                 memory and compile time (`jaxmamba.train.record`)
   final_validation/<set>/, final_validation/results.json   `jaxmamba.train.validate`'s results
 ```
 `<epoch>` counts completed epochs. `meta` holds the epoch, the variant, the plan
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.yaml"
 PLANS_FILE, DATASET_FILE = "nnUNetPlans.json", "dataset.json"
 METRICS_FILE, CURVES_FILE, TENSORBOARD_DIR = "metrics.jsonl", "curves.png", "tensorboard"
+TRAINING_FILE = "training.json"
 FINAL_VALIDATION_DIR, FINAL_VALIDATION_DONE = "final_validation", "results.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST, BEST, PREEMPTED = "latest", "best", "preempted"

@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_close_to, import_test_extra, rel_err, tiny_plan
 from flax import nnx
 
+from jaxmamba.layers import MambaOptions
 from jaxmamba.layers.conv import (
     AvgPool,
     BasicBlockD,
@@ -228,7 +229,7 @@ def _random_params(model, key):
 def test_segmambaskip_runs_forward(key):
     plan = mini_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model(
-        "segmambaskip", plan, scan_implementation="reference")), key)
+        "segmambaskip", plan, mamba=MambaOptions("reference"))), key)
     x = jnp.asarray(_rng(key).standard_normal((2, *plan.patch_size, 2), np.float32))
     (out,) = _call(model, x)
     assert out.shape == (2, 4, 8, 8, 3) and out.dtype == jnp.float32
@@ -290,9 +291,9 @@ def test_bf16_precision_switch(key):
     """bf16 convolutions/norms: parameters stay float32, outputs float32 and close to float32's."""
     plan = mini_plan()
     f32 = _random_params(nnx.eval_shape(lambda: build_model(
-        "segmamba", plan, scan_implementation="reference")), key)
+        "segmamba", plan, mamba=MambaOptions("reference"))), key)
     bf16 = nnx.eval_shape(lambda: build_model("segmamba", plan, precision="bf16",
-                                              scan_implementation="reference"))
+                                              mamba=MambaOptions("reference")))
     nnx.update(bf16, nnx.state(f32, nnx.Param))
     assert bf16.encoder.stages[0].blocks[0].conv1.conv.dtype == jnp.bfloat16
     assert bf16.decoder.transpconvs[0].dtype == jnp.bfloat16

@@ -215,10 +215,11 @@ def test_no_length_times_state_tensor():
 
 
 def kernel_output_bytes(jaxpr) -> dict[str, int]:
-    """Bytes written by each `pallas_call` of `jaxpr` and its sub-jaxprs, by kernel name."""
+    """Bytes written by each Pallas kernel of `jaxpr` and its sub-jaxprs, by kernel name
+    (`pallas_call`; Mosaic GPU's `plgpu.kernel` traces to `mpmd_map`)."""
     out: dict[str, int] = {}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in ("pallas_call", "mpmd_map"):
             name = str(eqn.params["name"])
             out[name] = out.get(name, 0) + sum(int(np.prod(a.shape)) * a.dtype.itemsize
                                                for a in eqn.params["out_avals"])
@@ -332,8 +333,9 @@ def test_default_tiling(b, l, d, n):
 def test_kernels_lower_to_triton():
     """Every kernel of the fwd+bwd lowers to Triton IR for a CUDA GPU, on any machine (traced
     and lowered, not compiled: catches a primitive or shape that Pallas' Triton lowering lacks,
-    which interpret mode never sees), padded and reversed, N=32. Every JAX that pyproject's pin
-    admits has the backend, so its absence fails."""
+    which interpret mode never sees), padded and reversed, N=32, with the Triton backend asked
+    for (JAX >= 0.11 defaults to Mosaic GPU, whose lowering tests/test_mosaic_selective_scan.py
+    checks). Every JAX that pyproject's pin admits has the backend, so its absence fails."""
     reason = unavailable_reason()
     assert reason is None, f"{reason} (jax {jax.__version__}: the pin, <0.13, assumes the backend)"
     b, l, d, n = 1, 1000, 40, 32
@@ -343,7 +345,7 @@ def test_kernels_lower_to_triton():
 
     def grads(a):  # the value too: newer JAX drops the output kernel from a gradient alone
         return jax.value_and_grad(lambda a: jnp.sum(ks.selective_scan_pallas(
-            **a, interpret=False, reverse=True)[0]))(a)
+            **a, interpret=False, reverse=True, backend="triton")[0]))(a)
 
     # the target GPU, for JAX versions (>= 0.12) that ask Pallas' Triton lowering for one
     target = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jaxmamba.cli.evaluate", "Dice / HD95 / NSD of predictions vs ground truth"),
     "predict": ("jaxmamba.cli.predict", "predict NIfTI cases with trained run directories"),
     "convert-torch": ("jaxmamba.cli.convert_torch", "import (or export) a PyTorch checkpoint"),
+    "crossval": ("jaxmamba.cli.crossval", "merge and score fold runs as one cross-validation"),
+    "postprocess": ("jaxmamba.cli.postprocess", "apply a crossval's postprocessing to label maps"),
+    "report": ("jaxmamba.cli.report", "Dice, memory and time of runs and crossvals, one row each"),
 }
 DEBUG_ENV = "JAXMAMBA_DEBUG"
 _DEBUG_HELP = f"show the Python traceback of an error (or set {DEBUG_ENV}=1)"

@@ -8,6 +8,10 @@
   from run directories (training's or `convert-torch`'s) read by `jaxmamba.rundir`.
 - `jaxmamba.infer.evaluate`: `jaxmamba evaluate` (folders of NIfTI label maps -> summary).
 - `jaxmamba.infer.preview`: preview PNGs.
+- `jaxmamba.infer.crossval`: `jaxmamba crossval` (fold runs, read by `runs`, merged and scored;
+  nnU-Net's postprocessing decided by `postprocess_decide`, applied by `postprocess`).
+- `jaxmamba.infer.report`: `jaxmamba report` (Dice, memory and time per network and dataset;
+  `report_format` draws the table, CSV and plot).
 
 Submodules are imported on first use, so evaluation does not import JAX.
 """
@@ -18,7 +22,6 @@ _EXPORTS = {
     "predict_logits": "sliding_window",
     "compute_steps": "sliding_window",
     "gaussian_importance_map": "sliding_window",
-    "data_mesh": "sliding_window",
     "evaluate_case": "metrics",
     "evaluate_folder": "evaluate",
     "save_preview": "preview",
