@@ -1,31 +1,32 @@
-"""`selective_scan_pallas`: the chunk-parallel Pallas selective scan behind a `jax.custom_vjp`.
-
-Forward: K1 chunk states → K2 scan over chunks (XLA) → K3 outputs; backward: B1 chunk adjoints →
-B2 adjoint scan over chunks (XLA) → B3 gradients (README.md beside this file). The VJP saves only
-the chunk start states `(B, L/T, D, N)` and `Σδ (B, L/T, D)` besides the inputs; the largest
-temporary is B1's saved states `(B, L/(S·stride), D, N)`; no `(B, L, D, N)` tensor exists.
-`reverse=True` is an in-kernel row order and a reversed scan over chunks: nothing is flipped.
+"""`selective_scan_pallas`: the chunk-parallel Pallas selective scan: padding, the backend
+(Triton or Mosaic GPU kernels) and its tiling, then `scan_vjp.scan` (the custom VJP: forward K1 →
+K2 → K3, backward B1 → B2 → B3; README.md beside this file). The VJP saves only the chunk start
+states `(B, L/T, D, N)` and `Σδ (B, L/T, D)` besides the inputs; the largest temporary is B1's
+saved states `(B, L/(S·stride), D, N)`; no `(B, L, D, N)` tensor exists. `reverse=True` is an
+in-kernel row order and a reversed scan over chunks: nothing is flipped.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from jaxmamba.kernels import backends
-from jaxmamba.kernels import mosaic_selective_scan as mosaic
+from jaxmamba.kernels import backends, mosaic_backward, mosaic_forward, scan_backward, scan_forward
 from jaxmamba.kernels import scan_common as sc
-from jaxmamba.kernels.chunk_carries import chunk_carries
-from jaxmamba.kernels.chunk_carries import chunk_decay as _chunk_decay
 from jaxmamba.kernels.mosaic_common import as_mosaic, default_mosaic_tiling
-from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
-from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
+from jaxmamba.kernels.scan_vjp import Phases, scan
 from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
 from jaxmamba.scan_math import compute_dtype
 
+#: Each backend's kernels (K1, K3, B1, B3), run by `scan_vjp.scan`.
+PHASES = {
+    "triton": Phases(scan_forward.chunk_states, scan_forward.chunk_outputs,
+                     scan_backward.chunk_adjoints, scan_backward.chunk_gradients),
+    "mosaic": Phases(mosaic_forward.chunk_states, mosaic_forward.chunk_outputs,
+                     mosaic_backward.chunk_adjoints, mosaic_backward.chunk_gradients),
+}
 _warned_interpret = False
 _warned_float64 = False
 
@@ -44,55 +45,6 @@ def resolve_interpret(interpret: bool | None) -> bool:
             "runs the Pallas kernels in interpret mode (slow, meant for tests); use "
             "implementation='xla' (or None) for speed on this machine.", stacklevel=3)
     return True
-
-
-def _forward(st, u, dt, z, A, B, C, D, bias, h0, *, save_states=False):
-    """-> (y, final state, chunk start states, Σδ, the backward's saved states or None)."""
-    h_loc, sdt = chunk_states(st, u, dt, A, B, bias, h0.dtype)
-    h_in, h_last = chunk_carries(_chunk_decay(A, sdt), h_loc, h0, reverse=st.reverse)
-    if save_states:
-        y, h_fine = chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in, save_states=True)
-        return y, h_last, h_in, sdt, h_fine
-    return chunk_outputs(st, u, dt, z, A, B, C, D, bias, h_in), h_last, h_in, sdt, None
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(st: sc.ScanStatics, u, dt, z, A, B, C, D, bias, h0):
-    y, h_last, *_ = _forward(st, u, dt, z, A, B, C, D, bias, h0)
-    return y, h_last
-
-
-def _scan_fwd(st, u, dt, z, A, B, C, D, bias, h0):
-    """Saves the inputs, Σδ and the chunk start states, or (`fused_replay`) the backward's
-    saved states, whose first per chunk is the chunk's start state."""
-    y, h_last, h_in, sdt, h_fine = _forward(st, u, dt, z, A, B, C, D, bias, h0,
-                                            save_states=st.fused_replay)
-    states = h_fine if st.fused_replay else h_in
-    return (y, h_last), (u, dt, z, A, B, C, D, bias, h0, states, sdt)
-
-
-def _scan_bwd(st, res, cotangents):
-    u, dt, z, A, B, C, D, bias, h0, states, sdt = res
-    g, g_last = cotangents
-    if st.fused_replay:
-        h_fine = states
-        _, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, jax.ShapeDtypeStruct(
-            states.shape[:2] + states.shape[3:], states.dtype))
-    else:
-        h_fine, q_loc = chunk_adjoints(st, u, dt, z, g, A, B, C, bias, states)
-    mu, dh0 = chunk_carries(_chunk_decay(A, sdt), q_loc, g_last.astype(q_loc.dtype),
-                            reverse=not st.reverse)
-    du, ddt, dz, db, dc, da, dd, dbias = chunk_gradients(st, u, dt, z, g, A, B, C, D, bias,
-                                                         h_fine, mu)
-    return (du, ddt, dz, da.sum((0, 1)).astype(A.dtype), db.sum(0).astype(B.dtype),
-            dc.sum(0).astype(C.dtype), dd.sum((0, 1)).astype(D.dtype),
-            dbias.sum((0, 1)).astype(bias.dtype), dh0.astype(h0.dtype))
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-#: One executable per phase when called eagerly (interpret mode in tests compiles op by op
-#: otherwise); inlined under an outer jit.
-_jitted_scan = jax.jit(_scan, static_argnums=0)
 
 
 def default_backend(interpret: bool) -> str:
@@ -157,9 +109,9 @@ def selective_scan_pallas(
     kernel saves the backward's states, so the backward replays nothing before its gradient
     kernel; those states, `(B, L/(S·stride), D, N)`, are then kept from the forward to the
     backward instead of living only inside the backward.
-    `backend`: "triton" or "mosaic" (Mosaic GPU, `mosaic_selective_scan.py`); None picks
-    `default_backend`, and float64 inputs compiled take Triton (`resolve_backend`). The Mosaic
-    kernels' tiling is a `MosaicTiling` (64-channel tiles).
+    `backend`: "triton" or "mosaic" (Mosaic GPU; `PHASES`); None picks `default_backend`, and
+    float64 inputs compiled take Triton (`resolve_backend`). The Mosaic kernels' tiling is a
+    `MosaicTiling` (64-channel tiles).
     """
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
@@ -189,6 +141,5 @@ def selective_scan_pallas(
     h0 = (jnp.zeros((batch, dim, n), dtype) if initial_state is None
           else initial_state.astype(dtype))
     h0_p = _pad(_pad(h0, 1, dp), 2, np_)
-    scan = mosaic.scan if backend == "mosaic" else _jitted_scan
-    y, h_last = scan(st, u_p, dt_p, z_p, a_p, b_p, c_p, d_p, bias_p, h0_p)
+    y, h_last = scan(PHASES[backend], st, u_p, dt_p, z_p, a_p, b_p, c_p, d_p, bias_p, h0_p)
     return y[:, :length, :dim], h_last[:, :dim, :n]
