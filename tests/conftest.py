@@ -309,6 +309,21 @@ def phantom(tmp_path_factory):
     return build_phantom(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for one module whose runs compile the same programs (the
+    later ones load them); JAX's settings are restored after the module."""
+    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+               "jax_persistent_cache_min_compile_time_secs": 0.0,
+               "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
 def tiny_run_config(phantom: Path, run_dir: Path, *overrides: str):
     """configs/tiny.yaml on `phantom`'s data, writing to `run_dir`, without progress bars."""
     from jaxmamba.config import load_config

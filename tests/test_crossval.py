@@ -32,21 +32,6 @@ LABELS = {"background": 0, "ellipsoid": 1, "box": 2}
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """The three runs compile the same programs; a persistent cache makes the later ones loads."""
-    import jax
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {k: getattr(jax.config, k) for k in options}
-    for k, v in options.items():
-        jax.config.update(k, v)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
 def folds(tmp_path_factory, compilation_cache):
     """Runs of folds 0 and 1 of a 2-fold split of 4 phantoms (2 validation cases each), and of
     `data.fold=all`; what each said."""

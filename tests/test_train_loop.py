@@ -17,20 +17,8 @@ from jaxmamba.train import loop
 from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.preflight import DoesNotFitError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here compile the same programs; a persistent cache makes the later ones loads."""
-    import jax
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0.0,
-               "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {k: getattr(jax.config, k) for k in options}
-    for k, v in options.items():
-        jax.config.update(k, v)
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
+#: The runs here compile the same programs; a persistent cache makes the later ones loads.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def run(cfg, **kwargs):
