@@ -20,6 +20,7 @@ from jaxmamba.config import Config, ConfigError, load_config
 from jaxmamba.data.splits import SPLITS_FILE, read_json_list
 from jaxmamba.errors import UserError
 from jaxmamba.infer.postprocess import label_files
+from jaxmamba.jsonfile import flatten
 from jaxmamba.plans import Plan
 from jaxmamba.rundir import (
     CONFIG_FILE,
@@ -173,7 +174,7 @@ def check_runs(runs: Sequence[FoldRun]) -> list[str]:
                                                "splits_final.json of one preprocessing cache)")
         seen[run.fold] = run
     notes = []
-    flat = [_flat(r.config.to_dict()) for r in runs]
+    flat = [flatten(r.config.to_dict()) for r in runs]
     for key in COMPARED_SETTINGS:
         values = {k: v for k, v in flat[0].items() if k == key or k.startswith(key + ".")}
         for run, f in zip(runs[1:], flat[1:], strict=True):
@@ -183,12 +184,3 @@ def check_runs(runs: Sequence[FoldRun]) -> list[str]:
                                  f"{run.run_dir}")
     return notes
 
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

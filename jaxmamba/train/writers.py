@@ -20,6 +20,7 @@ import jax
 
 from jaxmamba.atomic import atomic_path, write_text
 from jaxmamba.data.io import strict_json
+from jaxmamba.jsonfile import flatten
 from jaxmamba.rundir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -57,7 +58,7 @@ class RunWriter:
         with open(self.dir / METRICS_FILE, "a") as f:
             f.write(_line(record))
         if self.tb is not None:
-            for k, v in _flat(record).items():
+            for k, v in flatten(record, "/").items():
                 if k not in ("epoch", "step") and isinstance(v, int | float):
                     self.tb.add_scalar(f"epoch/{k}", float(v), record["step"])
             self.tb.flush()
@@ -83,15 +84,6 @@ def _tensorboard_writer(path: Path):
         return None
     return Writer(str(path))
 
-
-def _flat(record: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def plot_curves(history: Sequence[dict], path: Path, class_names: Sequence[str]) -> None:
