@@ -37,9 +37,11 @@ networks when called.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +106,39 @@ def unreadable(folder: Path, err: BaseException, hint: str | None) -> RunDirErro
     """The error for a checkpoint folder that orbax or tensorstore cannot read."""
     return RunDirError(folder, f"the {folder.parent.name} checkpoint cannot be read, it is damaged "
                                f"or incomplete ({brief(err)})", hint)
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that cancels and awaits its pending tasks before it closes."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:  # return_exceptions: each task's error is retrieved, none is reported
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingLoop()
+
+
+@contextlib.contextmanager
+def settled_reads() -> Iterator[None]:
+    """Orbax reads in a fresh event loop and closes it as soon as one read fails, leaving the
+    other reads of a damaged checkpoint pending: their tensorstore reads later complete into the
+    closed loop ("Event loop is closed") and their coroutines raise when collected, at any later
+    point of the process. Within this context every new event loop cancels and awaits its
+    pending tasks before it closes, so a failed restore leaves nothing behind."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 # ---------------------------------------------------------------------- finding
@@ -236,7 +271,8 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, *,
     other = [c for c in CHECKPOINTS if c != which and steps(run_dir, c)]
     hint = f"try --checkpoint {other[0]}" if other else None
     try:
-        model, plan = _restore(folder)
+        with settled_reads():
+            model, plan = _restore(folder)
     except UserError:  # the run directory's own problems (a plan that disagrees) say it all
         raise
     except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint

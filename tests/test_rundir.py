@@ -1,6 +1,7 @@
 """`jaxmamba.rundir`: the names training and `convert-torch` write under, finding a checkpoint,
 and errors that name the path, say what was expected and what to do."""
 
+import asyncio
 import pickle
 
 import pytest
@@ -77,6 +78,42 @@ def test_error_message_and_pickle(tmp_path):
     damaged = rundir.unreadable(tmp_path / "checkpoints" / BEST / "4", ValueError("x\ny"), "hint")
     assert str(damaged) == (f"{tmp_path / 'checkpoints' / 'best' / '4'}: the best checkpoint "
                             f"cannot be read, it is damaged or incomplete (ValueError: x); hint")
+
+
+def _failed_restore() -> asyncio.Task:
+    """What orbax does when one read of a damaged checkpoint fails: a fresh event loop runs a
+    gather of reads until the first error, then closes; returns the read still in flight."""
+    slow = []
+
+    async def read(fails: bool):
+        if fails:
+            raise OSError("damaged")
+        await asyncio.sleep(60)
+
+    async def restore():
+        slow.append(asyncio.ensure_future(read(False)))
+        await asyncio.gather(slow[0], read(True))
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(OSError, match="damaged"):
+            loop.run_until_complete(restore())
+    finally:
+        loop.close()
+    return slow[0]
+
+
+def test_a_failed_read_leaves_nothing_pending():
+    """`settled_reads`: the loop that orbax closes on the first error first cancels and awaits
+    the other reads (left pending, they would raise when collected, failing a later test)."""
+    policy = asyncio.get_event_loop_policy()
+    left = _failed_restore()
+    assert not left.done()  # the defect: pending on a closed loop
+    left.get_coro().close()  # (what collecting it would do, now, not in a later test)
+    with rundir.settled_reads():
+        settled = _failed_restore()
+    assert settled.cancelled()
+    assert asyncio.get_event_loop_policy() is policy  # put back
 
 
 def test_clean_stale_keeps_the_newest_step_only(tmp_path):

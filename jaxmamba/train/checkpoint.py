@@ -25,7 +25,16 @@ import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
-from jaxmamba.rundir import BEST, CHECKPOINTS_DIR, ITEMS, LATEST, PREEMPTED, RunDirError, unreadable
+from jaxmamba.rundir import (
+    BEST,
+    CHECKPOINTS_DIR,
+    ITEMS,
+    LATEST,
+    PREEMPTED,
+    RunDirError,
+    settled_reads,
+    unreadable,
+)
 
 
 class IteratorSnapshot:
@@ -117,7 +126,8 @@ class Checkpointer:
 
     def _restore(self, which: str, epoch: int, **items):
         try:
-            return self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
+            with settled_reads():
+                return self.managers[which].restore(epoch, args=ocp.args.Composite(**items))
         except Exception as err:  # orbax/tensorstore raise many types for a damaged checkpoint
             raise unreadable(self.dir / which / str(epoch), err,
                              "move that folder away to train this run directory from scratch, "
