@@ -6,6 +6,7 @@ The reference runs are one process in this test process (4 fake CPU devices, tes
 
 import json
 import signal
+import time
 
 import jax
 import nibabel as nib
@@ -194,3 +195,33 @@ def test_bad_launches_end_every_process_quickly_writing_nothing(setup):
         assert not run_dir.exists(), name
     assert "differ in optim.lr (optim.lr: process 0 None, process 1 0.001)" in \
         cases["configs"][0].log(1)
+
+
+def test_a_lost_process_ends_every_survivor_in_one_line(setup, two_by_two):
+    """kill -9 of one process mid-training: the other ends with exit status 1 and one `error:`
+    line naming the lost process, whichever was lost: process 0's coordinator goes with it and
+    JAX's runtime aborts the survivor at once (after its own message); a lost process 1 is
+    declared after the heartbeat timeout (20 s here, 100 by default). The programs come from
+    the compilation cache."""
+    for lost in (1, 0):
+        survivor = 1 - lost
+        run = launch(_args(setup, setup / "runs" / f"lost{lost}", "train.iters_per_epoch=1000",
+                           "train.epochs=1", "train.final_validation=false"),
+                     setup / "logs" / f"lost{lost}", cache_dir=setup / "xla",
+                     env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
+        wait_for(lambda r=run: "throughput:" in r.log(0), LIMIT, run, "training steps")
+        run.procs[lost].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            assert run.procs[survivor].wait(timeout=60) == 1, run.output()
+        finally:
+            run.kill()
+        print(f"process {lost} lost: process {survivor} ended {time.monotonic() - killed:.1f} s "
+              f"later")
+        said = run.log(survivor)
+        errors = [line for line in said.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, said
+        assert errors[0].startswith(f"error: process {survivor} of 2: lost process {lost} (pid "
+                                    f"{run.procs[lost].pid} on host"), said
+        assert "start them all again to resume from the last checkpoint" in errors[0]
+        assert "Traceback" not in said, said
