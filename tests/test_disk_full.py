@@ -111,3 +111,19 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(phantom, 
            "again" in errors[0]
     assert rc2 == 0, said2
     assert "resumed" in said2 and "Traceback" not in said2, said2
+
+
+@pytest.mark.slow
+@needs_tmpfs
+def test_preprocessing_on_a_full_disk_stops_in_one_line_and_resumes(phantom, tmp_path):
+    cache = tmp_path / "full" / "cache"
+    command = [sys.executable, "-m", "jaxmamba.cli", "preprocess", str(phantom / "raw"), "-o",
+               str(cache), "-j", "0"]
+    (rc, said), (rc2, said2) = _in_tmpfs(tmp_path, "96k", "4m", command, command)
+    assert rc == 1 and said.count("\n") == 1 and "Traceback" not in said, said
+    assert said.startswith(f"error: {cache / '3d_fullres'}: no space left on the device for "
+                           f"case phantom_"), said
+    assert "preprocessed arrays: it needs about" in said
+    assert "the cases finished before are kept; free some space" in said
+    assert "fix the files" not in said  # not the data's fault
+    assert rc2 == 0 and "preprocessed into" in said2, said2
