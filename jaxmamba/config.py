@@ -312,10 +312,13 @@ def _check(cfg: Config, source: _Source) -> None:
             raise ConfigError(f"{source.of(key)}: {key} = {value}: must be > 0")
     nonneg = {"train.val_iters": t.val_iters,
               "data.fold": cfg.data.fold if isinstance(cfg.data.fold, int) else 0,
-              "data.num_workers": cfg.data.num_workers, "optim.weight_decay": o.weight_decay}
+              "data.num_workers": cfg.data.num_workers}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{source.of(key)}: {key} = {value}: must be >= 0")
+    for key, value, ok, expected in _bounds(cfg):
+        if not ok:
+            raise ConfigError(f"{source.of(key)}: {key} = {value}: must be {expected}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"{source.of('optim.lr')}: optim.lr = {cfg.optim.lr}: must be > 0 (or "
                           f"null for the recipe's default)")
@@ -336,6 +339,32 @@ def _check(cfg: Config, source: _Source) -> None:
     if not cfg.train.run_dir:
         raise ConfigError(f"{source.of('train.run_dir')}: train.run_dir must not be empty")
     _check_plan_overrides(cfg.data.plan_overrides, source)
+
+
+def _bounds(cfg: Config):
+    """`(key, value, within bounds?, the bounds in words)` of the values a type cannot bound:
+    beyond them training fails late (a traceback, a NaN blamed on optim.lr) or silently (a
+    negative learning rate is gradient ascent)."""
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    unit = "in [0, 1)"
+    yield ("seed", cfg.seed, 0 <= cfg.seed <= 2**63 - 2,
+           "an integer in [0, 2**63 - 2] (the data pipeline is seeded with seed + 1)")
+    yield "optim.momentum", o.momentum, 0 <= o.momentum < 1, unit
+    yield "optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < 1, unit
+    yield ("optim.cosine_eta_min", o.cosine_eta_min, o.cosine_eta_min >= 0,
+           ">= 0 (the learning rate's floor; below 0 it would climb the loss)")
+    yield "optim.poly_exponent", o.poly_exponent, o.poly_exponent >= 0, ">= 0"
+    for key in ("onecycle_div_factor", "onecycle_final_div_factor"):
+        value = getattr(o, key)
+        yield (f"optim.{key}", value, value > 0,
+               "> 0 (the learning rate is divided by it)")
+    for i, beta in enumerate(o.onecycle_beta1):
+        yield f"optim.onecycle_beta1[{i}]", beta, 0 <= beta < 1, unit
+    yield ("train.memory_limit_gib", t.memory_limit_gib,
+           t.memory_limit_gib is None or t.memory_limit_gib > 0,
+           "> 0 GiB, or null for what the device reports")
+    yield ("data.plans", repr(d.plans), d.plans is None or bool(d.plans.strip()),
+           "the path of an nnUNetPlans.json, or null to plan from the dataset")
 
 
 def _numbers(node: Any, prefix: str = ""):
@@ -363,11 +392,17 @@ def _per_stage(entry):
     return lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(entry(x) for x in v)
 
 
+#: Bounds of a patch and a batch (beyond them the data loader cannot even index the patches)
+MAX_PATCH_VOXELS, MAX_BATCH = 2**27, 2**16
+
 #: Plan fields `data.plan_overrides` may set (they change the network or the batches, not the
 #: preprocessing), each with what its value must be and a check of it.
 PLAN_OVERRIDES: dict[str, tuple[str, Any]] = {
-    "patch_size": ("a list of 3 integers >= 1", _ints(3)),
-    "batch_size": ("an integer >= 1 (patches per step over all devices)", _positive_int),
+    "patch_size": (f"a list of 3 integers >= 1, at most {MAX_PATCH_VOXELS:,} voxels in all "
+                   f"(2**27, 512 x 512 x 512)",
+                   lambda v: _ints(3)(v) and math.prod(v) <= MAX_PATCH_VOXELS),
+    "batch_size": (f"an integer in 1..{MAX_BATCH:,} (patches per step over all devices)",
+                   lambda v: _positive_int(v) and v <= MAX_BATCH),
     "base_num_features": ("an integer >= 1", _positive_int),
     "max_num_features": ("an integer >= 1", _positive_int),
     "strides": ("a list (one per stage) of 3 integers >= 1", _per_stage(_ints(3))),
