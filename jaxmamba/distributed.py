@@ -31,7 +31,7 @@ from typing import Any
 import jax
 
 from jaxmamba import peers
-from jaxmamba.errors import UserError
+from jaxmamba.errors import UserError, brief
 
 JOIN_TIMEOUT_ENV = "JAXMAMBA_JOIN_TIMEOUT"
 #: Seconds without heartbeats after which JAX's coordinator declares a process lost (JAX's 100 by
@@ -50,10 +50,28 @@ class DistributedError(UserError, RuntimeError):
     """Processes that cannot work together; the message says which and what to do."""
 
 
+class BackendError(UserError, RuntimeError):
+    """JAX cannot start the backend it was asked for (JAX_PLATFORMS)."""
+
+
 def initialize() -> None:
-    """Join the other processes when launched as several (see the module docstring)."""
+    """Join the other processes when launched as several (see the module docstring), then
+    check that JAX can start its backend (`BackendError` in one line if not)."""
     if jax.distributed.is_initialized():
         return
+    _join()
+    try:
+        jax.devices()
+    except Exception as err:  # jax 0.10 raises a bare AssertionError for a missing plugin
+        asked = os.environ.get("JAX_PLATFORMS")
+        what = f"JAX_PLATFORMS={asked}: JAX cannot start that backend" if asked else \
+            "JAX cannot start a backend"
+        raise BackendError(f"{what} on this machine ({brief(err)}); install the jaxlib plugin "
+                           f"it needs (e.g. pip install 'jax[cuda12]') or set JAX_PLATFORMS to "
+                           f"a backend this machine has (cpu)") from err
+
+
+def _join() -> None:
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         try:

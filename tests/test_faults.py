@@ -279,3 +279,35 @@ def test_a_fold_that_does_not_exist_names_the_folds_there_are(clean, tmp_path, c
     assert rc == 1 and out.count("\n") == 1, out
     assert out.startswith(f"error: {tmp_path / 'train_cache' / 'splits_final.json'}: fold 7 does "
                           f"not exist (folds 0..4 or 'all')")
+
+
+def test_a_backend_that_cannot_start_is_one_line(clean, tmp_path):
+    """JAX_PLATFORMS=cuda on a machine without CUDA: one line, before any work (jax 0.10 raised
+    a bare AssertionError)."""
+    import jax
+    from launching import clean_env
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this machine has a GPU: JAX_PLATFORMS=cuda starts")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *_commands(clean, tmp_path)["train"][1:]], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
+                          env={**clean_env(1), "JAX_PLATFORMS": "cuda"})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: JAX_PLATFORMS=cuda: JAX cannot start that backend on "
+                                  "this machine (")
+    assert "set JAX_PLATFORMS to a backend this machine has" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_exit_after_an_error_does_not_wait_for_background_threads(tmp_path):
+    """A background thread that never ends (as orbax's save threads can) does not hang the
+    process after its error: it leaves `grace_s` seconds after the exit began."""
+    code = ("import threading, time\n"
+            "from jaxmamba.cli import bounded_exit\n"
+            "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+            "print('error: something', flush=True)\n"
+            "bounded_exit(3, grace_s=1)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 3 and done.stdout == "error: something\n", done
+    assert "background threads still running 1 s after the error" in done.stderr

@@ -173,3 +173,16 @@ def test_two_train_py_on_one_run_directory(phantom, tmp_path):
     assert not in_flight.exists() and not (run_dir / LOCK_FILE).exists()
     epochs = [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1]  # one writer: no epoch twice
+
+
+def test_the_holder_cleans_what_a_killed_save_left_also_on_a_fresh_start(tmp_path):
+    """A half-written `preempted` save of a run killed before its first epoch: the next run
+    starts fresh (no checkpoint to resume) and still removes it, under the lock."""
+    from jaxmamba.runlock import held
+
+    left = tmp_path / "run" / "checkpoints" / "preempted" / "7.orbax-checkpoint-tmp-12"
+    left.mkdir(parents=True)
+    said = []
+    with held(tmp_path / "run", said.append):
+        assert not left.exists() and (tmp_path / "run" / LOCK_FILE).is_file()
+    assert said == [] and not (tmp_path / "run" / LOCK_FILE).exists()
