@@ -225,3 +225,31 @@ def test_a_lost_process_ends_every_survivor_in_one_line(setup, two_by_two):
                                     f"{run.procs[lost].pid} on host"), said
         assert "start them all again to resume from the last checkpoint" in errors[0]
         assert "Traceback" not in said, said
+
+
+def test_a_second_set_of_processes_meets_the_lock(setup):
+    """Process 0 takes the run directory's lock for all of its processes: a 2-process launch on
+    a run directory another training holds ends on both processes, naming the holder."""
+    import subprocess
+    import sys
+
+    from launching import clean_env
+
+    run_dir = setup / "runs" / "held"
+    hold = ("import sys, time\nfrom jaxmamba.runlock import RunLock\n"
+            "print(RunLock(sys.argv[1]).acquire(), flush=True)\ntime.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, env=clean_env(1), cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "None"
+        run = launch(_args(setup, run_dir), setup / "logs" / "held")
+        assert run.wait(180) == [1, 1], run.output()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    said = f"another training run is writing this run directory: process {holder.pid} on host"
+    assert f"error: {run_dir}: {said}" in run.log(0), run.output()
+    assert f"process 0 failed (lock the run directory): {run_dir}: {said}" in run.log(1)
+    assert "Traceback" not in run.log(0) + run.log(1)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["train.lock"]  # nothing else written
