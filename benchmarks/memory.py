@@ -35,8 +35,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for  # noqa: E402
-from jaxmamba.layers.remat import REMAT, saved_bytes  # noqa: E402
+from jaxmamba.choices import REMAT  # noqa: E402
+from jaxmamba.layers import MambaLayer, MambaOptions, MultiMambaTrans, d_state_for  # noqa: E402
+from jaxmamba.layers.remat import saved_bytes  # noqa: E402
 from jaxmamba.models import VARIANTS, build_model  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train.preflight import (  # noqa: E402
@@ -65,7 +66,7 @@ def _functional(module: nnx.Module):
 
 def network_saved(variant: str, plan: Plan, args, remat: str) -> int:
     model = nnx.eval_shape(lambda: build_model(variant, plan, precision=args.precision,
-                                               scan_implementation=args.scan, remat=remat))
+                                               mamba=MambaOptions(args.scan, remat)))
     f, params = _functional(model)
     return saved_bytes(f, params, abstract_batch(plan, plan.batch_size)[0])
 
@@ -82,7 +83,7 @@ def stage_shapes(plan: Plan) -> list[tuple[int, tuple[int, ...]]]:
 def layer_saved(kind: str, channels: int, shape, args, remat: str) -> int:
     make, cap = LAYERS[kind]
     layer = nnx.eval_shape(lambda: make(channels, d_state=d_state_for(channels, cap),
-                                        scan_implementation=args.scan, remat=remat,
+                                        options=MambaOptions(args.scan, remat),
                                         rngs=nnx.Rngs(0)))
     f, params = _functional(layer)
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32  # what the convs hand on
@@ -135,8 +136,8 @@ def traced(plan: Plan, args) -> list[dict]:
 def compiled_row(variant: str, remat: str, plan: Plan, args) -> dict:
     """Compiled forward + backward of one network: XLA's estimate, then the measured peak and
     time of running it on random data (median of `args.steps` after one warm-up)."""
-    model = build_model(variant, plan, precision=args.precision, scan_implementation=args.scan,
-                        remat=remat)
+    model = build_model(variant, plan, precision=args.precision,
+                        mamba=MambaOptions(args.scan, remat))
     compiled = compile_forward_backward(model, plan, plan.batch_size)
     est = estimate(compiled)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

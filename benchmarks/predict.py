@@ -43,8 +43,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxmamba.infer.network import network_apply_fn  # noqa: E402
-from jaxmamba.infer.sliding_window import compute_steps, data_mesh, predict_logits  # noqa: E402
+from jaxmamba.infer.sliding_window import (  # noqa: E402
+    WindowOptions,
+    compute_steps,
+    predict_logits,
+)
 from jaxmamba.models import build_model  # noqa: E402
+from jaxmamba.ops.mesh import make_mesh  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 
 SHARED = Path(os.environ.get("JAXMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -70,7 +75,7 @@ def main() -> None:
     plan = Plan.load(args.plans)
     if args.patch:
         plan = plan.replace(patch_size=tuple(args.patch))
-    mesh = data_mesh(jax.devices()[:1])
+    mesh = make_mesh(1)
     model = build_model(args.variant, plan, precision=args.precision, deep_supervision=False)
     nnunet = _nnunet_predictor_factory(args, model, plan)
     apply_fn = network_apply_fn(model, mesh)
@@ -98,11 +103,12 @@ def main() -> None:
     for mirror in ("off", "on") if args.mirror == "both" else (args.mirror,):
         axes = (0, 1, 2) if mirror == "on" else None
         # warm-up on a patch-sized volume compiles gathering and accumulation for this patch
+        window = WindowOptions(mirror_axes=axes, batch_size=args.batch_size, mesh=mesh)
         predict_logits(apply_fn, image[: patch[0], : patch[1], : patch[2]], patch, num_classes=k,
-                       mirror_axes=axes, batch_size=args.batch_size, mesh=mesh)
-        runs = {"jaxmamba": lambda axes=axes: predict_logits(
-            apply_fn, image, patch, num_classes=k, mirror_axes=axes, batch_size=args.batch_size,
-            mesh=mesh, progress="predict" if args.repeats == 1 else False)}
+                       window=window)
+        runs = {"jaxmamba": lambda window=window: predict_logits(
+            apply_fn, image, patch, num_classes=k, window=window,
+            progress="predict" if args.repeats == 1 else False)}
         if nnunet is not None:
             predictor = nnunet(mirror == "on")
             x = nnunet.torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))

@@ -223,9 +223,10 @@ def bench_layer(iters):
     """Whole `MambaLayer` (SegMamba, not bidirectional) at Synapse stage 0: fwd+bwd, pallas."""
     from flax import nnx
 
-    from jaxmamba.layers import MambaLayer
+    from jaxmamba.layers import MambaLayer, MambaOptions
 
-    layer = MambaLayer(32, bidirectional=False, scan_implementation="pallas", rngs=nnx.Rngs(0))
+    layer = MambaLayer(32, bidirectional=False, options=MambaOptions("pallas"),
+                       rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     x = jax.random.normal(jax.random.key(0), (2, 48, 192, 192, 32))
 

@@ -32,8 +32,9 @@ import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import VARIANTS, build_model  # noqa: E402
-from jaxmamba.ops.spatial import check_patch_splits  # noqa: E402
+from jaxmamba.ops.mesh import check_patch_splits, make_mesh  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train import sharding, step  # noqa: E402
 
@@ -52,9 +53,10 @@ def tiny_plan(patch, features, stages) -> Plan:
 
 def measure(variant: str, plan: Plan, spatial: int, scan: str | None, timed: bool) -> dict:
     check_patch_splits(plan.patch_size, plan.strides, spatial, devices=jax.device_count())
-    mesh = sharding.make_mesh(1, spatial)
+    mesh = make_mesh(1, spatial)
     tx = optax.sgd(1e-3)
-    model = build_model(variant, plan, deep_supervision=False, scan_implementation=scan, rngs=0)
+    model = build_model(variant, plan, deep_supervision=False, mamba=MambaOptions(scan),
+                        rngs=0)
     graphdef, state = step.init_state(model, tx)
     train, _ = step.jit_steps(*step.make_steps(graphdef, tx, batch_dice=True), mesh)
     rng = np.random.default_rng(0)

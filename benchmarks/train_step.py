@@ -46,14 +46,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxmamba.config import RECIPES, OptimConfig  # noqa: E402
-from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT  # noqa: E402
+from jaxmamba.choices import DEFAULT_REMAT, RECIPES, REMAT  # noqa: E402
+from jaxmamba.config import OptimConfig  # noqa: E402
+from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
     build_model,
     count_parameters,
 )
 from jaxmamba.ops.batch_parallel import traced_under  # noqa: E402
+from jaxmamba.ops.mesh import DATA_AXIS, batch_sharding, make_mesh  # noqa: E402
 from jaxmamba.plans import Plan  # noqa: E402
 from jaxmamba.train import sharding  # noqa: E402
 from jaxmamba.train.losses import deep_supervision_loss  # noqa: E402
@@ -129,9 +131,9 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     plan = plan.replace(patch_size=tuple(args.patch or plan.patch_size),
                         batch_size=args.batch or plan.batch_size)
     batch = plan.batch_size * n_devices  # weak scaling: the per-device batch stays
-    kw = dict(precision=args.precision, scan_implementation=args.scan, remat=args.remat)
+    kw = dict(precision=args.precision, mamba=MambaOptions(args.scan, args.remat))
     device = jax.devices()[0]
-    mesh = sharding.make_mesh(n_devices)
+    mesh = make_mesh(n_devices)
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),
            "batch": batch, "devices": n_devices, "precision": args.precision,
            "scan": args.scan or "default", "remat": args.remat, "loss": args.loss,
@@ -155,7 +157,7 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     key_x, key_y = jax.random.split(jax.random.key(0))
     image = jax.random.normal(key_x, (batch, *plan.patch_size, plan.num_input_channels))
     labels = jax.random.randint(key_y, (batch, *plan.patch_size), 0, plan.num_classes)
-    image, labels = jax.device_put((image, labels), sharding.batch_sharding(mesh))
+    image, labels = jax.device_put((image, labels), batch_sharding(mesh))
     t0 = time.perf_counter()
     compiled = step.lower(state, image, labels).compile()
     row["step_compile_s"] = time.perf_counter() - t0
@@ -186,9 +188,9 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
 def allreduce_ms(n_values: int, mesh, repeats: int) -> float:
     """Median time of one float32 all-reduce of `n_values` (the gradients) over `mesh`: the
     collective's cost if the step did not overlap it with computation."""
-    n = mesh.shape[sharding.DATA_AXIS]
-    spec = PartitionSpec(sharding.DATA_AXIS)
-    reduce = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, sharding.DATA_AXIS), mesh=mesh,
+    n = mesh.shape[DATA_AXIS]
+    spec = PartitionSpec(DATA_AXIS)
+    reduce = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, DATA_AXIS), mesh=mesh,
                                    in_specs=spec, out_specs=spec))
     x = jax.device_put(jnp.ones((n, n_values), jnp.float32), NamedSharding(mesh, spec))
     reduce(x).block_until_ready()

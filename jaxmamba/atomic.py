@@ -44,15 +44,14 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for f in sorted(folder.iterdir()) if folder.is_dir() else ():
         m = _TEMPORARY.match(f.name)
-        if m and f.is_file() and not _alive(int(m.group(1))):
+        if m and f.is_file() and not process_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
             removed.append(f)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (this process does; another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

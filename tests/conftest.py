@@ -121,6 +121,25 @@ def datasets_dir() -> Path:
     return require_shared(DATASETS, "datasets")
 
 
+def hippocampus_raw(datasets_dir: Path, raw: Path, n_cases: int) -> Path:
+    """A raw folder `raw` holding the first `n_cases` real cases (symlinks) of
+    Dataset004_Hippocampus, its dataset.json's numTraining set to match."""
+    import json
+
+    from jaxmamba.data.dataset import RawDataset
+
+    src = datasets_dir / "Dataset004_Hippocampus"
+    ids = [c.case_id for c in RawDataset.open(src).cases[:n_cases]]
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    for i in ids:
+        (raw / "imagesTr" / f"{i}_0000.nii.gz").symlink_to(src / "imagesTr" / f"{i}_0000.nii.gz")
+        (raw / "labelsTr" / f"{i}.nii.gz").symlink_to(src / "labelsTr" / f"{i}.nii.gz")
+    meta = json.loads((src / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**meta, "numTraining": n_cases}))
+    return raw
+
+
 #: The test extra installs torch and nnunetv2 on Python < 3.12 only (pyproject.toml): there the
 #: `nnunet` tests run (and fail without them); on newer Pythons they skip.
 NNUNET_TOOLCHAIN = sys.version_info < (3, 12)

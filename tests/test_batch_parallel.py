@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import jaxmamba.kernels.selective_scan as kernels
 from jaxmamba.ops import selective_scan
 from jaxmamba.ops.batch_parallel import traced_under
-from jaxmamba.train import sharding
+from jaxmamba.ops.mesh import make_mesh
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def _loss(implementation, reverse):
 
 @pytest.mark.parametrize("batch,local", [(4, 1), (8, 2), (2, 2)])  # 2 does not split: no map
 def test_kernel_sees_local_batch_and_matches_reference(key, seen_batches, batch, local):
-    mesh = sharding.make_mesh(-1)
+    mesh = make_mesh(-1)
     args = _inputs(key, batch)
     batched = NamedSharding(mesh, P("data")) if batch % 4 == 0 else NamedSharding(mesh, P())
     placed = [jax.device_put(a, batched if a.shape[0] == batch and a.ndim == 3

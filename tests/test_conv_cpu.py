@@ -1,4 +1,4 @@
-"""The CPU convolution path of `jaxmamba.layers.conv`: `depth_folded_conv3d` equals
+"""The CPU convolution path of `jaxmamba.ops.conv3d`: `depth_folded_conv3d` equals
 `lax.conv_general_dilated` (outputs and gradients, odd shapes, strides, kernels 1, 3 and
 anisotropic, bf16), the conv blocks take it on a CPU (checked in the compiled HLO), and the
 jitted train step and network keep its convolutions off YNNPACK (`cpu_compiler_options`)."""
@@ -13,8 +13,10 @@ import pytest
 from conftest import tiny_plan
 from flax import nnx
 
-from jaxmamba.layers import conv as conv_module
-from jaxmamba.layers.conv import conv3d, cpu_compiler_options, depth_folded_conv3d
+from jaxmamba.layers.conv import conv3d
+from jaxmamba.ops import conv3d as conv_module
+from jaxmamba.ops.conv3d import cpu_compiler_options, depth_folded_conv3d
+from jaxmamba.ops.mesh import make_mesh
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -126,9 +128,9 @@ def test_cpu_compiler_options_keep_convolutions_off_ynnpack():
     import optax
 
     from jaxmamba.models import build_model
-    from jaxmamba.train import sharding, step
+    from jaxmamba.train import step
 
-    mesh = sharding.make_mesh(1)
+    mesh = make_mesh(1)
     graphdef, state = step.init_state(build_model("plainconvunet", tiny_plan(), rngs=0),
                                       optax.sgd(0.1))
     train_step, eval_step = step.make_steps(graphdef, optax.sgd(0.1), batch_dice=True)

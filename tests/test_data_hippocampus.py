@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import hippocampus_raw
 
 from jaxmamba.data import check_dataset, fold_cases, load_plan, preprocess_dataset, train_iterator
 from jaxmamba.data.dataset import RawDataset
@@ -16,18 +17,8 @@ N_CASES = 8
 @pytest.fixture(scope="module")
 def hippocampus(datasets_dir, tmp_path_factory):
     """A raw folder holding the first few real cases (symlinks) of Dataset004_Hippocampus."""
-    src = datasets_dir / "Dataset004_Hippocampus"
-    root = tmp_path_factory.mktemp("hippo") / "Dataset004_Hippocampus"
-    ids = [c.case_id for c in RawDataset.open(src).cases[:N_CASES]]
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir(parents=True)
-    for i in ids:
-        (root / "imagesTr" / f"{i}_0000.nii.gz").symlink_to(src / "imagesTr" / f"{i}_0000.nii.gz")
-        (root / "labelsTr" / f"{i}.nii.gz").symlink_to(src / "labelsTr" / f"{i}.nii.gz")
-    meta = (src / "dataset.json").read_text().replace('"numTraining": 208',
-                                                      f'"numTraining": {N_CASES}')
-    (root / "dataset.json").write_text(meta)
-    return root
+    return hippocampus_raw(datasets_dir, tmp_path_factory.mktemp("hippo")
+                           / "Dataset004_Hippocampus", N_CASES)
 
 
 def test_check_plan_preprocess_pipeline(hippocampus, tmp_path):

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 #: A name is a top-level module or package of jaxmamba; a command module (`cli.py` or `cli/`
 #: anywhere) belongs to the `cli` layer wherever it lives.
 LAYERS = (
-    ("errors", "atomic", "console", "distributed", "config", "plans", "scan_math",
-     "compile_cache", "paths", "peers", "diskspace"),
+    ("errors", "choices", "atomic", "jsonfile", "console", "distributed", "typed_yaml", "config",
+     "nnunet_plans", "plans", "scan_math", "compile_cache", "paths", "peers", "diskspace"),
     ("kernels",),
     ("ops",),
     ("layers",),
@@ -23,6 +23,9 @@ LAYERS = (
     ("cli",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+#: Imports the layers would allow but docs/architecture.md rules out: the data pipeline knows
+#: plans, never networks.
+FORBIDDEN = {("data", "models")}
 
 
 def module_name(path: Path) -> str:
@@ -105,6 +108,13 @@ def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
     return bad
 
 
+def forbidden_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{module} (line {line}) imports {target}"
+            for module, targets in sorted(graph.items())
+            for target, line in sorted(targets.items())
+            if (layer(module), layer(target)) in FORBIDDEN]
+
+
 def test_every_module_has_a_layer():
     """A new top-level module or package must be placed in LAYERS (and in docs/architecture.md)."""
     unplaced = sorted({layer(m) for m in import_graph()} - set(RANK) - {"jaxmamba"})
@@ -114,6 +124,16 @@ def test_every_module_has_a_layer():
 
 def test_no_upward_imports():
     assert upward_imports(import_graph()) == []
+
+
+def test_data_does_not_import_models():
+    assert forbidden_imports(import_graph()) == []
+
+
+def test_the_training_loop_does_not_import_infer():
+    """Only the final validation (`train/validate.py`) predicts; the loop builds its mesh from
+    `ops/mesh.py`."""
+    assert not [t for t in import_graph()["jaxmamba.train.loop"] if t.startswith("jaxmamba.infer")]
 
 
 def test_no_import_cycles():
@@ -138,6 +158,8 @@ def test_the_checks_see_violations():
     assert find_cycle(graph) == ["jaxmamba.kernels.scan_forward", "jaxmamba.ops.selective_scan",
                                  "jaxmamba.kernels.scan_forward"]
     assert layer("jaxmamba.train.cli") == layer("jaxmamba.cli.train") == "cli"
+    assert forbidden_imports({"jaxmamba.data.pipeline": {"jaxmamba.models.build": 7}}) == [
+        "jaxmamba.data.pipeline (line 7) imports jaxmamba.models.build"]
 
 
 def test_relative_imports_resolve(tmp_path, monkeypatch):

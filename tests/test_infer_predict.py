@@ -11,6 +11,7 @@ from scipy.spatial.transform import Rotation
 from jaxmamba.data.io import DataError
 from jaxmamba.infer.metrics import dice
 from jaxmamba.infer.predict import find_cases, predict_cases
+from jaxmamba.infer.sliding_window import WindowOptions
 
 RAW_SPACING_XYZ = (0.8, 1.1, 2.5)
 
@@ -89,7 +90,8 @@ def test_skip_overwrite_and_ensemble(raw_case):
     def always_b(w):
         return jnp.zeros((*w.shape[:-1], 3)).at[..., 2].set(1.0)
     written, _ = predict_cases([_identity(), always_b], plan, cases, root / "out",
-                               overwrite=True, mirror_axes=None, progress=False)
+                               window=WindowOptions(mirror_axes=None), overwrite=True,
+                               progress=False)
     pred = np.asarray(nib.load(written[0]).dataobj)
     np.testing.assert_array_equal(pred[labels == 1], 1)  # (4 + 0) / 2 > (0 + 1) / 2
     assert not list((root / "out").glob(".*"))  # no temporary files left behind

@@ -10,13 +10,16 @@ from flax import nnx
 
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.sliding_window import (
+    WindowOptions,
     compute_steps,
-    data_mesh,
     gaussian_importance_map,
     mirror_combinations,
     pad_to_patch,
     predict_logits,
 )
+from jaxmamba.ops.mesh import make_mesh
+
+NO_MIRRORING = WindowOptions(mirror_axes=None)
 
 
 @pytest.mark.parametrize("size, patch, expected", [
@@ -84,7 +87,7 @@ def test_identity_network_reproduces_labels(key, shape, patch, accumulate):
     k = 4
     labels = np.asarray(jax.random.randint(key, shape, 0, k))
     logits = predict_logits(_identity(k), labels[..., None].astype(np.float32), patch,
-                            num_classes=k, accumulate=accumulate)
+                            num_classes=k, window=WindowOptions(accumulate=accumulate))
     assert logits.shape == (*shape, k) and logits.dtype == np.float32
     np.testing.assert_array_equal(logits.argmax(-1), labels)
     np.testing.assert_allclose(logits.max(-1), 5.0, rtol=1e-5)
@@ -120,9 +123,9 @@ def test_matches_numpy_reference_with_position_dependent_network(key, axes, batc
     ramp = jax.random.normal(k2, (*patch, k))   # breaks mirror equivariance
     image = np.asarray(jax.random.normal(k3, (7, 13, 5, c)))
     fn = jax.jit(lambda w: jnp.tanh(w @ mix) + ramp[None])
-    got = predict_logits(fn, image, patch, num_classes=k, mirror_axes=axes,
-                         batch_size=batch_size, accumulate=accumulate,
-                         mesh=data_mesh(jax.devices()[:n_devices]))
+    window = WindowOptions(mirror_axes=axes, batch_size=batch_size, accumulate=accumulate,
+                           mesh=make_mesh(n_devices))
+    got = predict_logits(fn, image, patch, num_classes=k, window=window)
     want = _reference(lambda w: np.asarray(fn(jnp.asarray(w))), image, patch, k, axes or ())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -130,7 +133,7 @@ def test_matches_numpy_reference_with_position_dependent_network(key, axes, batc
 def test_wrong_output_shape_is_reported():
     with pytest.raises(ValueError, match="num_classes=3"):
         predict_logits(_identity(2), np.zeros((4, 8, 8, 1), np.float32), (4, 8, 8),
-                       num_classes=3, mirror_axes=None)
+                       num_classes=3, window=NO_MIRRORING)
 
 
 class _TinyUNet(nnx.Module):
@@ -154,7 +157,8 @@ def test_network_apply_fn_replicates_and_matches_direct_call(key):
     image = np.asarray(jax.random.normal(k2, (6, 9, 10, 2)))
     fn = network_apply_fn(model)   # all 4 devices
     assert not model.deep_supervision
-    got = predict_logits(fn, image, (4, 8, 8), num_classes=3, mirror_axes=(0, 2))
+    got = predict_logits(fn, image, (4, 8, 8), num_classes=3,
+                         window=WindowOptions(mirror_axes=(0, 2)))
     # a per-voxel linear map is equivariant and window-independent: logits = the map itself
     want = np.asarray(model(jnp.asarray(image)[None])[0][0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -172,9 +176,15 @@ def test_falls_back_to_the_host_when_the_device_runs_out_of_memory(key):
 
     with pytest.warns(UserWarning, match="on the host instead"):
         logits = predict_logits(flaky, labels[..., None].astype(np.float32), (4, 8, 8),
-                                num_classes=3, mirror_axes=None)
+                                num_classes=3, window=NO_MIRRORING)
     np.testing.assert_array_equal(logits.argmax(-1), labels)
     calls.clear()
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
         predict_logits(flaky, labels[..., None].astype(np.float32), (4, 8, 8), num_classes=3,
-                       mirror_axes=None, accumulate="device")
+                       window=WindowOptions(mirror_axes=None, accumulate="device"))
+
+
+def test_window_options_refuse_an_unknown_accumulate():
+    with pytest.raises(ValueError, match="accumulate='gpu': expected one of 'auto', 'device', "
+                                         "'host'"):
+        WindowOptions(accumulate="gpu")

@@ -20,6 +20,7 @@ from jaxmamba.interop.torch import (
     read_state_dict,
     write_state_dict,
 )
+from jaxmamba.layers import MambaOptions
 from jaxmamba.models import build_model, count_parameters
 from jaxmamba.plans import Plan
 
@@ -59,7 +60,7 @@ def test_export_after_import_is_bit_exact(reference_dir, name, variant):
 def test_import_reproduces_the_reference_outputs(reference_dir, name, variant):
     """float32, CPU, `xla` scan: all three deep-supervision outputs within 1e-5 (issue 3)."""
     path = _fixture(reference_dir, name)
-    model = load_torch(path, variant, fixtures_plan(), scan_implementation="xla")
+    model = load_torch(path, variant, fixtures_plan(), mamba=MambaOptions("xla"))
     with np.load(path) as data:
         x = jnp.asarray(data["x"].transpose(0, 2, 3, 4, 1))  # NCDHW -> channels-last
         refs = [data[f"out{i}"].transpose(0, 2, 3, 4, 1) for i in range(3)]

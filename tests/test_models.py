@@ -11,6 +11,7 @@ import pytest
 from conftest import rel_err, tiny_plan
 from flax import nnx
 
+from jaxmamba.layers import MambaOptions
 from jaxmamba.layers.conv import (
     AvgPool,
     BasicBlockD,
@@ -224,7 +225,7 @@ def _random_params(model, key):
 def test_every_variant_runs_forward(key, variant):
     plan = mini_plan()
     model = _random_params(nnx.eval_shape(lambda: build_model(
-        variant, plan, scan_implementation="reference")), key)
+        variant, plan, mamba=MambaOptions("reference"))), key)
     x = jnp.asarray(_rng(key).standard_normal((2, *plan.patch_size, 2), np.float32))
     (out,) = _call(model, x)
     assert out.shape == (2, 4, 8, 8, 3) and out.dtype == jnp.float32
@@ -283,9 +284,9 @@ def test_bf16_precision_switch(key):
     """bf16 convolutions/norms: parameters stay float32, outputs float32 and close to float32's."""
     plan = mini_plan()
     f32 = _random_params(nnx.eval_shape(lambda: build_model(
-        "segmamba", plan, scan_implementation="reference")), key)
+        "segmamba", plan, mamba=MambaOptions("reference"))), key)
     bf16 = nnx.eval_shape(lambda: build_model("segmamba", plan, precision="bf16",
-                                              scan_implementation="reference"))
+                                              mamba=MambaOptions("reference")))
     nnx.update(bf16, nnx.state(f32, nnx.Param))
     assert bf16.encoder.stages[0].blocks[0].conv1.conv.dtype == jnp.bfloat16
     assert bf16.decoder.transpconvs[0].dtype == jnp.bfloat16

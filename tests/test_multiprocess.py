@@ -18,7 +18,7 @@ from launching import ROOT, launch, wait_for
 
 from jaxmamba.config import load_config
 from jaxmamba.data import fold_cases
-from jaxmamba.infer.sliding_window import data_mesh
+from jaxmamba.ops.mesh import make_mesh
 from jaxmamba.rundir import load_run
 from jaxmamba.train import loop, validate
 
@@ -91,7 +91,7 @@ def test_two_processes_train_validate_and_write_once(setup, two_by_two):
     _, val_ids = fold_cases(setup / "cache", 0)
     assert len(val_ids) == 2  # one per process
     alone = validate.final_validation(model, plan, setup / "raw", val_ids, setup / "alone",
-                                      epoch=2, mesh=data_mesh(jax.devices()[:2]),
+                                      epoch=2, mesh=make_mesh(2),
                                       progress=False)
     assert alone == results["results"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import hippocampus_raw
 
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import MAX_FG_SAMPLES, extract_fingerprint
@@ -99,20 +100,6 @@ def nnunet_outputs(raw: Path) -> tuple[dict, dict[str, dict]]:
 
 
 # ---------------------------------------------------------------------- datasets
-def _hippocampus(datasets_dir: Path, root: Path) -> Path:
-    src = datasets_dir / "Dataset004_Hippocampus"
-    raw = root / "raw" / "Dataset004_Hippocampus"
-    ids = [c.case_id for c in RawDataset.open(src).cases[:N_HIPPO]]
-    for sub in ("imagesTr", "labelsTr"):
-        (raw / sub).mkdir(parents=True)
-    for i in ids:
-        (raw / "imagesTr" / f"{i}_0000.nii.gz").symlink_to(src / "imagesTr" / f"{i}_0000.nii.gz")
-        (raw / "labelsTr" / f"{i}.nii.gz").symlink_to(src / "labelsTr" / f"{i}.nii.gz")
-    meta = json.loads((src / "dataset.json").read_text())
-    (raw / "dataset.json").write_text(json.dumps({**meta, "numTraining": N_HIPPO}))
-    return raw
-
-
 def _synthetic(root: Path) -> Path:
     """CT + MRI channels, zero borders, z spacing 3.5-6 mm (nnU-Net's anisotropy rule), in-plane
     spacing and shapes varying per case, the CT channel integer-valued with negative values."""
@@ -194,7 +181,8 @@ def _large_cases(root: Path) -> list[Path]:
 def nnunet_runs(datasets_dir, tmp_path_factory) -> dict[str, Path]:
     """nnunetv2's fingerprints and plans of every dataset here, in one process: name -> raw."""
     root = tmp_path_factory.mktemp("nnunet")
-    raws = [_hippocampus(datasets_dir, root), _synthetic(root), *_large_cases(root)]
+    raws = [hippocampus_raw(datasets_dir, root / "raw" / "Dataset004_Hippocampus", N_HIPPO),
+            _synthetic(root), *_large_cases(root)]
     raws = {r.name.split("_", 1)[1].lower(): r for r in raws}
     run_nnunet(_NNUNET_PLAN, root, str(SAMPLES),
                *(f"{r.name}:{','.join(PLAN_CASES[k])}" for k, r in raws.items()))

@@ -6,10 +6,12 @@ import copy
 import json
 
 import pytest
+from conftest import tiny_plan
 
 from jaxmamba.cli import main
 from jaxmamba.datasets.phantom import make_phantom_dataset
-from jaxmamba.plans import NETWORK_CLASSES, Plan, PlanError
+from jaxmamba.nnunet_plans import NETWORK_CLASSES
+from jaxmamba.plans import Plan, PlanError
 
 SYNAPSE = "plans/Dataset090_SynapseAbdomen"
 LEGACY_KEYS = ("UNet_class_name", "UNet_base_num_features", "unet_max_num_features",
@@ -119,3 +121,20 @@ def test_plan_and_preprocess_cli_print_one_line_errors(tmp_path, capsys, synapse
     assert main(["plan", str(raw), "--planner", "nnUNetPlannerResEncXXL"]) == 1
     out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: unknown planner 'nnUNetPlannerResEncXXL'")
+
+
+def test_overrides_are_checked_by_the_plan():
+    """`Plan.with_overrides`: fields it may not set, values of the wrong form and values that do
+    not fit the plan are refused naming the overrides; a fitting override keeps the source."""
+    plan = tiny_plan(source="/cache/nnUNetPlans.json")
+    with pytest.raises(PlanError, match=r"^data.plan_overrides.spacing: not overridable"):
+        plan.with_overrides({"spacing": [1, 1, 1]})
+    with pytest.raises(PlanError, match=r"^data.plan_overrides.patch_size = \[8, 16\]: must be "
+                                        r"a list of 3 integers"):
+        plan.with_overrides({"patch_size": [8, 16]})
+    with pytest.raises(PlanError, match=r"^data.plan_overrides: patch_size \[9, 16, 16\] is not "
+                                        r"divisible"):
+        plan.with_overrides({"patch_size": [9, 16, 16]})
+    changed = plan.with_overrides({"patch_size": [16, 16, 16], "batch_size": 4})
+    assert changed.patch_size == (16, 16, 16) and changed.batch_size == 4
+    assert changed.source == plan.source

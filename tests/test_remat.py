@@ -1,19 +1,17 @@
 """`model.remat`: what each Mamba layer kind keeps for the backward, as an exact byte count, and
 the same outputs and gradients under every choice."""
 
-import typing
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxmamba.config import ModelConfig
+from jaxmamba.choices import REMAT
 from jaxmamba.kernels.tiling import default_tiling, padded_state
-from jaxmamba.layers import MambaLayer, MultiMambaTrans
+from jaxmamba.layers import MambaLayer, MambaOptions, MultiMambaTrans
 from jaxmamba.layers.conv import ConvNormAct
-from jaxmamba.layers.remat import DEFAULT_REMAT, REMAT, saved_bytes
+from jaxmamba.layers.remat import saved_bytes
 
 C, N = 8, 4  # channels, d_state; E = 2C inner channels
 SHAPE = (2, 4, 6, 10)  # (B, S0, S1, S2): L = 240 tokens, not a multiple of every chunk size
@@ -32,7 +30,7 @@ def functional(module):
 
 def layer_saved(kind, remat, scan="pallas"):
     make, _ = KINDS[kind]
-    layer = nnx.eval_shape(lambda: make(d_state=N, scan_implementation=scan, remat=remat,
+    layer = nnx.eval_shape(lambda: make(d_state=N, options=MambaOptions(scan, remat),
                                         rngs=nnx.Rngs(0)))
     f, params = functional(layer)
     return saved_bytes(f, params, jax.ShapeDtypeStruct((*SHAPE, C), jnp.bfloat16))
@@ -82,7 +80,7 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
     x = jax.random.normal(jax.random.key(0), (1, 2, 3, 4, C))
     results = []
     for remat in REMAT:
-        f, params = functional(make(d_state=N, scan_implementation=scan, remat=remat,
+        f, params = functional(make(d_state=N, options=MambaOptions(scan, remat),
                                     rngs=nnx.Rngs(1)))
         g = jax.random.normal(jax.random.key(1), x.shape)
         y, vjp = jax.vjp(f, params, x)
@@ -92,11 +90,14 @@ def test_outputs_and_gradients_do_not_depend_on_remat(kind, scan):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_config_default_and_choices_are_the_layers():
-    assert ModelConfig().remat == DEFAULT_REMAT
-    assert typing.get_args(typing.get_type_hints(ModelConfig)["remat"]) == REMAT
-
-
 def test_unknown_remat_lists_the_choices():
     with pytest.raises(ValueError, match="remat='all': expected one of 'none', 'scan', 'states'"):
-        MambaLayer(C, bidirectional=False, remat="all", rngs=nnx.Rngs(0))
+        MambaOptions(remat="all")
+
+
+def test_options_are_the_config_model_fields():
+    from jaxmamba.config import ModelConfig
+
+    assert MambaOptions.of(ModelConfig()) == MambaOptions()
+    assert MambaOptions.of(ModelConfig(scan_implementation="xla", remat="scan")) == MambaOptions(
+        scan_implementation="xla", remat="scan")

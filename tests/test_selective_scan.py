@@ -3,9 +3,10 @@ interpret mode, `pallas` compiled on a GPU), with mamba_ssm's float64 fixtures a
 reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
 op's input checks against every implementation.
 
-The scan helpers here (`random_inputs`, `random_case`, `outputs_and_grads`) are shared
-with tests/test_pallas_selective_scan.py. Interpret mode spends its time in XLA's CPU compiler,
-so every case runs as one jit compiled without LLVM's expensive passes (`FAST_COMPILE`).
+The scan's input generators are conftest's (`random_inputs`, `random_case`); `outputs_and_grads`,
+`assert_close` and the tolerances here are shared with tests/test_pallas_selective_scan.py.
+Interpret mode spends its time in XLA's CPU compiler, so every case runs as one jit compiled
+without LLVM's expensive passes (`FAST_COMPILE`).
 """
 
 import functools

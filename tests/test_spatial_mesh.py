@@ -4,16 +4,15 @@ import numpy as np
 import pytest
 
 from jaxmamba.config import ConfigError, from_dict
-from jaxmamba.infer.sliding_window import data_mesh
-from jaxmamba.ops.spatial import MeshError, check_patch_splits
+from jaxmamba.ops.mesh import MeshError, check_patch_splits, local_mesh, make_mesh
 from jaxmamba.train import sharding
 
 
 def test_mesh_has_data_and_spatial_axes():
-    mesh = sharding.make_mesh(-1, spatial=2)
+    mesh = make_mesh(-1, spatial=2)
     assert dict(mesh.shape) == {"data": 2, "spatial": 2}
-    assert dict(sharding.make_mesh(1, spatial=4).shape) == {"data": 1, "spatial": 4}
-    assert dict(data_mesh(spatial=2).shape) == {"data": 2, "spatial": 2}
+    assert dict(make_mesh(1, spatial=4).shape) == {"data": 1, "spatial": 4}
+    assert dict(local_mesh(spatial=2).shape) == {"data": 2, "spatial": 2}
     batch = {"image": np.zeros((2, 8, 4, 4, 1), np.float32),
              "target": (np.zeros((2, 8, 4, 4), np.int32), np.zeros((2, 1, 2, 2), np.int32))}
     placed = sharding.global_batch(batch, mesh)
@@ -24,11 +23,11 @@ def test_mesh_has_data_and_spatial_axes():
 
 def test_spatial_must_divide_the_devices():
     with pytest.raises(MeshError, match=r"mesh.spatial = 3: must divide the 4 .*\[1, 2, 4\]"):
-        sharding.make_mesh(-1, spatial=3)
+        make_mesh(-1, spatial=3)
     with pytest.raises(MeshError, match="mesh.data = 3: .*from 1 to 2"):
-        sharding.make_mesh(3, spatial=2)
+        make_mesh(3, spatial=2)
     with pytest.raises(MeshError, match=r"--spatial = 3: must divide the 4"):
-        data_mesh(spatial=3)
+        local_mesh(spatial=3)
     with pytest.raises(ConfigError, match="mesh.spatial = 0: must be >= 1"):
         from_dict({"data": {"raw_dir": "x"}, "mesh": {"spatial": 0}})
 

@@ -22,10 +22,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmamba.layers import conv
+from jaxmamba.layers import MambaOptions
 from jaxmamba.layers.blocks import MambaLayer, MultiMambaTrans
 from jaxmamba.models import VARIANTS, build_model
+from jaxmamba.ops import conv3d
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.mesh import make_mesh
 from jaxmamba.ops.spatial import split_volume
 from jaxmamba.train import sharding, step
 
@@ -44,7 +46,7 @@ def _compiled_step(variant, mesh, plan=PLAN):
     """The train step compiled on `mesh` (the sequential reference scan compiles fastest), its
     state and batch."""
     tx = optax.sgd(1.0)
-    model = build_model(variant, plan, scan_implementation="reference", rngs=0)
+    model = build_model(variant, plan, mamba=MambaOptions("reference"), rngs=0)
     graphdef, state = step.init_state(model, tx)
     train, _ = step.jit_steps(*step.make_steps(graphdef, tx, batch_dice=True), mesh)
     state, batch = sharding.replicate(state, mesh), sharding.global_batch(_batch(plan), mesh)
@@ -96,12 +98,12 @@ def test_conv_network_partitions_by_halos_and_shrinks_temporaries(monkeypatch):
     """PlainConvUNet over data=1 x spatial 1, 2, 4 at patch 32x16x16: the halo check on the
     compiled step, and its temporaries per device close to 1/spatial of one device's (all with
     XLA's 3D convolution, which split volumes use: on one device the CPU's depth-folded one,
-    `jaxmamba.layers.conv`, keeps other temporaries)."""
-    monkeypatch.setattr(conv, "axis_shards", lambda axis: 2)  # "split": no folding
+    `jaxmamba.ops.conv3d`, keeps other temporaries)."""
+    monkeypatch.setattr(conv3d, "axis_shards", lambda axis: 2)  # "split": no folding
     plan = dataclasses.replace(PLAN, patch_size=(32, 16, 16), batch_size=1)
     temps = {}
     for n in (1, 2, 4):
-        compiled, _, _ = _compiled_step("plainconvunet", sharding.make_mesh(1, spatial=n), plan)
+        compiled, _, _ = _compiled_step("plainconvunet", make_mesh(1, spatial=n), plan)
         temps[n] = compiled.memory_analysis().temp_size_in_bytes
         if n > 1:
             _assert_halo_partitioned(compiled.as_text())
@@ -112,9 +114,9 @@ def test_conv_network_partitions_by_halos_and_shrinks_temporaries(monkeypatch):
 @pytest.mark.slow  # three train-step compiles each: 20 s (convs) to minutes (Mamba) on 2 cores
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_network_on_spatial_meshes_matches_one_device(variant):
-    one = _one_step(variant, sharding.make_mesh(1))
+    one = _one_step(variant, make_mesh(1))
     for data, spatial in MESHES:
-        split = _one_step(variant, sharding.make_mesh(data, spatial=spatial))
+        split = _one_step(variant, make_mesh(data, spatial=spatial))
         _assert_same(split, one)
         _assert_halo_partitioned(split[2])
         if variant == "multisegmamba":  # the other axis orders' volumes are resharded
@@ -143,14 +145,14 @@ def test_mamba_blocks_on_split_volumes_match_one_device(kind):
     block on (2, 8, 4, 2, 4) volumes: outputs and the gradients of every parameter and the input
     with S0 over 2 slabs, and over data=2 x spatial=2, equal one device."""
     rngs = nnx.Rngs(0)
-    block = (MultiMambaTrans(4, d_state=4, scan_implementation="xla", rngs=rngs)
+    block = (MultiMambaTrans(4, d_state=4, options=MambaOptions("xla"), rngs=rngs)
              if kind == "multi" else
-             MambaLayer(4, bidirectional=kind == "bi", d_state=4, scan_implementation="xla",
+             MambaLayer(4, bidirectional=kind == "bi", d_state=4, options=MambaOptions("xla"),
                         rngs=rngs))
     x = jax.random.normal(jax.random.key(1), (2, 8, 4, 2, 4))
     ((_, ref_y), ref_grads), _ = _block_value_and_grads(block, x)
     for data, spatial in MESHES:
-        ((_, y), grads), hlo = _block_value_and_grads(block, x, sharding.make_mesh(data, spatial))
+        ((_, y), grads), hlo = _block_value_and_grads(block, x, make_mesh(data, spatial))
         np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * np.abs(r).max() + 1e-6)

@@ -8,7 +8,7 @@ from conftest import tiny_plan, tiny_run_config
 
 from jaxmamba.cli import main
 from jaxmamba.models import build_model
-from jaxmamba.ops.spatial import MeshError
+from jaxmamba.ops.mesh import MeshError
 from jaxmamba.rundir import save_run
 from jaxmamba.train.loop import run
 

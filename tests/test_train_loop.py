@@ -1,5 +1,6 @@
 """The training loop end to end on synthetic phantoms (configs/tiny.yaml), on 4 fake CPU devices:
-a two-step run and what it writes, exact resume, a non-finite loss, and bad input."""
+a two-step run and what it writes, exact resume, a non-finite loss, and bad input. Every run is
+under `jax.transfer_guard("disallow")`: an implicit host/device copy in the loop fails its test."""
 
 import json
 import shutil
@@ -12,7 +13,8 @@ from conftest import tiny_run_config as _cfg
 from jaxmamba.config import ConfigError, load_config
 from jaxmamba.plans import PlanError
 from jaxmamba.rundir import RunDirError
-from jaxmamba.train.loop import NonFiniteLossError, run
+from jaxmamba.train import loop
+from jaxmamba.train.finite import NonFiniteLossError
 from jaxmamba.train.preflight import DoesNotFitError
 
 
@@ -29,6 +31,13 @@ def compilation_cache(tmp_path_factory):
     yield
     for k, v in before.items():
         jax.config.update(k, v)
+
+
+def run(cfg, **kwargs):
+    """`jaxmamba.train.loop.run` where every host/device copy must be explicit."""
+    import jax
+    with jax.transfer_guard("disallow"):
+        return loop.run(cfg, **kwargs)
 
 
 def _losses(history):
@@ -196,25 +205,25 @@ def test_sigint_mid_epoch_saves_that_step_and_resumes_exactly(phantom, monkeypat
 
     import jax
 
-    from jaxmamba.train import loop
+    from jaxmamba.train import epoch
     from jaxmamba.train.signals import Stopped
     opts = ("train.iters_per_epoch=3", "train.epochs=1", "train.final_validation=false")
     whole = run(_cfg(phantom, phantom / "runs" / "sigint-whole", *opts))
     run_dir = phantom / "runs" / "sigint"
-    real = loop._consume
+    real = epoch.consume
 
     def consume(pending, *args, **kwargs):  # step 1's metrics are read while step 2 runs
         if pending[0] == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return real(pending, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "_consume", consume)
+    monkeypatch.setattr(epoch, "consume", consume)
     with pytest.raises(Stopped) as stopped:
         run(_cfg(phantom, run_dir, *opts))
     assert stopped.value.status == 130 and stopped.value.saved
     assert "at step 2 (2 of 3 steps of epoch 1)" in str(stopped.value)
     assert _checkpoint_steps(run_dir, "preempted") == ["2"]
-    monkeypatch.setattr(loop, "_consume", real)
+    monkeypatch.setattr(epoch, "consume", real)
     resumed = run(_cfg(phantom, run_dir, *opts))
     assert _losses(resumed["history"]) == _losses(whole["history"])
     for a, b in zip(jax.tree.leaves(resumed["state"].params),

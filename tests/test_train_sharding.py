@@ -9,6 +9,7 @@ from conftest import rel_err, tiny_plan
 from jaxmamba import distributed
 from jaxmamba.config import OptimConfig
 from jaxmamba.models import build_model
+from jaxmamba.ops.mesh import make_mesh
 from jaxmamba.train import sharding, step
 from jaxmamba.train.optim import build_recipe
 
@@ -58,11 +59,11 @@ NO_GRADIENT = "['conv']['bias']"
 def test_four_devices_match_one(rng, seed):
     batch = {"image": rng.normal(size=(4, 4, 8, 8, 1)).astype(np.float32),
              "target": (rng.integers(0, 3, (4, 4, 8, 8)).astype(np.int32),)}
-    mesh4 = sharding.make_mesh(-1)
+    mesh4 = make_mesh(-1)
     assert mesh4.shape["data"] == 4
     x = sharding.global_batch(batch, mesh4)["image"]
     assert {s.data.shape for s in x.addressable_shards} == {(1, 4, 8, 8, 1)}
-    d1, m1 = _displacements(sharding.make_mesh(1), batch, seed)
+    d1, m1 = _displacements(make_mesh(1), batch, seed)
     d4, m4 = _displacements(mesh4, batch, seed)
     # float32 sums in another order: equal to rounding (a wrong reduction is off by far more)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
@@ -82,8 +83,8 @@ def test_four_devices_match_one(rng, seed):
 
 def test_mesh_and_batch_errors():
     with pytest.raises(ValueError, match="mesh.data = 5: this machine has 4 device"):
-        sharding.make_mesh(5)
-    mesh = sharding.make_mesh(-1)
+        make_mesh(5)
+    mesh = make_mesh(-1)
     with pytest.raises(ValueError, match="batch size 6 is not divisible by the 4 devices.*"
                                          "batch_size=4 or 8"):
         sharding.check_batch_size(6, mesh)

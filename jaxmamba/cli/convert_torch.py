@@ -7,13 +7,10 @@ JAX, orbax and the networks are imported in `run`, so `--help` answers without t
 from __future__ import annotations
 
 import argparse
-import typing
 from pathlib import Path
 
-from jaxmamba.config import VARIANTS, ModelConfig
+from jaxmamba.choices import PRECISIONS, VARIANTS
 from jaxmamba.plans import Plan
-
-PRECISIONS = typing.get_args(typing.get_type_hints(ModelConfig)["precision"])
 
 EXAMPLES = """examples:
   jaxmamba convert-torch checkpoint_final.pth --plans nnUNetPlans.json --variant segmamba \\

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jaxmamba.choices import ACCUMULATE
 from jaxmamba.console import progress_enabled
 from jaxmamba.errors import UserError
 from jaxmamba.rundir import CHECKPOINTS, DATASET_FILE, PLANS_FILE
@@ -42,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per network call (default: one per device, or per N "
                              "devices with --spatial N)")
-    parser.add_argument("--accumulate", choices=("auto", "device", "host"), default="auto",
+    parser.add_argument("--accumulate", choices=ACCUMULATE, default="auto",
                         help="where logits are summed: auto picks the device when it fits")
     parser.add_argument("--allow-non-finite", action="store_true",
                         help="predict even with a checkpoint whose parameters hold NaN or inf "
@@ -69,8 +70,8 @@ def run(args) -> int:
     from jaxmamba import compile_cache, distributed
     from jaxmamba.infer.network import network_apply_fn
     from jaxmamba.infer.predict import find_cases, predict_cases
-    from jaxmamba.infer.sliding_window import data_mesh
-    from jaxmamba.ops.spatial import check_patch_splits
+    from jaxmamba.infer.sliding_window import WindowOptions
+    from jaxmamba.ops.mesh import check_patch_splits, local_mesh
     from jaxmamba.rundir import check_same_plan, load_run
 
     written, skipped, error = [], [], None
@@ -101,17 +102,18 @@ def run(args) -> int:
         say(f"{len(cases)} case(s){over}; patch {list(plan.patch_size)}, mirroring "
             f"{list(mirror_axes) if mirror_axes else 'off'}, {len(jax.local_devices())} "
             f"device(s) per process")
-        mesh = data_mesh(spatial=args.spatial)  # this process's devices
+        mesh = local_mesh(spatial=args.spatial)  # this process's devices
         check_patch_splits(plan.patch_size, plan.strides, args.spatial,
                            devices=len(jax.local_devices()), name="--spatial", patch_key=None)
         apply_fns = [network_apply_fn(r.model, mesh) for r in runs]
         try:
+            window = WindowOptions(step_size=args.step_size, mirror_axes=mirror_axes,
+                                   batch_size=args.batch_size, accumulate=args.accumulate,
+                                   mesh=mesh)
             written, skipped = predict_cases(
-                apply_fns, plan, distributed.split(cases), args.output, mesh=mesh,
-                overwrite=args.overwrite, save_probabilities=args.save_probabilities,
-                mirror_axes=mirror_axes, step_size=args.step_size, batch_size=args.batch_size,
-                accumulate=args.accumulate, preview=args.preview, postprocess=postprocess,
-                progress=progress_enabled())
+                apply_fns, plan, distributed.split(cases), args.output, window=window,
+                save_probabilities=args.save_probabilities, preview=args.preview,
+                postprocess=postprocess, overwrite=args.overwrite, progress=progress_enabled())
         finally:
             if distributed.is_main():  # and dataset.json, for `jaxmamba evaluate`
                 plan.save(args.output / PLANS_FILE)

@@ -106,12 +106,17 @@ class RawDataset:
         return self
 
 
+def case_file_pattern(ending: str) -> re.Pattern:
+    """nnU-Net's image file name `CASE_XXXX<ending>`: group 1 the case id, group 2 the channel."""
+    return re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
+
+
 def _list_cases(images_dir: Path, labels_dir: Path | None, n_channels: int, ending: str,
                 problems: list[str]) -> list[RawCase]:
     if not images_dir.is_dir():
         problems.append(f"{images_dir}: folder not found")
         return []
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
+    pattern = case_file_pattern(ending)
     channels: dict[str, dict[int, Path]] = {}
     for f in sorted(images_dir.iterdir()):
         if f.name.startswith("."):

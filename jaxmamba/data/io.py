@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from jaxmamba import jsonfile
 from jaxmamba.atomic import atomic_path, write_text
 from jaxmamba.errors import UserError
 
@@ -103,14 +104,9 @@ def write_volume(path: str | Path, data_zyx: np.ndarray, geometry: dict[str, Any
         nib.save(geometry_to_image(data_zyx, geometry), tmp)
 
 
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: file not found") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from err
+def read_json(path: str | Path) -> Any:
+    """`jaxmamba.jsonfile.read_json` with `DataError`s."""
+    return jsonfile.read_json(path, DataError)
 
 
 def strict_json(obj: Any) -> Any:

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from jaxmamba.atomic import process_alive
 from jaxmamba.data.augment import AugmentConfig, augment, finalize
 from jaxmamba.data.io import DataError
 from jaxmamba.data.preprocess import load_preprocessed
@@ -112,16 +113,6 @@ def _share(ds: grain.MapDataset, batch_size: int, shard_index: int, shard_count:
     return local[shard_index::shard_count] if shard_count > 1 else local
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's (the pid was reused)
-        return True
-    return True
-
-
 def _worker_init(index: int, count: int, *, main: int) -> None:
     """grain's `worker_init_fn`: see the module docstring. `main` is the pid of the process that
     iterates; a worker ends when it is gone or when the worker's parent changes (a dead parent's
@@ -131,7 +122,7 @@ def _worker_init(index: int, count: int, *, main: int) -> None:
     parent = os.getppid()
 
     def end_with_parent() -> None:
-        while os.getppid() == parent and _alive(main):
+        while os.getppid() == parent and process_alive(main):
             time.sleep(0.5)
         os._exit(0)
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from jaxmamba.data.normalize import scheme_for_channel
 from jaxmamba.data.resample import ANISO_THRESHOLD, new_shape
-from jaxmamba.plans import Plan, PlanError, network_class_path, reader_writer_for
+from jaxmamba.nnunet_plans import network_class_path, reader_writer_for
+from jaxmamba.plans import Plan, PlanError
 
 MIN_FEATURE_MAP = 4
 BASE_FEATURES, MAX_FEATURES = 32, 320
@@ -323,8 +324,13 @@ def _fmt(values, digits: int = 3) -> list:
     return [round(float(v), digits) if digits else int(v) for v in values]
 
 
-def default_output(dataset: str | Path) -> Path:
-    """Where `plan` and `preprocess` write by default: `<dataset>_preprocessed` beside the raw
-    folder (the training config's default `data.preprocessed_dir` too)."""
-    raw = Path(dataset).resolve()
+def preprocessed_beside(raw: Path) -> Path:
+    """The default preprocessing cache of the raw folder `raw`: `<raw>_preprocessed` beside it
+    (training's `data.preprocessed_dir: ""`)."""
     return raw.with_name(raw.name + "_preprocessed")
+
+
+def default_output(dataset: str | Path) -> Path:
+    """Where `plan` and `preprocess` write by default: `preprocessed_beside` the resolved raw
+    folder."""
+    return preprocessed_beside(Path(dataset).resolve())

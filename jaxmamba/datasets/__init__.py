@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxmamba.choices import BUNDLED_DATASETS
 from jaxmamba.datasets.demo import build_demo
 from jaxmamba.datasets.phantom import make_phantom_dataset
 
-BUILDERS = {"demo": build_demo, "phantom": make_phantom_dataset}
+_BUILDERS = {"demo": build_demo, "phantom": make_phantom_dataset}
+#: Each of `jaxmamba.choices.BUNDLED_DATASETS` with its builder.
+BUILDERS = {name: _BUILDERS[name] for name in BUNDLED_DATASETS}
 
 
 def build(name: str, root: str | Path, **kwargs) -> Path:

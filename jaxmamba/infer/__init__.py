@@ -22,7 +22,6 @@ _EXPORTS = {
     "predict_logits": "sliding_window",
     "compute_steps": "sliding_window",
     "gaussian_importance_map": "sliding_window",
-    "data_mesh": "sliding_window",
     "evaluate_case": "metrics",
     "evaluate_folder": "evaluate",
     "save_preview": "preview",

@@ -34,6 +34,7 @@ from jaxmamba.infer.metrics import (
     regions_from_labels,
 )
 from jaxmamba.infer.preview import save_preview
+from jaxmamba.jsonfile import read_json
 
 #: mm by which a prediction's spacing or origin may differ from its ground truth's
 GEOMETRY_TOLERANCE = 1e-3
@@ -225,12 +226,7 @@ def write_previews(summary: Mapping[str, Any], output_dir: Path, images_dir: Pat
 # ---------------------------------------------------------------------- helpers
 def read_dataset_json(path: str | Path) -> dict[str, Any]:
     """`dataset.json` with its `labels` checked and `file_ending` defaulted to `.nii.gz`."""
-    try:
-        dataset = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EvaluationError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{path}: not valid JSON ({err})") from None
+    dataset = read_json(path, EvaluationError)
     if not isinstance(dataset, dict) or not isinstance(dataset.get("labels"), dict):
         raise EvaluationError(f"{path}: expected an object with a 'labels' object (nnU-Net "
                               f"dataset.json)")

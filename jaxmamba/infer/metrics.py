@@ -29,10 +29,6 @@ from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binar
 
 Regions = Mapping[str, tuple[int, ...]]
 
-#: Keys of the per-region metric dictionaries, in table order.
-METRICS = ("Dice", "HD95", "NSD", "TP", "FP", "FN", "n_pred", "n_ref")
-
-
 def dice(pred: np.ndarray, gt: np.ndarray, *, empty_dice: float = math.nan) -> float:
     """Dice coefficient of two masks; `empty_dice` when both are empty (nnU-Net: NaN)."""
     pred, gt = _as_masks(pred, gt)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxmamba.infer.sliding_window import ApplyFn, data_mesh
-from jaxmamba.layers.conv import cpu_compiler_options
+from jaxmamba.infer.sliding_window import ApplyFn
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.conv3d import cpu_compiler_options
+from jaxmamba.ops.mesh import local_mesh, replicated
 from jaxmamba.ops.spatial import split_volume
 
 
@@ -24,8 +25,8 @@ def network_apply_fn(model: nnx.Module, mesh: Mesh | None = None) -> ApplyFn:
     if hasattr(model, "set_deep_supervision"):
         model.set_deep_supervision(False)
     graphdef, state = nnx.split(model)
-    mesh = data_mesh() if mesh is None else mesh
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    mesh = local_mesh() if mesh is None else mesh
+    state = jax.device_put(state, replicated(mesh))
 
     def forward(state, windows):
         out = nnx.merge(graphdef, state)(split_volume(windows))

@@ -13,7 +13,6 @@ fits; `jaxmamba.infer.network.network_apply_fn` turns an NNX U-Net into one.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +22,12 @@ from tqdm.auto import tqdm
 
 from jaxmamba.atomic import atomic_path, remove_stale_temporaries
 from jaxmamba.data import DataError, load_volume, preprocess_case, revert_to_raw, write_volume
+from jaxmamba.data.dataset import case_file_pattern
 from jaxmamba.infer.preview import save_preview
 from jaxmamba.plans import Plan
 
 if TYPE_CHECKING:  # JAX is imported when a case is predicted, so `--help` answers without it
-    from jax.sharding import Mesh
-
-    from jaxmamba.infer.sliding_window import Accumulate, ApplyFn
+    from jaxmamba.infer.sliding_window import ApplyFn, WindowOptions
 
 
 class PredictionError(DataError):
@@ -57,7 +55,7 @@ def find_cases(inputs: Sequence[str | Path], num_channels: int,
     name is a case of its own. Raises `DataError` naming every case whose channels are missing
     or extra, and every file that does not follow the naming.
     """
-    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    pattern = case_file_pattern(file_ending)
     channels: dict[str, dict[int, Path]] = {}
     problems: list[str] = []
 
@@ -126,16 +124,16 @@ def logits_to_outputs(logits: np.ndarray, properties: dict, plan: Plan
 
 
 def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, output_dir: Path, *,
-                 save_probabilities: bool = False, mirror_axes: Sequence[int] | None = (0, 1, 2),
-                 step_size: float = 0.5, batch_size: int | None = None, mesh: Mesh | None = None,
-                 accumulate: Accumulate = "auto", preview: bool = False,
+                 window: WindowOptions | None = None, save_probabilities: bool = False,
+                 preview: bool = False,
                  postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
                  progress: bool = False) -> Path:
-    """Predict one raw case and write `output_dir/CASE<ending>` (and `CASE.npz` with
-    `probabilities (K, z, y, x)`, and `previews/CASE.png`); returns the label map's path.
-    `postprocess` maps the label map (z, y, x) before it is drawn and written (e.g.
+    """Predict one raw case with sliding windows (`window`, default nnU-Net's on this process's
+    devices) and write `output_dir/CASE<ending>` (and `CASE.npz` with `probabilities (K, z, y,
+    x)`, and `previews/CASE.png`); returns the label map's path. `postprocess` maps the label map
+    (z, y, x) before it is drawn and written (e.g.
     `jaxmamba.infer.postprocess.Postprocessing.apply`; the probabilities stay as predicted)."""
-    from jaxmamba.infer.sliding_window import predict_logits
+    from jaxmamba.infer.sliding_window import DEFAULT_WINDOW, predict_logits
 
     data, _, properties = preprocess_case(case.files, plan, case_id=case.case_id)
     image = np.moveaxis(data, 0, -1)
@@ -143,8 +141,7 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
     for i, fn in enumerate(apply_fns):
         desc = case.case_id if len(apply_fns) == 1 else f"{case.case_id} [{i + 1}/{len(apply_fns)}]"
         out = predict_logits(fn, image, plan.patch_size, num_classes=plan.num_classes,
-                             step_size=step_size, mirror_axes=mirror_axes, batch_size=batch_size,
-                             mesh=mesh, accumulate=accumulate, progress=desc if progress else False)
+                             window=window or DEFAULT_WINDOW, progress=desc if progress else False)
         logits = out if logits is None else logits + out
     labels, probabilities = logits_to_outputs(logits / len(apply_fns), properties, plan)
     if postprocess is not None:
@@ -163,10 +160,12 @@ def predict_case(apply_fns: Sequence[ApplyFn], plan: Plan, case: InputCase, outp
 
 
 def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[InputCase],
-                  output_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
-                  **options) -> tuple[list[Path], list[str]]:
-    """Predict every case not yet in `output_dir` (all with `overwrite`); `options` go to
-    `predict_case`. Returns `(written paths, skipped case ids)`.
+                  output_dir: str | Path, *, window: WindowOptions | None = None,
+                  save_probabilities: bool = False, preview: bool = False,
+                  postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                  overwrite: bool = False, progress: bool = True) -> tuple[list[Path], list[str]]:
+    """Predict every case not yet in `output_dir` (all with `overwrite`) as `predict_case` does.
+    Returns `(written paths, skipped case ids)`.
 
     A case that cannot be predicted (unreadable file, wrong geometry, ...) does not stop the
     others: after the last case, `PredictionError` lists every failure. An output of 0 bytes is
@@ -179,14 +178,15 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
     written, skipped, failures = [], [], []
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress):
         done = _complete(output_dir / f"{case.case_id}{plan.file_ending}")
-        if options.get("save_probabilities"):
+        if save_probabilities:
             done = done and _complete(output_dir / f"{case.case_id}.npz")
         if done and not overwrite:
             skipped.append(case.case_id)
             continue
         try:
-            written.append(predict_case(apply_fns, plan, case, output_dir, progress=progress,
-                                        **options))
+            written.append(predict_case(apply_fns, plan, case, output_dir, window=window,
+                                        save_probabilities=save_probabilities, preview=preview,
+                                        postprocess=postprocess, progress=progress))
         except (DataError, ValueError, OSError, MemoryError) as err:
             message = str(err) or f"{type(err).__name__} (the case does not fit in memory)"
             failures.append(message if message.startswith(f"case {case.case_id}:")

@@ -5,6 +5,9 @@ overlap by default), each window is predicted (optionally under mirror test-time
 logits averaged over all flip combinations), weighted by a Gaussian importance map and accumulated;
 the sum is divided by the summed weights and cropped back to the input size.
 
+How it runs (stride, mirroring, windows per call, where the sums live, the devices) is one
+`WindowOptions` value, which prediction passes through unchanged.
+
 Arrays are channels-last in nnU-Net axis order: an image is `(S0, S1, S2, C)`, the
 network is any `apply_fn(windows (n, *patch, C)) -> logits (n, *patch, K)`, the result is
 `(S0, S1, S2, K)` float32 logits. Windows are batched on the device and sharded over the `data` axis
@@ -17,27 +20,55 @@ Deviation from nnU-Net, deliberately: accumulation is in float32 (nnU-Net uses f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from jaxmamba.ops.batch_parallel import BATCH_AXIS, SPATIAL_AXIS
-from jaxmamba.ops.spatial import check_spatial_divides
+from jaxmamba.choices import ACCUMULATE, Accumulate, check
+from jaxmamba.ops.mesh import DATA_AXIS, local_mesh, replicated, volume_sharding
 
 ApplyFn = Callable[[jax.Array], jax.Array]
-Accumulate = Literal["auto", "device", "host"]
 
 #: Fraction of the first device's free memory the accumulator may take under `accumulate="auto"`.
 _DEVICE_MEMORY_FRACTION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOptions:
+    """How sliding-window prediction runs (`jaxmamba predict`'s options; nnU-Net's defaults).
+
+    step_size: window stride as a fraction of the patch (0.5 = nnU-Net's 50% overlap).
+    mirror_axes: spatial axes to mirror for test-time augmentation (all `2^k` combinations,
+      logits averaged); `None` or `()` switches mirroring off.
+    batch_size: windows per network call, rounded up to a multiple of the mesh's `data` axis
+      (default: one per device).
+    accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
+      `"auto"` (the device when the accumulator takes under half its free memory).
+    mesh: devices to shard windows over (axis `data`; `spatial` splits each window); default
+      this process's devices (`jaxmamba.ops.mesh.local_mesh`).
+    """
+
+    step_size: float = 0.5
+    mirror_axes: tuple[int, ...] | None = (0, 1, 2)
+    batch_size: int | None = None
+    accumulate: Accumulate = "auto"
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        check(self.accumulate, ACCUMULATE, "accumulate")
+
+
+#: nnU-Net's window settings on this process's devices.
+DEFAULT_WINDOW = WindowOptions()
 
 
 def compute_steps(image_size: Sequence[int], patch_size: Sequence[int],
@@ -96,39 +127,17 @@ def pad_to_patch(image: np.ndarray,
     return image, tuple(crop)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None, spatial: int = 1) -> Mesh:
-    """A mesh over `devices`, auto-sharded: 1-D with axis `data` (`BATCH_AXIS`), or `(data,
-    spatial)` with `spatial > 1` devices sharing each window (split along S0). Default: this
-    process's devices (with several processes each predicts its own cases on its own)."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    if spatial == 1:
-        return jax.make_mesh((len(devices),), (BATCH_AXIS,),
-                             axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    check_spatial_divides(spatial, len(devices), "--spatial")
-    return jax.make_mesh((len(devices) // spatial, spatial), (BATCH_AXIS, SPATIAL_AXIS),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=devices)
-
-
 def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[int], *,
-                   num_classes: int, step_size: float = 0.5,
-                   mirror_axes: Sequence[int] | None = (0, 1, 2), batch_size: int | None = None,
-                   mesh: Mesh | None = None, accumulate: Accumulate = "auto",
+                   num_classes: int, window: WindowOptions = DEFAULT_WINDOW,
                    progress: bool | str = False) -> np.ndarray:
     """Sliding-window logits of a whole volume (`predict_sliding_window_return_logits`).
 
     Args:
       apply_fn: the network, `(n, *patch, C) -> (n, *patch, num_classes)`; jit it beforehand, with
-        its parameters replicated over `mesh` when the mesh has several devices.
+        its parameters replicated over `window.mesh` when it has several devices.
       image: `(S0, S1, S2, C)` preprocessed volume; any size (padded to the patch, cropped back).
       patch_size: the plan's patch size.
-      step_size: window stride as a fraction of the patch (0.5 = nnU-Net's 50% overlap).
-      mirror_axes: spatial axes to mirror for test-time augmentation (all `2^k` combinations,
-        logits averaged); `None` or `()` switches mirroring off.
-      batch_size: windows per network call, rounded up to a multiple of the mesh size (default:
-        one per device).
-      mesh: devices to shard windows over (axis `data`); default this process's devices.
-      accumulate: where the sums live: `"device"` (first device of the mesh), `"host"` (numpy), or
-        `"auto"` (the device when the accumulator takes under half its free memory).
+      window: stride, mirroring, windows per call, where the sums live, devices (`WindowOptions`).
       progress: show a progress bar over windows (a string is used as its description).
 
     Returns:
@@ -140,13 +149,14 @@ def predict_logits(apply_fn: ApplyFn, image: np.ndarray, patch_size: Sequence[in
                          f"{len(patch_size)} spatial axes")
     patch = tuple(int(p) for p in patch_size)
     padded, crop = pad_to_patch(image, patch)
-    starts = np.array(list(itertools.product(*compute_steps(padded.shape[:-1], patch, step_size))),
-                      np.int32)
+    starts = np.array(list(itertools.product(*compute_steps(padded.shape[:-1], patch,
+                                                           window.step_size))), np.int32)
     gauss = gaussian_importance_map(patch)
-    mesh = data_mesh() if mesh is None else mesh
-    n_dev = mesh.shape[BATCH_AXIS]  # windows in parallel; a `spatial` axis splits each window
-    batch_size = n_dev * max(1, -(-(batch_size or n_dev) // n_dev))
-    flips = mirror_combinations(mirror_axes or ())
+    mesh = local_mesh() if window.mesh is None else window.mesh
+    n_dev = mesh.shape[DATA_AXIS]  # windows in parallel; a `spatial` axis splits each window
+    batch_size = n_dev * max(1, -(-(window.batch_size or n_dev) // n_dev))
+    flips = mirror_combinations(window.mirror_axes or ())
+    accumulate = window.accumulate
 
     acc_shape = (*padded.shape[:-1], num_classes)
     on_device = _choose_device(accumulate, mesh.devices.flat[0], 4 * math.prod(acc_shape))
@@ -169,14 +179,12 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
                  progress: bool | str, *, on_device: bool) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-weighted sums of the windows' logits `(*S, K)` and of the weights `(*S,)`."""
     patch = gauss.shape
-    replicated = NamedSharding(mesh, PartitionSpec())
-    n_spatial = mesh.shape.get(SPATIAL_AXIS, 1)  # devices that share each window, split on S0
-    split = SPATIAL_AXIS if n_spatial > 1 and patch[0] % n_spatial == 0 else None
-    window_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS, split))
+    # windows over `data`, each split along S0 over `spatial` when it has several devices
+    window_sharding = volume_sharding(mesh, (batch_size, *patch))
     acc_device = mesh.devices.flat[0]
     acc_shape = (*padded.shape[:-1], num_classes)
 
-    image_dev = jax.device_put(padded, replicated)
+    image_dev = jax.device_put(padded, replicated(mesh))
     gauss_dev = jax.device_put(gauss, acc_device) if on_device else None
     acc = (jax.device_put(np.zeros(acc_shape, np.float32), acc_device) if on_device
            else np.zeros(acc_shape, np.float32))
@@ -189,14 +197,14 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
         chunk = starts[first:first + batch_size]
         n_valid = len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n_valid, 0)])
-        windows = jax.device_put(_gather(image_dev, jnp.asarray(chunk), patch),
-                                 window_sharding)
+        windows = jax.device_put(_gather(image_dev, jax.device_put(chunk, replicated(mesh)),
+                                         patch), window_sharding)
         logits = _mirrored(apply_fn, windows, flips, num_classes)
         if on_device:
-            acc = _accumulate(acc, jax.device_put(logits, acc_device), gauss_dev,
-                              jax.device_put(chunk, acc_device), n_valid)
+            on_acc = jax.device_put((logits, chunk, n_valid), acc_device)
+            acc = _accumulate(acc, on_acc[0], gauss_dev, *on_acc[1:])
         else:
-            _accumulate_host(acc, np.asarray(logits)[:n_valid], gauss, chunk[:n_valid])
+            _accumulate_host(acc, jax.device_get(logits)[:n_valid], gauss, chunk[:n_valid])
         for s in chunk[:n_valid]:
             weights[tuple(slice(a, a + p) for a, p in zip(s, patch, strict=True))] += gauss
         if pending is not None:
@@ -204,12 +212,10 @@ def _sum_windows(apply_fn: ApplyFn, padded: np.ndarray, starts: np.ndarray, gaus
         pending = (logits, n_valid)
     bar.update(_wait(*pending))
     bar.close()
-    return np.asarray(acc), weights
+    return np.asarray(jax.device_get(acc)), weights
 
 
 def _choose_device(accumulate: Accumulate, device: jax.Device, nbytes: int) -> bool:
-    if accumulate not in ("auto", "device", "host"):
-        raise ValueError(f"accumulate={accumulate!r}; expected 'auto', 'device' or 'host'")
     if accumulate != "auto":
         return accumulate == "device"
     stats = device.memory_stats() or {}

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxmamba.atomic import atomic_path
 from jaxmamba.errors import UserError, brief
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
+from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
 from jaxmamba.models import build_model, canonical_variant
 from jaxmamba.models.unet import UNet
 from jaxmamba.plans import CONFIGURATION, Plan, PlanError
@@ -257,7 +258,7 @@ def import_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
 
 
 def load_torch(path: str | Path, variant: str, plan: Plan, *, precision: str = "float32",
-               scan_implementation: str | None = None, trust: bool = False,
+               mamba: MambaOptions = DEFAULT_OPTIONS, trust: bool = False,
                deep_supervision: bool = True) -> UNet:
     """Build `variant` for `plan` without initialising it and load a PyTorch checkpoint into it
     (after checking an nnU-Net checkpoint's `init_args` against `plan`)."""
@@ -266,6 +267,6 @@ def load_torch(path: str | Path, variant: str, plan: Plan, *, precision: str = "
         check_init_args(init_args, plan, source=str(path))
     model = nnx.eval_shape(lambda: build_model(
         canonical_variant(variant), plan, precision=precision, deep_supervision=deep_supervision,
-        scan_implementation=scan_implementation))
+        mamba=mamba))
     import_state_dict(model, sd, source=str(path))
     return model

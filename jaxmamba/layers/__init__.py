@@ -9,8 +9,9 @@ from jaxmamba.layers.blocks import (
     d_state_for,
 )
 from jaxmamba.layers.mamba import DepthwiseConv1d, Mamba
+from jaxmamba.layers.options import MambaOptions
 
 __all__ = [
-    "MULTI_AXIS_ORDERS", "DepthwiseConv1d", "Mamba", "MambaLayer", "MambaTrans",
+    "MULTI_AXIS_ORDERS", "DepthwiseConv1d", "Mamba", "MambaLayer", "MambaOptions", "MambaTrans",
     "MultiMambaTrans", "PanMambaTrans", "d_state_for",
 ]

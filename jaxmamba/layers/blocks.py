@@ -14,7 +14,8 @@ from flax import nnx
 
 from jaxmamba.layers.init import torch_layer_norm, torch_linear
 from jaxmamba.layers.mamba import Mamba
-from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat, rematerialised
+from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
+from jaxmamba.layers.remat import rematerialised
 from jaxmamba.ops.spatial import split_volume
 
 #: MultiSegMamba's axis orders: `itertools.permutations([2, 3, 4])` items 0, 1, 2, 4 of the
@@ -31,10 +32,10 @@ class MambaTrans(nnx.Module):
     """Pre-LN block: `x += Mamba(LN1(x)); x += head(LN2(x))`, on tokens (B, L, C)."""
 
     def __init__(self, dim: int, *, d_state: int | None = None,
-                 scan_implementation: str | None = None, rngs: nnx.Rngs):
+                 options: MambaOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         self.norm1 = torch_layer_norm(dim, rngs=rngs)
         self.mamba = Mamba(dim, d_state=d_state or d_state_for(dim, 256), d_conv=4, expand=2,
-                           scan_implementation=scan_implementation, rngs=rngs)
+                           options=options, rngs=rngs)
         self.norm2 = torch_layer_norm(dim, rngs=rngs)
         self.head = torch_linear(dim, dim, use_bias=True, rngs=rngs)
 
@@ -50,8 +51,8 @@ class PanMambaTrans(nnx.Module):
     """
 
     def __init__(self, dim: int, *, d_state: int | None = None,
-                 scan_implementation: str | None = None, rngs: nnx.Rngs):
-        kw = dict(d_state=d_state, scan_implementation=scan_implementation, rngs=rngs)
+                 options: MambaOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        kw = dict(d_state=d_state, options=options, rngs=rngs)
         self.fwd_mamba = MambaTrans(dim, **kw)
         self.bwd_mamba = MambaTrans(dim, **kw)
         self.norm = torch_layer_norm(dim, rngs=rngs)
@@ -70,24 +71,23 @@ class MultiMambaTrans(nnx.Module):
 
     Input and output (B, S0, S1, S2, C); runs in float32. No outer LayerNorm (TamingMambas'
     MultiSegMamba.py).
-    `remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
+    `options.remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
     recomputed from the input, one per axis order, shared by its forward and reverse scans.
     Under a `spatial` mesh axis each permuted volume is resharded (an all-to-all) along its new
     slowest axis, so that every order's tokens are contiguous blocks per device, and back.
     """
 
     def __init__(self, dim: int, *, d_state: int | None = None,
-                 scan_implementation: str | None = None, remat: str = DEFAULT_REMAT,
-                 rngs: nnx.Rngs):
-        self.remat = check_remat(remat, "MultiMambaTrans")
+                 options: MambaOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        self.options = options
         self.mambas = nnx.List([
-            PanMambaTrans(dim, d_state=d_state or d_state_for(dim, 64),
-                          scan_implementation=scan_implementation, rngs=rngs)
+            PanMambaTrans(dim, d_state=d_state or d_state_for(dim, 64), options=options,
+                          rngs=rngs)
             for _ in MULTI_AXIS_ORDERS
         ])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rematerialised(MultiMambaTrans._forward, self.remat)(self, x)
+        return rematerialised(MultiMambaTrans._forward, self.options.remat)(self, x)
 
     def _forward(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -105,21 +105,19 @@ class MambaLayer(nnx.Module):
 
     The block is `MambaTrans` (SegMamba) or `PanMambaTrans` (`bidirectional=True`: BiSegMamba,
     SegMambaSkip). It computes in float32 whatever the input dtype, as the reference's
-    `autocast(enabled=False)`, and returns the input's dtype. `remat` is what the backward keeps
-    (`jaxmamba.layers.remat`).
+    `autocast(enabled=False)`, and returns the input's dtype. `options.remat` is what the
+    backward keeps (`jaxmamba.layers.remat`).
     """
 
     def __init__(self, dim: int, *, bidirectional: bool, d_state: int | None = None,
-                 scan_implementation: str | None = None, remat: str = DEFAULT_REMAT,
-                 rngs: nnx.Rngs):
-        self.remat = check_remat(remat, "MambaLayer")
+                 options: MambaOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
+        self.options = options
         self.norm = torch_layer_norm(dim, rngs=rngs)
         block = PanMambaTrans if bidirectional else MambaTrans
-        self.mamba = block(dim, d_state=d_state, scan_implementation=scan_implementation,
-                           rngs=rngs)
+        self.mamba = block(dim, d_state=d_state, options=options, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rematerialised(MambaLayer._forward, self.remat)(self, x)
+        return rematerialised(MambaLayer._forward, self.options.remat)(self, x)
 
     def _forward(self, x: jax.Array) -> jax.Array:
         y = self.mamba(self.norm(_tokens(x.astype(jnp.float32))))

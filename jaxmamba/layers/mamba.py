@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmamba.layers.init import torch_linear, uniform
+from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
 from jaxmamba.layers.remat import SCAN_OUTPUT
 from jaxmamba.ops import causal_conv1d, selective_scan
 
@@ -44,7 +45,8 @@ def dt_bias_init(key, dim: int, dt_min: float, dt_max: float, dt_init_floor: flo
 class Mamba(nnx.Module):
     """mamba_ssm `Mamba(d_model, d_state, d_conv, expand)` with its default initialisation.
 
-    `__call__(x (B, L, C), reverse=False) -> (B, L, C)`. With `reverse=True` the causal conv looks
+    `__call__(x (B, L, C), reverse=False) -> (B, L, C)`; `options` (`MambaOptions`) chooses the
+    scan's implementation. With `reverse=True` the causal conv looks
     forward and the scan runs from the last token, so `m(x, reverse=True) == flip(m(flip(x)))`
     without copying flips (what a backward direction needs).
     """
@@ -52,11 +54,11 @@ class Mamba(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 scan_implementation: str | None = None, rngs: nnx.Rngs):
+                 options: MambaOptions = DEFAULT_OPTIONS, rngs: nnx.Rngs):
         d_inner = expand * d_model
         self.d_inner, self.d_state = d_inner, d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.scan_implementation = scan_implementation
+        self.options = options
         self.in_proj = torch_linear(d_model, 2 * d_inner, use_bias=bias, rngs=rngs)
         self.conv1d = DepthwiseConv1d(d_inner, d_conv, use_bias=conv_bias, rngs=rngs)
         self.x_proj = torch_linear(d_inner, self.dt_rank + 2 * d_state, use_bias=False, rngs=rngs)
@@ -80,5 +82,5 @@ class Mamba(nnx.Module):
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (E, N)
         y = selective_scan(xc, dt, a, b, c, D=self.D[...], z=z,
                            delta_bias=self.dt_proj.bias[...], delta_softplus=True,
-                           reverse=reverse, implementation=self.scan_implementation)
+                           reverse=reverse, implementation=self.options.scan_implementation)
         return self.out_proj(checkpoint_name(y, SCAN_OUTPUT))  # what remat="scan" keeps

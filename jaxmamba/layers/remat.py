@@ -11,14 +11,15 @@ layer's input:
 * "none": no `jax.checkpoint`; the backward keeps every intermediate.
 * "scan": keeps the selective scan's output `y` and its chunk states; recomputes the LayerNorms,
   the in-, x- and dt-projections, the causal conv, softplus, the gate and the residual sums.
-* "states" (default): keeps only the scan's chunk states; recomputes the above and the scan's
+* "states" (default, `jaxmamba.choices.DEFAULT_REMAT`): keeps only the scan's chunk states;
+  recomputes the above and the scan's
   output (the scan's output kernel runs once more in the backward).
 
 The scan output is the value named `SCAN_OUTPUT` in `jaxmamba.layers.mamba.Mamba`; the chunk
 states are the outputs of the Pallas kernel `STATE_KERNEL` (`jaxmamba.kernels.scan_forward`,
 `(B, L/T, D, N)` per chunk of T tokens and Σδ per chunk). With the `xla` or `reference` scan there
 are no such kernel outputs, so under "scan" and "states" the scan's forward runs again in the
-backward. Outputs and gradients are the same under every choice (tests/test_layers.py); only
+backward. Outputs and gradients are the same under every choice (tests/test_remat.py); only
 memory and time differ (docs/benchmarks.md).
 """
 
@@ -32,10 +33,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_policies
 from jax.extend.core import Literal
 
-#: The choices of `model.remat` (jaxmamba.config spells the same tuple out).
-REMAT = ("none", "scan", "states")
-#: Measured default (benchmarks/memory.py, docs/benchmarks.md).
-DEFAULT_REMAT = "states"
 #: `checkpoint_name` of the selective scan's output in `Mamba.__call__`.
 SCAN_OUTPUT = "mamba_scan_output"
 #: Name of the Pallas forward kernel whose outputs are the scan's per-chunk states.
@@ -51,14 +48,6 @@ POLICIES: dict[str, Callable[..., bool]] = {
         checkpoint_policies.save_only_these_names(SCAN_OUTPUT), _chunk_states),
     "states": _chunk_states,
 }
-
-
-def check_remat(remat: str, where: str) -> str:
-    """`remat` if it is one of `REMAT`, else a ValueError naming `where` and the choices."""
-    if remat not in REMAT:
-        raise ValueError(f"{where}: remat={remat!r}: expected one of "
-                         f"{', '.join(repr(r) for r in REMAT)}")
-    return remat
 
 
 def rematerialised(fn: Callable, remat: str) -> Callable:

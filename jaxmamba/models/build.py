@@ -21,8 +21,9 @@ import functools
 import jax
 from flax import nnx
 
+from jaxmamba import choices
 from jaxmamba.layers import MambaLayer, MultiMambaTrans, d_state_for
-from jaxmamba.layers.remat import DEFAULT_REMAT, check_remat
+from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
 from jaxmamba.models.precision import compute_dtype
 from jaxmamba.models.unet import PlainConvEncoder, ResidualEncoder, UNet, UNetDecoder
 from jaxmamba.plans import Plan
@@ -40,7 +41,7 @@ class Variant:
     residual_encoder: bool = True  # False: DNA's PlainConvEncoder (plan n_conv_per_stage_encoder)
 
 
-VARIANTS: dict[str, Variant] = {
+_SPECS = {
     "plainconvunet": Variant("PlainConvUNet", None, residual_decoder=False,
                              residual_encoder=False),
     "resencunet": Variant("ResEncUNet", None, residual_decoder=False),
@@ -49,6 +50,8 @@ VARIANTS: dict[str, Variant] = {
     "segmambaskip": Variant("SegMambaSkip", "bi", mamba_on_skips_only=True),
     "multisegmamba": Variant("MultiSegMamba", "multi", d_state_cap=64),
 }
+#: Each of `jaxmamba.choices.VARIANTS` with what distinguishes it.
+VARIANTS: dict[str, Variant] = {name: _SPECS[name] for name in choices.VARIANTS}
 
 #: Other spellings accepted for a variant (the reference's class names).
 ALIASES = {"pansegmamba": "bisegmamba", "residualencoderunet": "resencunet"}
@@ -59,7 +62,7 @@ def canonical_variant(variant: str) -> str:
     name = variant.lower().replace("-", "").replace("_", "")
     name = ALIASES.get(name, name)
     if name not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {sorted(VARIANTS)}")
+        choices.check(variant, choices.VARIANTS, "variant")  # raises, naming the value given
     return name
 
 
@@ -68,8 +71,10 @@ class KeyStream:
 
     `nnx.Rngs` updates a counter Variable at every draw, which under tracing (`nnx.eval_shape`,
     `jit`) costs time quadratic in the number of draws (flax 0.12): 15 s for MultiSegMamba's
-    shapes. A Python counter costs nothing. The key is "rbg": its samplers compile ~4x faster
-    than threefry's, which dominates building a network eagerly (one compile per shape).
+    shapes. A Python counter costs nothing. The key is "rbg": its samplers compile ~3x faster
+    than threefry's, which dominates initialising a network, eagerly (one compile per shape) and
+    as training does it, in one jitted program (`jaxmamba.train.step.init_on_mesh`: SegMamba,
+    Synapse plan, CPU, 55 s against 151 s; docs/benchmarks.md "Initialising a network").
     """
 
     def __init__(self, seed: int):
@@ -81,39 +86,35 @@ class KeyStream:
         return jax.random.fold_in(self._key, self._count - 1)
 
 
-def _mamba_module(kind: str, cap: int, scan_implementation: str | None, remat: str,
-                  rngs: KeyStream, channels: int) -> nnx.Module:
-    kw = dict(d_state=d_state_for(channels, cap), scan_implementation=scan_implementation,
-              remat=remat, rngs=rngs)
+def _mamba_module(kind: str, cap: int, options: MambaOptions, rngs: KeyStream,
+                  channels: int) -> nnx.Module:
+    kw = dict(d_state=d_state_for(channels, cap), options=options, rngs=rngs)
     if kind == "multi":
         return MultiMambaTrans(channels, **kw)
     return MambaLayer(channels, bidirectional=kind == "bi", **kw)
 
 
 def build_model(variant: str, plan: Plan, *, precision: str = "float32",
-                deep_supervision: bool = True, scan_implementation: str | None = None,
-                remat: str = DEFAULT_REMAT, rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
+                deep_supervision: bool = True, mamba: MambaOptions = DEFAULT_OPTIONS,
+                rngs: nnx.Rngs | KeyStream | int = 0) -> UNet:
     """The network `variant` for `plan`, initialised as the reference's `get_*_from_plans`.
 
     `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
-    parameters and the Mamba path stay float32. `scan_implementation` is passed to
-    `selective_scan` (None picks the fastest available). `remat` is what the Mamba layers keep
-    for the backward (`jaxmamba.layers.remat.REMAT`). Use `nnx.eval_shape(lambda:
-    build_model(...))` for shapes only.
+    parameters and the Mamba path stay float32. `mamba` is how every Mamba layer computes (the
+    scan's implementation, what the backward keeps: `jaxmamba.layers.options.MambaOptions`).
+    Use `nnx.eval_shape(lambda: build_model(...))` for shapes only.
     """
     name = canonical_variant(variant)
-    check_remat(remat, "build_model")
     spec = VARIANTS[name]
     dtype = compute_dtype(precision)
     rngs = KeyStream(rngs) if isinstance(rngs, int) else rngs
     features = plan.features_per_stage
-    mamba = None
+    mamba_module = None
     if spec.mamba is not None:
-        mamba = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap,
-                                  scan_implementation, remat, rngs)
+        mamba_module = functools.partial(_mamba_module, spec.mamba, spec.d_state_cap, mamba, rngs)
     if spec.residual_encoder:
         encoder = ResidualEncoder(plan.num_input_channels, features, plan.kernel_sizes,
-                                  plan.strides, plan.n_blocks_encoder, mamba=mamba,
+                                  plan.strides, plan.n_blocks_encoder, mamba=mamba_module,
                                   mamba_on_skips_only=spec.mamba_on_skips_only, dtype=dtype,
                                   rngs=rngs)
     else:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-#: precision name -> computation dtype of convolutions, transposed convolutions and norms.
-PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+from jaxmamba import choices
+
+_DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+#: precision name (`jaxmamba.choices.PRECISIONS`) -> computation dtype of convolutions,
+#: transposed convolutions and norms.
+PRECISIONS = {name: _DTYPES[name] for name in choices.PRECISIONS}
 
 
 def compute_dtype(precision: str):
     """The convolution/norm computation dtype of a precision name ("float32" or "bf16")."""
-    try:
-        return PRECISIONS[precision]
-    except KeyError:
-        raise ValueError(f"precision={precision!r}: expected one of {sorted(PRECISIONS)}") from None
+    return PRECISIONS[choices.check(precision, choices.PRECISIONS, "precision")]

@@ -19,8 +19,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXIS = "data"
-SPATIAL_AXIS = "spatial"
+from jaxmamba.ops.mesh import DATA_AXIS
 
 
 def axis_shards(name: str) -> int:
@@ -33,14 +32,14 @@ def axis_shards(name: str) -> int:
 
 def batch_shards() -> int:
     """Size of the ambient mesh's `data` axis (1 when tracing without one)."""
-    return axis_shards(BATCH_AXIS)
+    return axis_shards(DATA_AXIS)
 
 
 def batch_axis(batch_size: int) -> str | None:
     """`"data"` when a batch of `batch_size` splits evenly over the ambient `data` axis (of more
     than one device), else None (the batch is replicated)."""
     n = batch_shards()
-    return BATCH_AXIS if n > 1 and batch_size % n == 0 else None
+    return DATA_AXIS if n > 1 and batch_size % n == 0 else None
 
 
 def map_over_batch(fn: Callable, batched: Sequence[bool], batch_size: int) -> Callable:
@@ -49,8 +48,8 @@ def map_over_batch(fn: Callable, batched: Sequence[bool], batch_size: int) -> Ca
     there is nothing to split."""
     if batch_axis(batch_size) is None:
         return fn
-    specs = tuple(P(BATCH_AXIS) if b else P() for b in batched)
-    return jax.shard_map(fn, in_specs=specs, out_specs=P(BATCH_AXIS), check_vma=False)
+    specs = tuple(P(DATA_AXIS) if b else P() for b in batched)
+    return jax.shard_map(fn, in_specs=specs, out_specs=P(DATA_AXIS), check_vma=False)
 
 
 def traced_under(mesh: Mesh, fn: Callable) -> Callable:

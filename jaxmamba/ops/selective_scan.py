@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmamba.choices import SCAN_IMPLEMENTATIONS
 from jaxmamba.ops.batch_parallel import map_over_batch
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 from jaxmamba.ops.spatial import scan_over_tokens, token_shards
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
+IMPLEMENTATIONS = SCAN_IMPLEMENTATIONS
 
 _BUILTIN: dict[str, Callable] = {
     "reference": selective_scan_reference,

@@ -31,7 +31,6 @@ callers run the unsharded op (correct; XLA then gathers the sequence onto every 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxmamba.errors import UserError
-from jaxmamba.ops.batch_parallel import SPATIAL_AXIS, axis_shards, batch_axis
+from jaxmamba.ops.batch_parallel import axis_shards, batch_axis
+from jaxmamba.ops.mesh import SPATIAL_AXIS
 from jaxmamba.scan_math import compute_dtype, discretize_delta
 
 
@@ -51,46 +50,6 @@ def token_shards(length: int, min_block: int = 1) -> int:
     if n == 1 or length % n or length // n < min_block:
         return 1
     return n
-
-
-class MeshError(UserError, ValueError):
-    """A `spatial` size that does not divide the devices or the patch (raised before compiling)."""
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_spatial_divides(n: int, devices: int, name: str) -> None:
-    """`n` devices per sample (`name`: the option that set it) must divide the `devices`."""
-    if n < 1 or devices % n:
-        raise MeshError(f"{name} = {n}: must divide the {devices} device(s); use one of "
-                        f"{_divisors(devices)}")
-
-
-def check_patch_splits(patch_size, strides, n: int, *, devices: int, name: str = "mesh.spatial",
-                       patch_key: str | None = "data.plan_overrides.patch_size") -> None:
-    """With `n` devices per sample (`name`: the option that set it), every stage's S0 must split
-    evenly over them: the patch's S0 over the network's total stride on S0 (`strides`: the plan's,
-    one per stage) must be a multiple of `n`. Otherwise raises `MeshError` naming the nearest
-    valid patch S0 (settable through `patch_key`, None when the patch is fixed, as a trained
-    run's) and the valid `n` among the divisors of `devices`."""
-    s0 = int(patch_size[0])
-    stride = math.prod(int(s[0]) for s in strides)
-    if n == 1 or s0 % (stride * n) == 0:
-        return
-    options = [d for d in _divisors(devices) if s0 % (stride * d) == 0]
-    message = (f"{name} = {n} does not split the patch {[int(p) for p in patch_size]}: its S0 "
-               f"over the network's total stride {stride} on S0 is {s0 / stride:g} at the "
-               f"deepest stage, not a multiple of {n}. Use {name} = one of {options}")
-    if patch_key is not None:
-        step = stride * n
-        lo, hi = s0 // step * step, (s0 // step + 1) * step
-        nearest = hi if not lo or hi - s0 <= s0 - lo else lo
-        rest = ", ".join(str(int(p)) for p in patch_size[1:])
-        message += (f", or a patch S0 of {f'{lo} or {hi}' if lo else hi} (e.g. "
-                    f"{patch_key}=[{nearest}, {rest}])")
-    raise MeshError(message)
 
 
 def split_volume(x: jax.Array) -> jax.Array:

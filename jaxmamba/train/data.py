@@ -1,8 +1,8 @@
 """The data of a training run: build the bundled dataset if asked, preprocess, plan, split.
 
 `prepare_data(config)` does it all and returns `(plan, cache folder, train ids, val ids)`;
-`apply_plan_overrides` applies `data.plan_overrides` to a plan, blaming the overrides for what
-does not fit.
+`apply_plan_overrides` applies `data.plan_overrides` to a plan (`Plan.with_overrides` decides),
+blaming the overrides for what does not fit.
 """
 
 from __future__ import annotations
@@ -13,34 +13,24 @@ from typing import Any
 
 from jaxmamba import console
 from jaxmamba import data as jdata
-from jaxmamba.config import PLAN_OVERRIDES, Config, ConfigError
+from jaxmamba.config import Config, ConfigError
+from jaxmamba.data.planner import preprocessed_beside
 from jaxmamba.plans import Plan, PlanError
-
-#: Plan fields a config may override: they change the network or the batches, not preprocessing.
-OVERRIDABLE = tuple(PLAN_OVERRIDES)
 
 
 def apply_plan_overrides(plan: Plan, overrides: dict[str, Any]) -> Plan:
-    """`plan` with `data.plan_overrides` applied; other keys, and overrides that do not fit the
-    plan, are `ConfigError`s naming the overrides (not the plans file)."""
-    for key in overrides:
-        if key not in OVERRIDABLE:
-            raise ConfigError(f"data.plan_overrides.{key}: not overridable (choose from "
-                              f"{', '.join(OVERRIDABLE)}; preprocessing fields come from the plan)")
-    def as_tuple(v):
-        return tuple(as_tuple(x) for x in v) if isinstance(v, list | tuple) else v
-    changes = {k: as_tuple(v) for k, v in overrides.items()}
+    """`plan.with_overrides(overrides)`; what the plan refuses is a `ConfigError` (a config
+    error) naming the overrides and the plan they were applied to."""
     try:
-        plan.replace(**changes, source="data.plan_overrides")  # validated, blamed on the overrides
+        return plan.with_overrides(overrides)
     except PlanError as err:
         raise ConfigError(f"{err} (with the plan {plan.source})") from err
-    return plan.replace(**changes)
 
 
 def cache_dir(cfg: Config) -> Path:
     raw = Path(cfg.data.raw_dir)
-    return Path(cfg.data.preprocessed_dir) if cfg.data.preprocessed_dir else raw.with_name(
-        raw.name + "_preprocessed")
+    return (Path(cfg.data.preprocessed_dir) if cfg.data.preprocessed_dir
+            else preprocessed_beside(raw))
 
 
 def prepare_data(cfg: Config, *, progress: bool = True, say: Callable[[str], None] | None = None):

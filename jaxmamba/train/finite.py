@@ -41,7 +41,7 @@ def stop_message(what: str, *, last_epoch: int | None, checkpoints: Path, raw_di
 def check_state(state, *, epoch: int, step: int, ckpt, raw_dir: str) -> None:
     """Raise `NonFiniteLossError` if `state` (parameters, optimizer state, the rest) holds NaN or
     inf after `epoch` epochs (`step` steps): its checkpoint must not be written."""
-    if not bool(all_finite(state)):
+    if not bool(jax.device_get(all_finite(state))):
         raise NonFiniteLossError(stop_message(
             f"the parameters or the optimizer state became non-finite (NaN or inf) in epoch "
             f"{epoch} (by step {step}) although the loss was finite",
@@ -50,7 +50,7 @@ def check_state(state, *, epoch: int, step: int, ckpt, raw_dir: str) -> None:
 
 def check_restored(state, folder: Path) -> None:
     """Refuse to resume from a checkpoint holding NaN or inf (one written before this check)."""
-    if not bool(all_finite(state)):
+    if not bool(jax.device_get(all_finite(state))):
         raise RunDirError(folder, "the checkpoint to resume from holds non-finite values (NaN or "
                                   "inf)", "delete that folder to resume from an earlier one, or "
                                   "start a new train.run_dir")

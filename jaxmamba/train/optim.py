@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmamba import choices
 from jaxmamba.config import OptimConfig
 
 Schedule = Callable[[jax.Array | int], jax.Array | float]
@@ -154,6 +155,7 @@ class Recipe:
 
 def build_recipe(cfg: OptimConfig, *, epochs: int, iters_per_epoch: int) -> Recipe:
     """The optax chain of `cfg.recipe` for a run of `epochs × iters_per_epoch` steps."""
+    choices.check(cfg.recipe, choices.RECIPES, "optim.recipe")
     pre = [optax.clip_by_global_norm(cfg.clip_norm), optax.add_decayed_weights(cfg.weight_decay)]
     if cfg.recipe == "nnunet":
         lr = per_epoch(poly_lr(cfg.lr or 1e-2, epochs, cfg.poly_exponent), iters_per_epoch)
@@ -170,5 +172,4 @@ def build_recipe(cfg: OptimConfig, *, epochs: int, iters_per_epoch: int) -> Reci
         lr, b1 = per_epoch(lr_e, iters_per_epoch), per_epoch(b1_e, iters_per_epoch)
         return Recipe(optax.chain(*pre, scale_by_torch_radam(b1=b1),
                                   optax.scale_by_learning_rate(lr)), lr, b1)
-    raise ValueError(f"optim.recipe = {cfg.recipe!r}: expected nnunet, radam_cosine or "
-                     f"radam_onecycle")
+    raise NotImplementedError(f"optim.recipe={cfg.recipe!r}: a choice without its chain here")

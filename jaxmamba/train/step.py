@@ -1,10 +1,11 @@
 """The train state and the pure, jitted train and eval steps (big_vision style).
 
-The network is split once into a static graph and two pytrees: parameters (trained) and the rest
-(non-parameter variables, carried unchanged). The steps are pure functions of
-`(TrainState, batch)`; `compile_steps` jits them with the state replicated and the batch sharded
-over the `data` mesh axis, so one program serves 1..N devices. Batches are
-`{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution first}`.
+The network is initialised on the devices (`init_on_mesh`) and split once into a static graph
+and two pytrees: parameters (trained) and the rest (non-parameter variables, carried unchanged).
+The steps are pure functions of `(TrainState, batch)`; `jit_steps` jits them with the state
+replicated and the batch sharded over the `data` mesh axis, so one program serves 1..N devices.
+Batches are `{"image": (B, *patch, C), "target": tuple of (B, *patch_s) int, full resolution
+first}`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmamba.layers.conv import cpu_compiler_options
 from jaxmamba.ops.batch_parallel import traced_under
+from jaxmamba.ops.conv3d import cpu_compiler_options
+from jaxmamba.ops.mesh import SPATIAL_AXIS, batch_sharding, replicated
 from jaxmamba.ops.spatial import split_volume
-from jaxmamba.train import losses, sharding
+from jaxmamba.train import losses
 
 
 class TrainState(NamedTuple):
@@ -33,8 +35,25 @@ class TrainState(NamedTuple):
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation,
                ) -> tuple[nnx.GraphDef, TrainState]:
+    """`model` split into its graph and a train state at step 0 (fresh optimizer state)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+
+def init_on_mesh(build: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh,
+                 ) -> tuple[nnx.GraphDef, TrainState]:
+    """`init_state` of the network `build()` makes, as one jitted program whose outputs are
+    replicated over `mesh` (big_vision, the flax examples): the parameters are drawn on the
+    devices, nothing is built eagerly or copied from the host. `build` is traced once."""
+    graphdefs = []
+
+    def init() -> TrainState:
+        graphdef, state = init_state(build(), tx)
+        graphdefs.append(graphdef)  # static: the same for every call
+        return state
+
+    state = jax.jit(init, out_shardings=replicated(mesh))()
+    return graphdefs[0], state
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batch_dice: bool,
@@ -73,9 +92,9 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, batc
 def jit_steps(train_step: Callable, eval_step: Callable, mesh: Mesh) -> tuple[Callable, Callable]:
     """Jit with the state replicated (and donated) and the batch sharded over `data` (and, with
     a `spatial` axis, as `sharding.global_batch` places it: volumes split along S0); on a CPU
-    with `jaxmamba.layers.conv.cpu_compiler_options`."""
-    repl = sharding.replicated(mesh)
-    data = sharding.batch_sharding(mesh) if mesh.shape.get(sharding.SPATIAL_AXIS, 1) == 1 else None
+    with `jaxmamba.ops.conv3d.cpu_compiler_options`."""
+    repl = replicated(mesh)
+    data = batch_sharding(mesh) if mesh.shape.get(SPATIAL_AXIS, 1) == 1 else None
     train = jax.jit(traced_under(mesh, train_step), in_shardings=(repl, data),
                     out_shardings=(repl, repl), donate_argnums=(0,),
                     compiler_options=cpu_compiler_options(mesh, gradients=True))

@@ -15,22 +15,43 @@ Process 0 scores.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxmamba import distributed
+from jaxmamba import console, distributed
 from jaxmamba.atomic import write_text
+from jaxmamba.config import Config
 from jaxmamba.data import RawDataset
 from jaxmamba.infer.evaluate import evaluate_folder, write_summary
 from jaxmamba.infer.network import network_apply_fn
 from jaxmamba.infer.predict import InputCase, find_cases, predict_cases
+from jaxmamba.infer.sliding_window import WindowOptions
+from jaxmamba.ops.mesh import local_mesh
 from jaxmamba.plans import Plan
 from jaxmamba.rundir import FINAL_VALIDATION_DIR, FINAL_VALIDATION_DONE
+
+
+def after_training(cfg: Config, graphdef: nnx.GraphDef, params, rest, plan: Plan,
+                   val_ids: Sequence[str], run_dir: Path, *, progress: bool,
+                   say: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """`final_validation` of a finished run's network (its train state's `params`, `rest`) on
+    this process's devices (`--spatial` as `mesh.spatial`), its results said; none for
+    `data.fold=all` (nothing is held out)."""
+    if cfg.data.fold == "all":
+        say(console.no_final_validation_line())
+        return {}
+    t0 = time.perf_counter()
+    model = merged_model(graphdef, params, rest)
+    results = final_validation(model, plan, cfg.data.raw_dir, val_ids, run_dir,
+                               epoch=cfg.train.epochs, mesh=local_mesh(spatial=cfg.mesh.spatial),
+                               progress=progress)
+    say(console.validation_line(format_results(results, run_dir), time.perf_counter() - t0))
+    return results
 
 
 def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids: Sequence[str],
@@ -53,8 +74,8 @@ def final_validation(model: nnx.Module, plan: Plan, raw_dir: str | Path, val_ids
     results = {}
     for name, cases, labels, partial in sets:
         out = set_folder(run_dir, name)
-        predict_cases([apply_fn], plan, distributed.split(cases), out, overwrite=True,
-                      mesh=mesh, progress=progress)
+        predict_cases([apply_fn], plan, distributed.split(cases), out,
+                      window=WindowOptions(mesh=mesh), overwrite=True, progress=progress)
         distributed.barrier(f"final validation {name}")
         results[name] = distributed.run_once(
             f"score {name}", lambda out=out, labels=labels, partial=partial: _score(
@@ -101,5 +122,5 @@ def merged_model(graphdef: nnx.GraphDef, params, rest) -> nnx.Module:
     """The trained network as a module (for prediction), from the train state's parts: host
     copies of this process's replica (the state is replicated over all processes' devices)."""
     def host(x):
-        return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
+        return jax.device_get(x.addressable_data(0)) if isinstance(x, jax.Array) else x
     return nnx.merge(graphdef, jax.tree.map(host, params), jax.tree.map(host, rest))
