@@ -254,7 +254,9 @@ def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_pat
     from jaxmamba.rundir import save_run
     save_run(run_dir, model, fixtures_plan(), source="test")
     fixtures_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
-    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
+    (tmp_path / "in").mkdir()  # (an output folder inside the input one would be refused first)
+    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path / "in"), "-o",
+                     str(tmp_path / "o")])
     out = capsys.readouterr().err
     assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out
     assert "checkpoints/best/0/meta" in out and "Traceback" not in out
