@@ -9,6 +9,8 @@ naming that process. A clean end removes the file (and the run directory, if the
 nothing else was written). Record locks are per process (a forked data worker does not inherit
 them) and work across hosts on NFS; on a filesystem without them the holder's record decides:
 a dead process on this host is stale, one on another host is refused with the file to delete.
+POSIX drops a process's record lock when it closes any descriptor of the file, so nothing but
+`RunLock` opens `train.lock` in the holding process.
 
 On several processes (`jaxmamba.distributed`) process 0 takes the lock for all of them and the
 others wait for its answer: a refusal ends every process with the same line. Everything that
