@@ -197,27 +197,38 @@ def test_bad_launches_end_every_process_quickly_writing_nothing(setup):
         cases["configs"][0].log(1)
 
 
-def test_a_lost_process_ends_every_survivor_in_one_line(setup, two_by_two):
-    """kill -9 of one process mid-training: the other ends with exit status 1 and one `error:`
-    line naming the lost process, whichever was lost: process 0's coordinator goes with it and
-    JAX's runtime aborts the survivor at once (after its own message); a lost process 1 is
-    declared after the heartbeat timeout (20 s here, 100 by default). The programs come from
-    the compilation cache."""
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_a_lost_process_ends_every_survivor_in_one_line(setup, request, when):
+    """kill -9 of one process, while the run starts (data, initialisation, compiling: only the
+    heartbeats notice) or mid-training (a collective fails, or the heartbeats): the other ends
+    with exit status 1 and one `error:` line naming the lost process, whichever was lost.
+    Process 0's coordinator goes with it and JAX's runtime aborts the survivor at once (after its
+    own message); a lost process 1 is declared by a failed collective or after the heartbeat
+    timeout (20 s here, 100 by default). Mid-training, the programs come from the compilation
+    cache the 2 x 2 run filled."""
     for lost in (1, 0):
         survivor = 1 - lost
-        run = launch(_args(setup, setup / "runs" / f"lost{lost}", "train.iters_per_epoch=1000",
-                           "train.epochs=1", "train.final_validation=false"),
-                     setup / "logs" / f"lost{lost}", cache_dir=setup / "xla",
-                     env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
-        wait_for(lambda r=run: "throughput:" in r.log(0), LIMIT, run, "training steps")
+        run_dir = setup / "runs" / f"lost{lost}-{when}"
+        if when == "starting":
+            run = launch(_args(setup, run_dir), setup / "logs" / f"lost{lost}-{when}",
+                         env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
+            wait_for(lambda d=run_dir: (d / "train.lock").is_file(), LIMIT, run,
+                     "the run's lock")
+        else:
+            request.getfixturevalue("two_by_two")
+            run = launch(_args(setup, run_dir, "train.iters_per_epoch=1000", "train.epochs=1",
+                               "train.final_validation=false"),
+                         setup / "logs" / f"lost{lost}-{when}", cache_dir=setup / "xla",
+                         env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
+            wait_for(lambda r=run: "throughput:" in r.log(0), LIMIT, run, "training steps")
         run.procs[lost].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         try:
-            assert run.procs[survivor].wait(timeout=60) == 1, run.output()
+            assert run.procs[survivor].wait(timeout=90) == 1, run.output()
         finally:
             run.kill()
-        print(f"process {lost} lost: process {survivor} ended {time.monotonic() - killed:.1f} s "
-              f"later")
+        print(f"{when}: process {lost} lost: process {survivor} ended "
+              f"{time.monotonic() - killed:.1f} s later")
         said = run.log(survivor)
         errors = [line for line in said.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, said
