@@ -186,10 +186,13 @@ def _check(cfg: Config, source: Source) -> None:
             raise ConfigError(f"{source.of(key)}: {key} = {value}: must be > 0")
     nonneg = {"train.val_iters": t.val_iters,
               "data.fold": cfg.data.fold if isinstance(cfg.data.fold, int) else 0,
-              "data.num_workers": cfg.data.num_workers, "optim.weight_decay": o.weight_decay}
+              "data.num_workers": cfg.data.num_workers}
     for key, value in nonneg.items():
         if value < 0:
             raise ConfigError(f"{source.of(key)}: {key} = {value}: must be >= 0")
+    for key, value, ok, expected in _bounds(cfg):
+        if not ok:
+            raise ConfigError(f"{source.of(key)}: {key} = {value}: must be {expected}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"{source.of('optim.lr')}: optim.lr = {cfg.optim.lr}: must be > 0 (or "
                           f"null for the recipe's default)")
@@ -213,3 +216,29 @@ def _check(cfg: Config, source: Source) -> None:
         key = f"data.plan_overrides.{name}"
         if problem := override_problem(name, value):
             raise ConfigError(f"{source.of(key)}: {key}{problem}")
+
+
+def _bounds(cfg: Config):
+    """`(key, value, within bounds?, the bounds in words)` of the values a type cannot bound:
+    beyond them training fails late (a traceback, a NaN blamed on optim.lr) or silently (a
+    negative learning rate is gradient ascent)."""
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    unit = "in [0, 1)"
+    yield ("seed", cfg.seed, 0 <= cfg.seed <= 2**63 - 2,
+           "an integer in [0, 2**63 - 2] (the data pipeline is seeded with seed + 1)")
+    yield "optim.momentum", o.momentum, 0 <= o.momentum < 1, unit
+    yield "optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < 1, unit
+    yield ("optim.cosine_eta_min", o.cosine_eta_min, o.cosine_eta_min >= 0,
+           ">= 0 (the learning rate's floor; below 0 it would climb the loss)")
+    yield "optim.poly_exponent", o.poly_exponent, o.poly_exponent >= 0, ">= 0"
+    for key in ("onecycle_div_factor", "onecycle_final_div_factor"):
+        value = getattr(o, key)
+        yield (f"optim.{key}", value, value > 0,
+               "> 0 (the learning rate is divided by it)")
+    for i, beta in enumerate(o.onecycle_beta1):
+        yield f"optim.onecycle_beta1[{i}]", beta, 0 <= beta < 1, unit
+    yield ("train.memory_limit_gib", t.memory_limit_gib,
+           t.memory_limit_gib is None or t.memory_limit_gib > 0,
+           "> 0 GiB, or null for what the device reports")
+    yield ("data.plans", repr(d.plans), d.plans is None or bool(d.plans.strip()),
+           "the path of an nnUNetPlans.json, or null to plan from the dataset")

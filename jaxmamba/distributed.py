@@ -4,7 +4,9 @@ Every process runs the same command. Launch them with `JAX_COORDINATOR_ADDRESS=h
 `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` each (process 0 hosts the coordinator at that address;
 `JAX_COORDINATOR_BIND_ADDRESS` changes where it listens), or with `srun` under SLURM, where JAX
 reads `SLURM_*` itself. Processes that do not all join within `JAXMAMBA_JOIN_TIMEOUT` seconds
-(default 300) end with a message naming the address, not a hang.
+(default 300) end with a message naming the address, not a hang; a process lost later ends the
+others with a line naming it (`jaxmamba.peers`), at the latest after
+`JAXMAMBA_HEARTBEAT_TIMEOUT` seconds (default 100, JAX's heartbeat timeout).
 
 After joining, the processes talk through the coordinator's key-value store (no XLA
 computation): `agree` exchanges small JSON payloads (the resolved config, whose hash every
@@ -28,9 +30,13 @@ from typing import Any
 
 import jax
 
-from jaxmamba.errors import UserError
+from jaxmamba import peers
+from jaxmamba.errors import UserError, brief
 
 JOIN_TIMEOUT_ENV = "JAXMAMBA_JOIN_TIMEOUT"
+#: Seconds without heartbeats after which JAX's coordinator declares a process lost (JAX's 100 by
+#: default); every survivor then ends with a line naming it (`jaxmamba.peers`)
+HEARTBEAT_TIMEOUT_ENV = "JAXMAMBA_HEARTBEAT_TIMEOUT"
 #: How long a process waits for process 0's shared work or for the others at a barrier. Long on
 #: purpose (preprocessing a large dataset takes hours): a process that dies is noticed sooner by
 #: JAX's heartbeats, which end every process.
@@ -44,10 +50,28 @@ class DistributedError(UserError, RuntimeError):
     """Processes that cannot work together; the message says which and what to do."""
 
 
+class BackendError(UserError, RuntimeError):
+    """JAX cannot start the backend it was asked for (JAX_PLATFORMS)."""
+
+
 def initialize() -> None:
-    """Join the other processes when launched as several (see the module docstring)."""
+    """Join the other processes when launched as several (see the module docstring), then
+    check that JAX can start its backend (`BackendError` in one line if not)."""
     if jax.distributed.is_initialized():
         return
+    _join()
+    try:
+        jax.devices()
+    except Exception as err:  # jax 0.10 raises a bare AssertionError for a missing plugin
+        asked = os.environ.get("JAX_PLATFORMS")
+        what = f"JAX_PLATFORMS={asked}: JAX cannot start that backend" if asked else \
+            "JAX cannot start a backend"
+        raise BackendError(f"{what} on this machine ({brief(err)}); install the jaxlib plugin "
+                           f"it needs (e.g. pip install 'jax[cuda12]') or set JAX_PLATFORMS to "
+                           f"a backend this machine has (cpu)") from err
+
+
+def _join() -> None:
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         try:
@@ -69,18 +93,27 @@ def initialize() -> None:
     watchdog = threading.Timer(timeout, _join_failed, (where, i, n, timeout))
     watchdog.daemon = True
     watchdog.start()
-    jax.distributed.initialize(initialization_timeout=int(timeout) + 60, **kwargs)
+    jax.distributed.initialize(initialization_timeout=int(timeout) + 60,
+                               heartbeat_timeout_seconds=int(_seconds(HEARTBEAT_TIMEOUT_ENV,
+                                                                      "100")), **kwargs)
     watchdog.cancel()
+    from jax._src import distributed as jax_distributed
+    peers.watch(i, n, jax_distributed.global_state.coordinator_address,
+                agree("peers", {"host": socket.gethostname(), "pid": os.getpid()}))
 
 
 def _join_timeout() -> float:
-    raw = os.environ.get(JOIN_TIMEOUT_ENV, "300")
+    return _seconds(JOIN_TIMEOUT_ENV, "300")
+
+
+def _seconds(name: str, default: str) -> float:
+    raw = os.environ.get(name, default)
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if value <= 0:
-        raise ValueError(f"{JOIN_TIMEOUT_ENV}={raw}: expected a number of seconds > 0")
+        raise ValueError(f"{name}={raw}: expected a number of seconds > 0")
     return value
 
 
@@ -116,6 +149,11 @@ def leave_after_error() -> int:
     several its traceback is printed and the process leaves at once (see `leave`)."""
     if not jax.distributed.is_initialized():
         raise  # noqa: PLE0704 (the error being handled by the caller)
+    lost = peers.lost_line(sys.exc_info()[1])
+    if lost:  # one line, and no wait for the others at the leaving barrier: one is gone
+        print(lost, file=sys.stderr)
+        peers.flush()
+        os._exit(1)
     traceback.print_exc()
     return leave(1)
 

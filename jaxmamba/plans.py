@@ -43,11 +43,17 @@ def _per_stage(entry):
     return lambda v: isinstance(v, list | tuple) and len(v) >= 1 and all(entry(x) for x in v)
 
 
+#: Bounds of an overridden patch and batch (beyond them the data loader cannot index them)
+MAX_PATCH_VOXELS, MAX_BATCH = 2**27, 2**16
+
 #: Plan fields `data.plan_overrides` may set (they change the network or the batches, not the
 #: preprocessing), each with what its value must be and a check of it.
 OVERRIDABLE: dict[str, tuple[str, Any]] = {
-    "patch_size": ("a list of 3 integers >= 1", _ints(3)),
-    "batch_size": ("an integer >= 1 (patches per step over all devices)", _positive_int),
+    "patch_size": (f"a list of 3 integers >= 1, at most {MAX_PATCH_VOXELS:,} voxels in all "
+                   f"(2**27, 512 x 512 x 512)",
+                   lambda v: _ints(3)(v) and math.prod(v) <= MAX_PATCH_VOXELS),
+    "batch_size": (f"an integer in 1..{MAX_BATCH:,} (patches per step over all devices)",
+                   lambda v: _positive_int(v) and v <= MAX_BATCH),
     "base_num_features": ("an integer >= 1", _positive_int),
     "max_num_features": ("an integer >= 1", _positive_int),
     "strides": ("a list (one per stage) of 3 integers >= 1", _per_stage(_ints(3))),

@@ -63,7 +63,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["data.plan_overrides.patch_size=[-8,16,16]"], "integers >= 1"),
     (["data.plan_overrides.base_num_features=0"], "base_num_features = 0: must be an integer"),
     (["data.plan_overrides.kernel_sizes=[[2,3,3]]"], "kernel_sizes .* odd integers"),
-    (["data.plan_overrides.batch_size=2.5"], "batch_size = 2.5: must be an integer >= 1"),
+    (["data.plan_overrides.batch_size=2.5"], "batch_size = 2.5: must be an integer in 1..65,536"),
     (["data.plan_overrides.pacth_size=[8,8,8]"], "pacth_size: not overridable"),
 ])
 def test_bad_values_name_the_key(override, message):

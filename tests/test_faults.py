@@ -243,3 +243,71 @@ def test_help_answers_without_importing_jax():
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"--help of {sorted(COMMANDS)} imported {done.stdout}"
+
+
+#: A value that passed validation once and failed late -> what its one line must say
+CONFIG_BOUNDS = {
+    "optim.onecycle_div_factor=0": "optim.onecycle_div_factor = 0.0: must be > 0",
+    "optim.onecycle_final_div_factor=0": "optim.onecycle_final_div_factor = 0.0: must be > 0",
+    f"seed={2**65}": f"seed = {2**65}: must be an integer in [0, 2**63 - 2]",
+    "seed=-1": "seed = -1: must be an integer in [0, 2**63 - 2]",
+    f"data.plan_overrides.batch_size={10**20}": f"data.plan_overrides.batch_size = {10**20}: "
+                                                f"must be an integer in 1..65,536",
+    "data.plan_overrides.patch_size=[1000000,16,16]": "data.plan_overrides.patch_size = "
+                                                      "[1000000, 16, 16]: must be a list of 3 "
+                                                      "integers >= 1, at most 134,217,728 voxels",
+    "optim.cosine_eta_min=-1": "optim.cosine_eta_min = -1.0: must be >= 0",
+    "optim.onecycle_beta1=[5,-3]": "optim.onecycle_beta1[0] = 5.0: must be in [0, 1)",
+    "optim.momentum=1e308": "optim.momentum = 1e+308: must be in [0, 1)",
+    "optim.weight_decay=1e308": "optim.weight_decay = 1e+308: must be in [0, 1)",
+    "train.memory_limit_gib=0": "train.memory_limit_gib = 0.0: must be > 0 GiB, or null",
+    "train.memory_limit_gib=-1": "train.memory_limit_gib = -1.0: must be > 0 GiB, or null",
+    "data.plans=": "data.plans = '': must be the path of an nnUNetPlans.json, or null",
+}
+
+
+@pytest.mark.parametrize("override", list(CONFIG_BOUNDS))
+def test_config_values_beyond_their_bounds_are_one_line(override, clean, tmp_path, capsys):
+    """Each of these once passed validation, then gave a traceback or a misleading stop."""
+    rc, out = _run(capsys, [*_commands(clean, tmp_path)["train"], override])
+    assert rc == 2 and out.startswith("error: command line: ") and out.count("\n") == 1, out
+    assert CONFIG_BOUNDS[override] in out and not (tmp_path / "run").exists()
+
+
+def test_a_fold_that_does_not_exist_names_the_folds_there_are(clean, tmp_path, capsys):
+    rc, out = _run(capsys, [*_commands(clean, tmp_path)["train"], "data.fold=7"])
+    assert rc == 1 and out.count("\n") == 1, out
+    assert out.startswith(f"error: {tmp_path / 'train_cache' / 'splits_final.json'}: fold 7 does "
+                          f"not exist (folds 0..4 or 'all')")
+
+
+def test_a_backend_that_cannot_start_is_one_line(clean, tmp_path):
+    """JAX_PLATFORMS=cuda on a machine without CUDA: one line, before any work (jax 0.10 raised
+    a bare AssertionError)."""
+    import jax
+    from launching import clean_env
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this machine has a GPU: JAX_PLATFORMS=cuda starts")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                           *_commands(clean, tmp_path)["train"][1:]], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
+                          env={**clean_env(1), "JAX_PLATFORMS": "cuda"})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: JAX_PLATFORMS=cuda: JAX cannot start that backend on "
+                                  "this machine (")
+    assert "set JAX_PLATFORMS to a backend this machine has" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_exit_after_an_error_does_not_wait_for_background_threads(tmp_path):
+    """A background thread that never ends (as orbax's save threads can) does not hang the
+    process after its error: it leaves `grace_s` seconds after the exit began."""
+    code = ("import threading, time\n"
+            "from jaxmamba.cli import bounded_exit\n"
+            "threading.Thread(target=time.sleep, args=(600,)).start()\n"
+            "print('error: something', flush=True)\n"
+            "bounded_exit(3, grace_s=1)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 3 and done.stdout == "error: something\n", done
+    assert "background threads still running 1 s after the error" in done.stderr

@@ -13,12 +13,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxmamba"
 #: anywhere) belongs to the `cli` layer wherever it lives.
 LAYERS = (
     ("errors", "choices", "atomic", "jsonfile", "console", "distributed", "typed_yaml", "config",
-     "nnunet_plans", "plans", "scan_math", "compile_cache"),
+     "nnunet_plans", "plans", "scan_math", "compile_cache", "paths", "peers", "diskspace"),
     ("kernels",),
     ("ops",),
     ("layers",),
     ("models",),
-    ("data", "datasets", "interop", "rundir"),
+    ("data", "datasets", "interop", "rundir", "runlock"),
     ("train", "infer"),
     ("cli",),
 )

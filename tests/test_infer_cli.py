@@ -195,3 +195,49 @@ def test_non_finite_checkpoint_is_refused(setup, capsys):
     assert "--allow-non-finite" in capsys.readouterr().err
     assert main([*args, "--allow-non-finite"]) == 0
     assert "1 non-finite parameter value(s); predicting anyway" in capsys.readouterr().out
+
+
+def _with_pixdim(src, dst, zoom):
+    img = nib.load(src)
+    new = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header.copy())
+    new.header["pixdim"][1:4] = zoom  # the header alone, as an editing tool leaves it
+    nib.save(new, dst)
+
+
+def test_a_degenerate_spacing_fails_its_case_only(setup, capsys):
+    """pixdim 1000 (resampled: beyond memory), 1e-6 (no voxels), NaN: each case is refused in
+    one line naming it and its file, and the good case is still predicted."""
+    root = setup
+    _make_run(root / "run", seed=0)
+    for name, zoom in (("big", 1000.0), ("tiny", [1.0, 1e-6, 2.0]), ("nan", float("nan"))):
+        _with_pixdim(root / "in" / "c0_0000.nii.gz", root / "in" / f"{name}_0000.nii.gz", zoom)
+    capsys.readouterr()
+    args = ["predict", "-m", str(root / "run"), "-i", str(root / "in"), "-o", str(root / "out"),
+            "--no-mirroring"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "3 case(s) could not be predicted (2 written" in err, err
+    file = {name: root / "in" / f"{name}_0000.nii.gz" for name in ("big", "tiny", "nan")}
+    assert (f"case big: {file['big']}: voxel spacing [1000.0, 1000.0, 1000.0] mm is far from "
+            f"the plan's spacing [2.0, 1.0, 1.0]") in err
+    assert "expected at least 1 per axis and at most 2.15e+09 (2**31)" in err
+    assert f"case tiny: {file['tiny']}: voxel spacing [2.0, 1e-06, 1.0] mm is far from" in err
+    assert (f"case nan: {file['nan']}: voxel spacing [nan, nan, nan] (the header's pixdim): "
+            f"each must be a finite number of mm > 0") in err
+    assert "Traceback" not in err and "MemoryError" not in err
+    assert sorted(p.name for p in (root / "out").glob("*.nii.gz")) == ["c0.nii.gz", "c1.nii.gz"]
+
+
+@pytest.mark.parametrize("output", ["in", "in/predictions"])
+def test_an_output_folder_among_the_inputs_is_refused(setup, capsys, output):
+    """`-o` equal to or inside `-i`: a case's image would pass for another's prediction."""
+    root = setup
+    before = sorted(p.name for p in (root / "in").iterdir())
+    capsys.readouterr()
+    assert main(["predict", "-m", str(root / "run"), "-i", str(root / "in"), "-o",
+                 str(root / output)]) == 2
+    err = capsys.readouterr().err
+    where = "is" if output == "in" else "is inside"
+    assert err == (f"error: -o = {root / output} {where} -i {root / 'in'} ({root / 'in'}): its "
+                   f"files would overwrite the inputs there; give -o a folder outside it\n")
+    assert sorted(p.name for p in (root / "in").iterdir()) == before

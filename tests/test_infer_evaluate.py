@@ -149,3 +149,32 @@ def test_prediction_on_another_grid_is_refused(folders, capsys):
     nib.save(nib.Nifti1Image(pred.transpose(2, 1, 0), coarse), root / "pred" / "case_1.nii.gz")
     assert main(args) == 1
     assert "spacing [6.0, 1.0, 1.5] vs [3.0, 1.0, 1.5]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, said", [
+    (np.inf, "holds non-finite values (NaN or inf); expected a label map"),
+    (2.0**40, "has label value(s) [1099511627776] not in dataset.json labels [0, 1, 2]")])
+def test_a_voxel_beyond_any_label_is_named_as_it_is(folders, capsys, value, said):
+    """An inf voxel or 2**40 in a float prediction: named as such, never as a wrapped integer."""
+    root, cases = folders
+    pred = cases["case_1"][0].astype(np.float32)
+    pred[0, 0, 0] = value
+    _write(root / "pred" / "case_1.nii.gz", pred, np.float32)
+    capsys.readouterr()
+    assert main(["evaluate", "-p", str(root / "pred"), "-g", str(root / "gt"),
+                 "-d", str(root / "dataset.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: case case_1: {root / 'pred' / 'case_1.nii.gz'} {said}\n"
+    assert "-2147483648" not in err
+
+
+@pytest.mark.parametrize("tolerance", ["-1", "0", "inf"])
+def test_a_surface_tolerance_must_be_a_distance(folders, capsys, tolerance):
+    root, _ = folders
+    capsys.readouterr()
+    assert main(["evaluate", "-p", str(root / "pred"), "-g", str(root / "gt"),
+                 "-d", str(root / "dataset.json"), "--nsd-tolerance", tolerance]) == 2
+    assert capsys.readouterr().err == (f"error: --nsd-tolerance {float(tolerance)}: must be a "
+                                       f"distance in mm > 0 (how far a boundary voxel may be and "
+                                       f"still count as on the surface)\n")
+    assert not (root / "pred" / "summary.json").exists()

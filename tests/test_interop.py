@@ -261,7 +261,48 @@ def test_predict_refuses_a_run_whose_plans_file_disagrees(reference_dir, tmp_pat
     from jaxmamba.rundir import save_run
     save_run(run_dir, model, fixtures_plan(), source="test")
     fixtures_plan(kernel_sizes=((3, 3, 3),) * 4).save(run_dir / "nnUNetPlans.json")  # edited
-    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path), "-o", str(tmp_path / "o")])
+    (tmp_path / "in").mkdir()  # (an output folder inside the input one would be refused first)
+    code = cli.main(["predict", "-m", str(run_dir), "-i", str(tmp_path / "in"), "-o",
+                     str(tmp_path / "o")])
     out = capsys.readouterr().err
     assert code == 1 and str(run_dir / "nnUNetPlans.json") in out and "conv_kernel_sizes" in out
     assert "checkpoints/best/0/meta" in out and "Traceback" not in out
+
+
+def _convert(tmp_path, src, capsys):
+    plans = tmp_path / "plans" / "nnUNetPlans.json"
+    fixtures_plan().save(plans)
+    capsys.readouterr()
+    rc = cli.main(["convert-torch", str(src), "--plans", str(plans), "--variant", "segmamba",
+                   "-o", str(tmp_path / "run")])
+    return rc, capsys.readouterr().err
+
+
+def test_damaged_checkpoint_files_are_one_line(reference_dir, tmp_path, capsys):
+    """A truncated .pth or .npz, and a tensor of NaN: `convert-torch` says which and why."""
+    ref = read_state_dict(_fixture(reference_dir, "SegMamba"))
+    npz = tmp_path / "cut.npz"
+    write_state_dict(ref, npz)
+    data = npz.read_bytes()
+    # cut inside the last member's data: the zip's directory survives, its array does not
+    npz.write_bytes(data[: len(data) // 2] + data[-2000:])
+    rc, err = _convert(tmp_path, npz, capsys)
+    assert rc == 1 and err.count("\n") == 1 and "pickle" not in err.lower(), err
+    assert err.startswith(f"error: {npz}:") and ("truncated or damaged" in err
+                                                 or "not a readable .npz archive" in err)
+    name = "encoder.stem.convs.0.conv.weight"
+    nan = tmp_path / "nan.npz"
+    write_state_dict({k: np.full_like(v, np.nan) if v.shape == ref[name].shape
+                      and np.array_equal(v, ref[name]) else v for k, v in ref.items()}, nan)
+    # (the tensor and its aliases, as a diverged training leaves them)
+    rc, err = _convert(tmp_path, nan, capsys)
+    assert rc == 1 and f"{name} holds {ref[name].size} NaN or inf value(s)" in err, err
+    assert "differs from" not in err and not (tmp_path / "run").exists()
+    torch = pytest.importorskip("torch")  # the optional extra jaxmamba[torch]
+    pth = tmp_path / "cut.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in ref.items()}, pth)
+    pth.write_bytes(pth.read_bytes()[:4096])
+    rc, err = _convert(tmp_path, pth, capsys)
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {pth}: not a readable PyTorch file, it is truncated or "
+                          f"damaged (")

@@ -6,6 +6,7 @@ The reference runs are one process in this test process (4 fake CPU devices, tes
 
 import json
 import signal
+import time
 
 import jax
 import nibabel as nib
@@ -198,3 +199,72 @@ def test_bad_launches_end_every_process_quickly_writing_nothing(setup):
         assert not run_dir.exists(), name
     assert "differ in optim.lr (optim.lr: process 0 None, process 1 0.001)" in \
         cases["configs"][0].log(1)
+
+
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_a_lost_process_ends_every_survivor_in_one_line(setup, request, when):
+    """kill -9 of one process, while the run starts (data, initialisation, compiling: only the
+    heartbeats notice) or mid-training (a collective fails, or the heartbeats): the other ends
+    with exit status 1 and one `error:` line naming the lost process, whichever was lost.
+    Process 0's coordinator goes with it and JAX's runtime aborts the survivor at once (after its
+    own message); a lost process 1 is declared by a failed collective or after the heartbeat
+    timeout (20 s here, 100 by default). Mid-training, the programs come from the compilation
+    cache the 2 x 2 run filled."""
+    for lost in (1, 0):
+        survivor = 1 - lost
+        run_dir = setup / "runs" / f"lost{lost}-{when}"
+        if when == "starting":
+            run = launch(_args(setup, run_dir), setup / "logs" / f"lost{lost}-{when}",
+                         env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
+            wait_for(lambda d=run_dir: (d / "train.lock").is_file(), LIMIT, run,
+                     "the run's lock")
+        else:
+            request.getfixturevalue("two_by_two")
+            run = launch(_args(setup, run_dir, "train.iters_per_epoch=1000", "train.epochs=1",
+                               "train.final_validation=false"),
+                         setup / "logs" / f"lost{lost}-{when}", cache_dir=setup / "xla",
+                         env={"JAXMAMBA_HEARTBEAT_TIMEOUT": "20"})
+            wait_for(lambda r=run: "throughput:" in r.log(0), LIMIT, run, "training steps")
+        run.procs[lost].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            assert run.procs[survivor].wait(timeout=90) == 1, run.output()
+        finally:
+            run.kill()
+        print(f"{when}: process {lost} lost: process {survivor} ended "
+              f"{time.monotonic() - killed:.1f} s later")
+        said = run.log(survivor)
+        errors = [line for line in said.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, said
+        assert errors[0].startswith(f"error: process {survivor} of 2: lost process {lost} (pid "
+                                    f"{run.procs[lost].pid} on host"), said
+        assert "start them all again to resume from the last checkpoint" in errors[0]
+        assert "Traceback" not in said, said
+
+
+def test_a_second_set_of_processes_meets_the_lock(setup):
+    """Process 0 takes the run directory's lock for all of its processes: a 2-process launch on
+    a run directory another training holds ends on both processes, naming the holder."""
+    import subprocess
+    import sys
+
+    from launching import clean_env
+
+    run_dir = setup / "runs" / "held"
+    hold = ("import sys, time\nfrom jaxmamba.runlock import RunLock\n"
+            "print(RunLock(sys.argv[1]).acquire(), flush=True)\ntime.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, env=clean_env(1), cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "None"
+        run = launch(_args(setup, run_dir), setup / "logs" / "held")
+        assert run.wait(180) == [1, 1], run.output()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    said = f"another training run is writing this run directory: process {holder.pid} on host"
+    assert f"error: {run_dir}: {said}" in run.log(0), run.output()
+    assert f"process 0 failed (lock the run directory): {run_dir}: {said}" in run.log(1)
+    assert "Traceback" not in run.log(0) + run.log(1)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["train.lock"]  # nothing else written

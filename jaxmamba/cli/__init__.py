@@ -94,4 +94,33 @@ def run_command(name: str, argv: list[str], *, prog: str | None = None,
     if "jax" in sys.modules:  # not imported by every command: only then can it be distributed
         from jaxmamba.distributed import leave
         status = leave(status)
+    if status:
+        bounded_exit(status)
     return status
+
+
+def bounded_exit(status: int, grace_s: float = 60.0) -> None:
+    """After an error, the interpreter's exit waits for every non-daemon thread: a library's
+    background writer that never returns (orbax's save threads) would hang the process after
+    its `error:` line. From the exit on, give them `grace_s` seconds, then end with `status`."""
+    import threading
+
+    def watch() -> None:
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+               if t is not threading.main_thread()):
+            timer = threading.Timer(grace_s, _leave_now, (status, grace_s))
+            timer.daemon = True
+            timer.start()
+
+    if not _watching:
+        _watching.append(status)
+        threading._register_atexit(watch)  # noqa: SLF001 (runs before the threads are joined)
+
+
+_watching: list[int] = []
+
+
+def _leave_now(status: int, grace_s: float) -> None:
+    print(f"(background threads still running {grace_s:.0f} s after the error; leaving without "
+          f"them)", file=sys.stderr, flush=True)
+    os._exit(status)

@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxmamba.config import ConfigError
+
+    if args.nsd_tolerance is not None and not 0 < args.nsd_tolerance < math.inf:
+        raise ConfigError(f"--nsd-tolerance {args.nsd_tolerance}: must be a distance in mm > 0 "
+                          f"(how far a boundary voxel may be and still count as on the surface)")
     output = args.output or args.predictions
     regions = None
     if args.regions:

@@ -59,6 +59,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     """Predict every case; on several processes (`jaxmamba.distributed`) each predicts its share
     of the cases (round robin) on its own devices and writes its own outputs."""
+    from jaxmamba.config import ConfigError
+    from jaxmamba.paths import check_apart
+
+    # an output among the inputs would take one case's image for another's finished prediction
+    check_apart(args.output, "-o", {f"-i {i}": i if i.is_dir() else i.parent for i in args.input},
+                error=ConfigError)
     import jax
 
     from jaxmamba import compile_cache, distributed

@@ -24,7 +24,7 @@ def run(args) -> int:
 
     out = Path(args.output) if args.output else default_output(args.dataset)
     plan, errors = preprocess_dataset(args.dataset, out, args.plans, num_workers=args.workers,
-                                      progress=progress_enabled())
+                                      progress=progress_enabled(), say=print)
     for e in errors:
         print(f"error: {e}")
     if errors:

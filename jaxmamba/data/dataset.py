@@ -239,4 +239,26 @@ def check_dataset(root: str | Path, *, progress: bool = False) -> tuple[list[str
         e, w = check_case(case, values)
         errors += e
         warnings += w
-    return errors, warnings
+    return errors + _spacing_outliers(ds.cases), warnings
+
+
+def _spacing_outliers(cases: list[RawCase]) -> list[str]:
+    """Training cases whose spacing would resample to no voxels, or to more than memory holds,
+    at the dataset's median spacing (what the plan's target spacing will be)."""
+    from jaxmamba.data.spacing import resampled_problem
+
+    geometry = {}
+    for case in cases:
+        try:
+            img, shape = load_header(case.images[0])
+        except DataError:  # said by check_case
+            continue
+        geometry[case] = (shape[::-1], [float(z) for z in img.header.get_zooms()[:3]][::-1])
+    if not geometry:
+        return []
+    median = np.median([spacing for _, spacing in geometry.values()], axis=0).tolist()
+    problems = []
+    for case, (shape, spacing) in geometry.items():
+        if problem := resampled_problem(shape, spacing, median, "the dataset's median spacing"):
+            problems.append(f"case {case.case_id}: {case.images[0]}: {problem}")
+    return problems

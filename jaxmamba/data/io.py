@@ -44,7 +44,11 @@ def load_header(path: str | Path) -> tuple[nib.spatialimages.SpatialImage, tuple
         raise DataError(f"{path}: file not found") from err
     except Exception as err:  # nibabel raises many types for corrupt headers
         raise DataError(f"{path}: unreadable NIfTI header ({type(err).__name__}: {err})") from err
-    return img, _reverse3(img, path)
+    shape = _reverse3(img, path)
+    from jaxmamba.data.spacing import spacing_problem
+    if problem := spacing_problem(img.header.get_zooms()[:3][::-1]):
+        raise DataError(f"{path}: {problem}")
+    return img, shape
 
 
 def load_volume(path: str | Path, *, dtype=np.float32) -> tuple[np.ndarray, dict[str, Any]]:

@@ -7,6 +7,8 @@ parallel with a progress bar; finished cases are skipped, so re-running resumes 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -14,11 +16,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jaxmamba.atomic import remove_stale_temporaries
+from jaxmamba.data.cache_check import redo_reason
 from jaxmamba.data.dataset import RawDataset
 from jaxmamba.data.fingerprint import extract_fingerprint, fingerprint_path
 from jaxmamba.data.io import DataError, read_json, write_json
 from jaxmamba.data.planner import plan_from_fingerprint
-from jaxmamba.data.preprocess import CONFIG_DIR, is_done, plan_key, preprocess_to_cache
+from jaxmamba.data.preprocess import CONFIG_DIR, plan_key, preprocess_to_cache
 from jaxmamba.data.splits import load_or_create_splits
 from jaxmamba.plans import Plan
 
@@ -43,8 +46,20 @@ def resolve_plan(dataset: RawDataset, cache: Path, plan: Plan | str | Path | Non
     if dict(plan.labels) != dataset.labels:
         raise DataError(f"{plan.source}: labels {dict(plan.labels)} differ from "
                         f"{dataset.root / 'dataset.json'} {dataset.labels}")
-    plan.save(cache / PLANS_FILE)
+    if not _holds(cache / PLANS_FILE, plan):  # a read-only cache with this plan is used as is
+        plan.save(cache / PLANS_FILE)
     return plan
+
+
+def _holds(path: Path, plan: Plan) -> bool:
+    """Whether `path` and the dataset.json beside it are what `plan.save(path)` would write."""
+    plans, dataset = plan.to_nnunet()
+    try:
+        return (json.loads(path.read_text()) == json.loads(json.dumps(plans)) and
+                json.loads(path.with_name("dataset.json").read_text())
+                == json.loads(json.dumps(dataset)))
+    except (OSError, ValueError):
+        return False
 
 
 def _require_identity_transpose(plans_file: Path) -> None:
@@ -58,11 +73,15 @@ def _require_identity_transpose(plans_file: Path) -> None:
 
 def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Path | None = None,
                        *, num_workers: int = 0, progress: bool = True,
-                       case_ids: list[str] | None = None) -> tuple[Plan, list[str]]:
+                       case_ids: list[str] | None = None,
+                       say: Callable[[str], None] | None = None) -> tuple[Plan, list[str]]:
     """Preprocess every (or the listed) training case of `raw` into `cache`.
 
     Returns `(plan, errors)`; `errors` names each case that failed (the others are complete).
-    Writes `splits_final.json` (5 folds, nnU-Net's seed) unless one exists, once no case fails.
+    Cases already in the cache are skipped unless their raw files changed or their arrays are
+    damaged (`jaxmamba.data.cache_check`): `say` gets one line for each of those, which are
+    redone. A full disk stops it (`jaxmamba.diskspace.DiskFullError`). Writes
+    `splits_final.json` (5 folds, nnU-Net's seed) unless one exists, once no case fails.
     Stable API.
     """
     dataset = RawDataset.open(raw)
@@ -76,7 +95,13 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
         cases = [dataset.case(c) for c in case_ids]
     plan = resolve_plan(dataset, cache, plan, num_workers=num_workers, progress=progress)
     key = plan_key(plan)
-    todo = [c for c in cases if not is_done(cache, c.case_id, key)]
+    todo = []
+    for c in cases:
+        done, why = redo_reason(cache, c, key)
+        if not done:
+            todo.append(c)
+        if why and say is not None:
+            say(f"redoing {why}")
     errors = [p for p in dataset.problems]
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case",
                disable=not progress)
@@ -92,7 +117,7 @@ def preprocess_dataset(raw: str | Path, cache: str | Path, plan: Plan | str | Pa
             errors += [err] if err else []
             bar.update()
     bar.close()
-    done = [c.case_id for c in dataset.cases if is_done(cache, c.case_id, key)]
+    done = [c.case_id for c in dataset.cases if redo_reason(cache, c, key)[0]]
     if len(done) >= 5 and not errors:  # a split over the cases that failed would hide them
         load_or_create_splits(cache, done)
     return plan, errors

@@ -12,8 +12,9 @@ The cache folder holds:
     3d_fullres/CASE_fg.npy              (N, 4) int32 (label, i0, i1, i2): sampled voxels per label
     3d_fullres/CASE.json                properties: geometry, bbox, spacings, shapes, norm stats
 
-`CASE.json` is written last, so a case without it (a crash mid-case) is redone by the next run,
-and a case whose JSON names another plan is redone too.
+`CASE.json` is written last, so a case without it (a crash mid-case) is redone by the next run;
+it records the raw files' sizes and times, and `jaxmamba.data.cache_check` redoes a case whose
+plan or raw files changed or whose arrays are damaged.
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from jaxmamba.data.fingerprint import load_case
 from jaxmamba.data.io import DataError, read_json, save_npy, write_json, write_volume
 from jaxmamba.data.normalize import normalize_channel
 from jaxmamba.data.resample import new_shape, resample_image, resample_labels, separate_z_axis
+from jaxmamba.data.sources import sources
+from jaxmamba.data.spacing import resampled_problem
+from jaxmamba.diskspace import DiskFullError, check_room, full_error, is_disk_full
 from jaxmamba.plans import Plan
 
 CONFIG_DIR = "3d_fullres"
+_KEPT = "the cases finished before are kept"
 _LOCATIONS_PER_CLASS, _MIN_COVERAGE, _SEED = 10_000, 0.01, 1234
 
 
@@ -49,9 +54,11 @@ def _resampling(plan: Plan, which: str) -> tuple[int, int, bool | None]:
     return int(kw.get("order", 1)), int(kw.get("order_z", 0)), kw.get("force_separate_z")
 
 
-def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, plan: Plan
+def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, plan: Plan, *,
+                      source: str | Path = "the image"
                       ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """Crop, normalise and resample `data (C, S0, S1, S2)` and `seg`; returns the properties too."""
+    """Crop, normalise and resample `data (C, S0, S1, S2)` and `seg`; returns the properties too.
+    A spacing that cannot be resampled to the plan's is a `DataError` naming `source`."""
     if data.shape[0] != plan.num_input_channels:
         raise DataError(f"got {data.shape[0]} channel(s), the plan expects "
                         f"{plan.num_input_channels} ({list(plan.channel_names)})")
@@ -67,6 +74,8 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: dict, 
                                     ct_properties=fg)
         norm.append({"scheme": scheme, "use_mask": plan.use_mask_for_norm[c]})
     spacing = geometry["spacing"]
+    if problem := resampled_problem(data.shape[1:], spacing, plan.spacing, "the plan's spacing"):
+        raise DataError(f"{source}: {problem}")
     shape = new_shape(data.shape[1:], spacing, plan.spacing)
     order, order_z, force = _resampling(plan, "data")
     z_axis = separate_z_axis(spacing, plan.spacing, force)
@@ -101,7 +110,7 @@ def preprocess_case(image_files: Sequence[str | Path], plan: Plan, label_file: s
     case = RawCase(case_id or Path(image_files[0]).name, tuple(Path(f) for f in image_files),
                    Path(label_file) if label_file else None)
     data, seg, geometry = load_case(case)
-    data, seg, props = preprocess_arrays(data, seg, geometry, plan)
+    data, seg, props = preprocess_arrays(data, seg, geometry, plan, source=case.images[0])
     props["files"] = [str(f) for f in case.images]
     return data, seg, props
 
@@ -130,20 +139,16 @@ def case_paths(cache: str | Path, case_id: str) -> dict[str, Path]:
             "fg": d / f"{case_id}_fg.npy", "props": d / f"{case_id}.json"}
 
 
-def is_done(cache: str | Path, case_id: str, key: str) -> bool:
-    """A case is finished when its JSON exists, names this plan and its arrays are present."""
-    p = case_paths(cache, case_id)
-    if not p["props"].is_file() or not all(p[k].is_file() for k in ("data", "seg", "fg")):
-        return False
-    try:
-        return read_json(p["props"]).get("plan_key") == key
-    except DataError:
-        return False
+class CacheWriteError(DataError):
+    """The cache folder cannot take a case's arrays: no other case would go there either."""
 
 
 def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | None:
-    """Preprocess one training case into the cache; returns an error message instead of raising."""
+    """Preprocess one training case into the cache; returns the case's error as a message
+    instead of raising. A cache that cannot be written (`CacheWriteError`) or a full disk
+    (`jaxmamba.diskspace.DiskFullError`) raise: no other case would be written either."""
     try:
+        recorded = sources(case)  # before reading: a change while reading shows next time
         data, seg, geometry = load_case(case)
         if seg is None:
             raise DataError(f"no label file for training case {case.case_id}")
@@ -151,22 +156,39 @@ def preprocess_to_cache(case: RawCase, plan: Plan, cache: str | Path) -> str | N
         if bad:
             raise DataError(f"{case.label} has label value(s) {bad} not in the plan's labels "
                             f"{dict(plan.labels)}")
-        data, seg, props = preprocess_arrays(data, seg, geometry, plan)
+        data, seg, props = preprocess_arrays(data, seg, geometry, plan, source=case.images[0])
         seg = seg.astype(np.int8 if seg.max() < 127 else np.int16)
         table, index = class_locations(seg)
-        p = case_paths(cache, case.case_id)
-        p["data"].parent.mkdir(parents=True, exist_ok=True)
-        save_npy(p["data"], data.astype(np.float32))
-        save_npy(p["seg"], seg)
-        save_npy(p["fg"], table)
-        props.update(case_id=case.case_id, files=[str(f) for f in case.images],
-                     label_file=str(case.label), class_locations=index)
-        write_json(p["props"], props)  # last: marks the case complete
     except Exception as err:  # report and go on: one bad case never stops or corrupts the others
         message = str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
         return message if message.startswith(f"case {case.case_id}:") else \
             f"case {case.case_id}: {message}"
+    props.update(case_id=case.case_id, files=[str(f) for f in case.images],
+                 label_file=str(case.label), class_locations=index, sources=recorded)
+    _write_case(case_paths(cache, case.case_id), case.case_id, data.astype(np.float32), seg,
+                table, props)
     return None
+
+
+def _write_case(p: dict[str, Path], case_id: str, data: np.ndarray, seg: np.ndarray,
+                table: np.ndarray, props: dict) -> None:
+    folder, what = p["data"].parent, f"case {case_id}'s preprocessed arrays"
+    needed = data.nbytes + seg.nbytes + table.nbytes + 3 * 4096
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        check_room(folder, what, needed, _KEPT)
+        save_npy(p["data"], data)
+        save_npy(p["seg"], seg)
+        save_npy(p["fg"], table)
+        write_json(p["props"], props)  # last: marks the case complete
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if is_disk_full(err, folder, needed):
+            raise full_error(folder, what, needed, _KEPT) from None
+        raise CacheWriteError(f"{folder}: cannot write {what} ({err.strerror or err}); make the "
+                              f"cache folder writable, or give another one (-o, "
+                              f"data.preprocessed_dir)") from None
 
 
 def load_properties(cache: str | Path, case_id: str) -> dict:
@@ -178,8 +200,15 @@ def load_preprocessed(cache: str | Path, case_id: str, *, mmap: bool = True
     """`(data (C, S0, S1, S2), seg (S0, S1, S2), fg rows (N, 4))`, memory-mapped by default."""
     p = case_paths(cache, case_id)
     mode = "r" if mmap else None
-    return (np.load(p["data"], mmap_mode=mode), np.load(p["seg"], mmap_mode=mode),
-            np.load(p["fg"]))
+    arrays = []
+    for name in ("data", "seg", "fg"):
+        try:
+            arrays.append(np.load(p[name], mmap_mode=mode if name != "fg" else None))
+        except Exception as err:  # numpy's header parser raises many types
+            raise DataError(f"case {case_id}: the cached array {p[name]} cannot be read "
+                            f"({type(err).__name__}: {err}); run `jaxmamba preprocess` on the "
+                            f"dataset to rebuild it") from err
+    return tuple(arrays)
 
 
 # ---------------------------------------------------------------------- inversion

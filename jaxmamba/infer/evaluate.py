@@ -235,16 +235,18 @@ def read_dataset_json(path: str | Path) -> dict[str, Any]:
 
 def _read_labels(case_id: str, path: Path, valid: set[int]) -> tuple[np.ndarray, dict]:
     data, geometry = load_volume(path, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise EvaluationError(f"case {case_id}: {path} holds non-finite values (NaN or inf); "
+                              f"expected a label map")
     labels = np.rint(data)
     if not np.array_equal(labels, data):
         raise EvaluationError(f"case {case_id}: {path} holds non-integer values; expected a "
                               f"label map")
-    labels = labels.astype(np.int32)
-    bad = sorted(set(np.unique(labels).tolist()) - valid)
+    bad = sorted(int(v) for v in np.unique(labels) if int(v) not in valid)  # before any cast
     if bad:
         raise EvaluationError(f"case {case_id}: {path} has label value(s) {bad[:10]} not in "
                               f"dataset.json labels {sorted(valid)}")
-    return labels, geometry
+    return labels.astype(np.int32), geometry
 
 
 def _case_mean(metrics: Mapping[str, Mapping[str, float]], regions: Sequence[str],

@@ -187,8 +187,8 @@ def predict_cases(apply_fns: Sequence[ApplyFn], plan: Plan, cases: Sequence[Inpu
             written.append(predict_case(apply_fns, plan, case, output_dir, window=window,
                                         save_probabilities=save_probabilities, preview=preview,
                                         postprocess=postprocess, progress=progress))
-        except (DataError, ValueError, OSError) as err:
-            message = str(err)
+        except (DataError, ValueError, OSError, MemoryError) as err:
+            message = str(err) or f"{type(err).__name__} (the case does not fit in memory)"
             failures.append(message if message.startswith(f"case {case.case_id}:")
                             else f"case {case.case_id}: {message}")
     if failures:

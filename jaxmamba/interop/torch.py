@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmamba.atomic import atomic_path
-from jaxmamba.errors import UserError
+from jaxmamba.errors import UserError, brief
 from jaxmamba.interop.mapping import aliases, check_complete, entries, torch_shapes
 from jaxmamba.layers.options import DEFAULT_OPTIONS, MambaOptions
 from jaxmamba.models import build_model, canonical_variant
@@ -64,16 +64,34 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                                       f"arrays (keys sd/<name>)")
             with data:
                 keys = [k for k in data.files if k.startswith("sd/")] or list(data.files)
-                return {k.removeprefix("sd/"): data[k] for k in keys}
+                return {k.removeprefix("sd/"): _member(path, data, k) for k in keys}
     except CheckpointError:
         raise
-    except ValueError:  # a pickle, or an object array: only unpickling could read them
+    except ValueError as err:  # a pickle under an .npz name
+        if "pickle" not in str(err):
+            raise CheckpointError(f"{path}: not a readable .npz archive ({brief(err)})") from None
         raise CheckpointError(f"{path}: holds Python objects (a pickle or an object array), not "
                               f"only arrays; .npz state dicts are never unpickled (write one with "
                               f"numpy.savez of plain arrays)") from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable .npz archive ({type(err).__name__}: "
                               f"{err})") from None
+
+
+def _member(path: Path, data, key: str) -> np.ndarray:
+    """One array of an open `.npz`; a pickled member and a damaged one are told apart."""
+    try:
+        return data[key]
+    except ValueError as err:
+        if "pickle" in str(err):  # numpy: "Object arrays cannot be loaded when allow_pickle"
+            raise CheckpointError(f"{path}: member {key} holds Python objects (an object "
+                                  f"array), not numbers; .npz state dicts are never unpickled "
+                                  f"(write one with numpy.savez of plain arrays)") from None
+        raise CheckpointError(f"{path}: member {key} cannot be read, the archive is truncated "
+                              f"or damaged ({brief(err)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: member {key} cannot be read, the archive is truncated "
+                              f"or damaged ({brief(err)})") from None
 
 
 def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, np.ndarray]:
@@ -95,7 +113,7 @@ def read_checkpoint(path: str | Path, *, trust: bool = False
                               f"or one of {', '.join(TORCH_SUFFIXES)}")
     torch = _import_torch(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(torch, path, weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust:
             raise CheckpointError(
@@ -103,7 +121,7 @@ def read_checkpoint(path: str | Path, *, trust: bool = False
                 f"trainer settings and logs), which only a full unpickle can read, and unpickling "
                 f"runs code stored in the file. If you trust where the file came from, pass "
                 f"--trust-checkpoint (trust=True). Detail: {str(err).splitlines()[0]}") from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _torch_load(torch, path, weights_only=False)
     sd, init_args = obj, None
     if isinstance(obj, Mapping):
         sd = obj.get("network_weights", obj.get("state_dict", obj))
@@ -116,6 +134,17 @@ def read_checkpoint(path: str | Path, *, trust: bool = False
             sd = {k.removeprefix(prefix): v for k, v in sd.items()}
     return ({k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
              for k, v in sd.items()}, init_args)
+
+
+def _torch_load(torch, path: Path, *, weights_only: bool):
+    """`torch.load`; a truncated or damaged file is a `CheckpointError` in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch file, it is truncated or damaged "
+                              f"({brief(err)})") from None
 
 
 def check_init_args(init_args: Mapping, plan: Plan, *, source: str) -> None:
@@ -198,10 +227,13 @@ def check_state_dict(model: nnx.Module, sd: Mapping[str, np.ndarray], *,
         problems["dtype"] = [f"dtype of {k}: {np.asarray(v).dtype}, expected a floating dtype"
                              for k, v in sd.items()
                              if not np.issubdtype(np.asarray(v).dtype, np.floating)]
+        problems["non-finite"] = [f"{k} holds {n} NaN or inf value(s) (a diverged training?)"
+                                  for k, v in sd.items() if not problems["dtype"]
+                                  and (n := int(np.size(v) - np.isfinite(v).sum()))]
         names = [e.torch_name for e in entries(model)]
         problems["alias"] = [f"{alias} differs from {target} (one tensor in the reference)"
                              for alias, target in aliases(model, names).items()
-                             if not np.array_equal(sd[alias], sd[target])]
+                             if not np.array_equal(sd[alias], sd[target], equal_nan=True)]
     total = sum(len(lines) for lines in problems.values())
     if total:
         shown = []

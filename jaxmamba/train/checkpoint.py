@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from jaxmamba.diskspace import check_room
 from jaxmamba.rundir import (
     BEST,
     CHECKPOINTS_DIR,
@@ -36,6 +37,7 @@ from jaxmamba.rundir import (
     settled_reads,
     unreadable,
 )
+from jaxmamba.train import saving
 
 
 class IteratorSnapshot:
@@ -66,6 +68,9 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, *, async_save: bool = True):
         self.dir = Path(run_dir).absolute() / CHECKPOINTS_DIR
+        self._quiet = contextlib.ExitStack()  # until close(): one line for a failed save
+        self._quiet.enter_context(saving.quiet())
+        self._pending: tuple[str, int | None, str] | None = None  # the save in flight
         self.managers = {
             which: ocp.CheckpointManager(self.dir / which, item_names=items,
                                          options=ocp.CheckpointManagerOptions(
@@ -81,22 +86,42 @@ class Checkpointer:
 
     def save(self, epoch: int, *, params, train, data_state: Any, meta: dict,
              best: bool) -> None:
-        """Start an async save of `latest` (and `best`) for `epoch` completed epochs."""
-        self.managers[LATEST].save(epoch, args=_full_args(params, train, data_state, meta))
-        if best:
-            self.managers[BEST].save(epoch, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        """Start an async save of `latest` (and `best`) for `epoch` completed epochs; refused
+        first when the device has no room for it (`DiskFullError`)."""
+        self.wait()  # the previous save's error, if any, is that save's
+        needed = saving.save_bytes(params, train) + (saving.save_bytes(params) if best else 0)
+        self._pending = (f"the checkpoint of epoch {epoch}", needed, self._kept())
+        with self._saving():
+            check_room(self.dir, *self._pending)
+            self.managers[LATEST].save(epoch, args=_full_args(params, train, data_state, meta))
+            if best:
+                self.managers[BEST].save(epoch, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
 
     def save_preempted(self, step: int, *, params, train, data_state: Any, meta: dict) -> None:
         """Save the state at step `step`, inside an epoch, and wait until it is on disk."""
-        self.managers[PREEMPTED].save(step, args=_full_args(params, train, data_state, meta))
         self.wait()
+        self._pending = (f"the checkpoint of step {step}", saving.save_bytes(params, train),
+                         self._kept())
+        with self._saving():
+            check_room(self.dir, *self._pending)
+            self.managers[PREEMPTED].save(step, args=_full_args(params, train, data_state, meta))
+        self.wait()
+
+    def _kept(self) -> str:
+        epoch = self.latest_epoch()
+        return (f"the checkpoint of epoch {epoch} ({self.dir / LATEST / str(epoch)}) is kept"
+                if epoch is not None else "nothing was saved before")
+
+    def _saving(self):
+        what, needed, kept = self._pending or ("a checkpoint", None, "")
+        return saving.failing_save(self.dir, what, needed, kept)
 
     def drop_preempted(self) -> None:
         """Remove the mid-epoch checkpoint once `latest` holds a later state (waits for it)."""
         manager = self.managers[PREEMPTED]
         if manager.latest_step() is not None:
-            self.managers[LATEST].wait_until_finished()
+            self.wait()
             for step in manager.all_steps():
                 manager.delete(step)
             with contextlib.suppress(OSError):  # emptied; another process may have removed it
@@ -140,13 +165,22 @@ class Checkpointer:
                              "or choose a new train.run_dir") from err
 
     def wait(self) -> None:
-        """Block until pending async saves are on disk."""
-        for m in self.managers.values():
-            m.wait_until_finished()
+        """Block until pending async saves are on disk (a failed one raises its one line)."""
+        try:
+            with self._saving():
+                for m in self.managers.values():
+                    m.wait_until_finished()
+        finally:
+            self._pending = None
 
     def close(self) -> None:
-        for m in self.managers.values():
-            m.close()
+        try:
+            with self._saving():
+                for m in self.managers.values():
+                    m.close()
+        finally:
+            self._pending = None
+            self._quiet.close()
 
 
 def _full_args(params, train, data_state, meta) -> ocp.args.Composite:

@@ -51,7 +51,7 @@ def prepare_data(cfg: Config, *, progress: bool = True, say: Callable[[str], Non
                                      cfg.data.plan_overrides)
     cache = cache_dir(cfg)
     plan, errors = jdata.preprocess_dataset(raw, cache, given, num_workers=cfg.data.num_workers,
-                                            progress=progress)
+                                            progress=progress, say=say)
     if errors:
         raise jdata.DataError(f"{raw}: preprocessing failed for {len(errors)} case(s): "
                               + "; ".join(errors[:5]))

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from jaxmamba import console, distributed, rundir
+from jaxmamba import console, distributed, rundir, runlock
 from jaxmamba import data as jdata
 from jaxmamba.config import Config
 from jaxmamba.console import progress_enabled
@@ -35,7 +35,7 @@ from jaxmamba.train import epoch as epoch_
 from jaxmamba.train import finite, preflight, sharding, signals, validate
 from jaxmamba.train import step as steps
 from jaxmamba.train.checkpoint import Checkpointer
-from jaxmamba.train.data import prepare_data
+from jaxmamba.train.data import cache_dir, prepare_data
 from jaxmamba.train.optim import build_recipe
 from jaxmamba.train.record import add_session
 from jaxmamba.train.resume import Resume
@@ -59,7 +59,8 @@ def run(cfg: Config, *, max_epochs: int | None = None,
         say = logging.getLogger("jaxmamba.train").info
     say = say if main else (lambda line: None)
     run_dir = Path(cfg.train.run_dir).absolute()
-    with signals.StopOnSignal(say) as stop:
+    inputs = {"data.raw_dir": cfg.data.raw_dir, "the preprocessing cache": cache_dir(cfg)}
+    with runlock.held(run_dir, say, inputs=inputs), signals.StopOnSignal(say) as stop:
         try:
             return _run(cfg, max_epochs, stop, run_dir, main, say)
         except signals.Stopped as err:
