@@ -120,6 +120,17 @@ class _SettlingLoop(asyncio.SelectorEventLoop):
                 self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         super().close()
 
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        """A read that finishes after the loop closed (tensorstore's thread resolving the future
+        of a task cancelled by `close`) has nobody waiting for it: dropped, instead of raising
+        "Event loop is closed" into that thread, which reports it as an unraisable exception."""
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
 
 class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
@@ -132,7 +143,8 @@ def settled_reads() -> Iterator[None]:
     other reads of a damaged checkpoint pending: their tensorstore reads later complete into the
     closed loop ("Event loop is closed") and their coroutines raise when collected, at any later
     point of the process. Within this context every new event loop cancels and awaits its
-    pending tasks before it closes, so a failed restore leaves nothing behind."""
+    pending tasks before it closes and drops what a read completes into it once closed, so a
+    failed restore leaves nothing behind."""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_SettlingPolicy())
     try:
