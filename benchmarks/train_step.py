@@ -14,7 +14,8 @@ measurement's (cross-entropy on the full-resolution output, plain SGD;
 data-parallel weak scaling: the same per-device batch on a `data` mesh of each size (global batch
 = batch x devices), efficiency = time on 1 device / time on n; on several devices it also times a
 gradient-sized all-reduce alone. Imports neither grain nor nibabel,
-so it runs on the GPU image.
+so it runs on the GPU image. The `pallas` scan runs on the kernels a GPU gets by default (the
+row's `pallas_backend`); `JAXMAMBA_PALLAS_BACKEND=triton` or `mosaic` picks them.
 
     python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
         --optimizer radam_cosine --devices 1 2 4 --json $OUT/scaling.json
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jaxmamba.choices import DEFAULT_REMAT, RECIPES, REMAT  # noqa: E402
 from jaxmamba.config import OptimConfig  # noqa: E402
+from jaxmamba.kernels.backends import compiled_backend  # noqa: E402
 from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
@@ -137,7 +139,8 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),
            "batch": batch, "devices": n_devices, "precision": args.precision,
            "scan": args.scan or "default", "remat": args.remat, "loss": args.loss,
-           "optimizer": args.optimizer,
+           "optimizer": args.optimizer, "pallas_backend": (  # pallas' kernels, where it runs
+               compiled_backend() if jax.default_backend() == "gpu" else None),
            "device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
 
     abstract = nnx.eval_shape(lambda: build_model(args.variant, plan, **kw))

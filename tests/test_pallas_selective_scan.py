@@ -203,10 +203,11 @@ def test_no_length_times_state_tensor():
 
 
 def kernel_output_bytes(jaxpr) -> dict[str, int]:
-    """Bytes written by each `pallas_call` of `jaxpr` and its sub-jaxprs, by kernel name."""
+    """Bytes written by each Pallas kernel of `jaxpr` and its sub-jaxprs, by kernel name
+    (`pallas_call`; Mosaic GPU's `plgpu.kernel` traces to `mpmd_map`)."""
     out: dict[str, int] = {}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in ("pallas_call", "mpmd_map"):
             name = str(eqn.params["name"])
             out[name] = out.get(name, 0) + sum(int(np.prod(a.shape)) * a.dtype.itemsize
                                                for a in eqn.params["out_avals"])

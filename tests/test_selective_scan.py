@@ -1,7 +1,10 @@
-"""One contract class run against every fast selective-scan implementation (`xla`, `pallas` in
-interpret mode, `pallas` compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential
-reference as oracles; the reference against the fixtures; the XLA path's chunking and memory; the
-op's input checks against every implementation.
+"""One contract class run against every fast selective-scan implementation (`xla`; `pallas` on
+its Triton kernels in interpret mode on any machine; `pallas` on its Triton and its Mosaic GPU
+kernels compiled on a GPU), with mamba_ssm's float64 fixtures and the sequential reference as
+oracles; the reference against the fixtures; the XLA path's chunking and memory; the op's input
+checks against every implementation. The Mosaic GPU kernels' interpret mode, ~1000x slower than
+Pallas' generic interpreter, gets one case per contract feature instead
+(tests/test_mosaic_selective_scan.py).
 
 The scan's input generators are conftest's (`random_inputs`, `random_case`); `outputs_and_grads`,
 `assert_close` and the tolerances here are shared with tests/test_pallas_selective_scan.py.
@@ -9,6 +12,7 @@ Interpret mode spends its time in XLA's CPU compiler, so every case runs as one 
 without LLVM's expensive passes (`FAST_COMPILE`).
 """
 
+import contextlib
 import functools
 import re
 
@@ -18,14 +22,17 @@ import numpy as np
 import pytest
 from conftest import random_case, random_inputs, rel_err
 
+from jaxmamba.kernels import backends
 from jaxmamba.kernels import selective_scan as ks
 from jaxmamba.kernels.tiling import ScanTiling
 from jaxmamba.ops import selective_scan
 from jaxmamba.ops.scan_reference import selective_scan_reference
 from jaxmamba.ops.scan_xla import selective_scan_xla
 
-#: The contract class runs against each of these (`pallas-gpu` only where a GPU is).
-IMPLEMENTATIONS = ["xla", "pallas-interpret", pytest.param("pallas-gpu", marks=pytest.mark.gpu)]
+#: The contract class runs against each of these (`*-gpu` only where a GPU is).
+IMPLEMENTATIONS = ["xla", "pallas-interpret",
+                   pytest.param("pallas-triton-gpu", marks=pytest.mark.gpu),
+                   pytest.param("pallas-mosaic-gpu", marks=pytest.mark.gpu)]
 
 #: ‖out − ref‖ / ‖ref‖ bounds.
 F64_TOL = 1e-10
@@ -116,16 +123,20 @@ def op(impl, **fixed):
 
 @pytest.fixture
 def impl(request, monkeypatch):
-    """The `implementation=` argument for one contract parameter. `pallas-interpret` runs the
-    kernels in interpret mode with the `SMALL` tiling (also on a GPU machine); `pallas-gpu`
-    compiles them with the default tiling."""
+    """The `implementation=` argument for one contract parameter, with `pallas`'s backend fixed.
+    `pallas-interpret` runs the Triton kernels in interpret mode with the `SMALL` tiling, also on
+    a GPU machine; `pallas-*-gpu` compiles them with the default tiling."""
     if request.param == "xla":
         return "xla"
+    backend = "mosaic" if "mosaic" in request.param else "triton"
+    monkeypatch.setattr(ks, "default_backend", lambda interpret: backend)
     if request.param == "pallas-interpret":
         monkeypatch.setattr(ks, "default_tiling", lambda *shape: SMALL)
         monkeypatch.setattr(ks, "resolve_interpret", lambda interpret: True)
         return "pallas"
-    assert request.param == "pallas-gpu", request.param  # `gpu` marker: skipped without one
+    assert request.param.endswith("-gpu"), request.param  # `gpu` marker: skipped without one
+    if reason := backends.unavailable_reason(backend):
+        pytest.skip(reason)
     return "pallas"
 
 
@@ -149,8 +160,16 @@ def test_reference_matches_mamba_ssm_fixtures(reference_dir):
 class TestSelectiveScan:
     """The contract every fast implementation meets, through the public op."""
 
-    def test_fixtures_float64(self, impl, reference_dir):
-        with jax.enable_x64(True):
+    def test_fixtures_float64(self, impl, reference_dir, request, monkeypatch):
+        """Compiled Mosaic GPU has no float64: there the default backend is Triton's, warned
+        once (`kernels.selective_scan.resolve_backend`)."""
+        expect = contextlib.nullcontext()
+        if request.node.callspec.params["impl"] == "pallas-mosaic-gpu":
+            if reason := backends.unavailable_reason("triton"):
+                pytest.skip(f"float64 on compiled Mosaic GPU needs the Triton kernels: {reason}")
+            monkeypatch.setattr(ks, "_warned_float64", False)
+            expect = pytest.warns(UserWarning, match="float64.*running the Triton kernels")
+        with jax.enable_x64(True), expect:
             for case in load_cases(reference_dir):
                 y, h, grads = run_with_grads(impl, case["inputs"], case["softplus"],
                                              case["grad_y"], jnp.float64)

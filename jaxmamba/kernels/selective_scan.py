@@ -14,15 +14,20 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from jaxmamba.kernels import backends
+from jaxmamba.kernels import mosaic_selective_scan as mosaic
 from jaxmamba.kernels import scan_common as sc
+from jaxmamba.kernels.chunk_carries import chunk_carries
+from jaxmamba.kernels.chunk_carries import chunk_decay as _chunk_decay
+from jaxmamba.kernels.mosaic_common import as_mosaic, default_mosaic_tiling
 from jaxmamba.kernels.scan_backward import chunk_adjoints, chunk_gradients
 from jaxmamba.kernels.scan_forward import chunk_outputs, chunk_states
 from jaxmamba.kernels.tiling import ScanTiling, default_tiling, padded_state
-from jaxmamba.scan_math import affine_combine, compute_dtype
+from jaxmamba.scan_math import compute_dtype
 
 _warned_interpret = False
+_warned_float64 = False
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
@@ -39,25 +44,6 @@ def resolve_interpret(interpret: bool | None) -> bool:
             "runs the Pallas kernels in interpret mode (slow, meant for tests); use "
             "implementation='xla' (or None) for speed on this machine.", stacklevel=3)
     return True
-
-
-def chunk_carries(decay, local, init, *, reverse: bool):
-    """Scan over chunks of `x ← decay_c ⊙ x + local_c` from `init`, in chunk order (or reversed).
-
-    decay, local: (B, nC, D, N); init: (B, D, N). Returns (the carry entering each chunk
-    (B, nC, D, N), the carry after the last chunk (B, D, N)).
-    """
-    first = -1 if reverse else 0
-    local = local.at[:, first].add(decay[:, first] * init)
-    _, incl = lax.associative_scan(affine_combine, (decay, local), axis=1, reverse=reverse)
-    if reverse:
-        return jnp.concatenate([incl[:, 1:], init[:, None]], axis=1), incl[:, 0]
-    return jnp.concatenate([init[:, None], incl[:, :-1]], axis=1), incl[:, -1]
-
-
-def _chunk_decay(A, sdt):
-    """Product of a chunk's decays, `exp(A Σδ)`: (B, nC, D, N)."""
-    return jnp.exp(A.astype(sdt.dtype)[None, None] * sdt[..., None])
 
 
 def _forward(st, u, dt, z, A, B, C, D, bias, h0, *, save_states=False):
@@ -109,6 +95,40 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 _jitted_scan = jax.jit(_scan, static_argnums=0)
 
 
+def default_backend(interpret: bool) -> str:
+    """The backend `backend=None` gets: in interpret mode `triton` (Pallas' generic interpreter,
+    any JAX); compiled, the one `backends.compiled_backend` picks for this GPU and JAX (`triton`
+    when none compiles: its compile says why)."""
+    if interpret:
+        return "triton"
+    return backends.compiled_backend() or "triton"
+
+
+def resolve_backend(backend: str | None, interpret: bool, arrays: dict) -> str:
+    """`backend`, or `default_backend` for None; float64 `arrays` (name -> array or None) do not
+    compile on Mosaic GPU (its layout inference finds no register layout for float64 tiles):
+    asked for by name, an error naming the first float64 argument; by default, the Triton
+    kernels with a one-time warning (the same error where Triton does not compile here).
+    Interpret mode runs float64 on either backend."""
+    global _warned_float64
+    chosen = backend or default_backend(interpret)
+    if chosen not in backends.BACKENDS:
+        raise ValueError(f"selective_scan_pallas: unknown backend={chosen!r}; expected one of "
+                         f"{backends.BACKENDS} or None")
+    wide = [k for k, x in arrays.items() if x is not None and x.dtype == jnp.float64]
+    if chosen != "mosaic" or interpret or not wide:
+        return chosen
+    problem = (f"selective_scan: {wide[0]} has dtype float64, which the compiled Mosaic GPU "
+               "kernels do not support (float32, bfloat16 or float16)")
+    if backend is None and backends.unavailable_reason("triton") is None:
+        if not _warned_float64:
+            _warned_float64 = True
+            warnings.warn(f"{problem}; running the Triton kernels instead.", stacklevel=3)
+        return "triton"
+    raise ValueError(f"{problem}; cast the inputs to float32, or use backend='triton' or "
+                     "implementation='xla' for float64.")
+
+
 def _pad(x, axis: int, size: int):
     if x.shape[axis] == size:
         return x
@@ -121,6 +141,7 @@ def selective_scan_pallas(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
     *, reverse=False, initial_state=None, tiling: ScanTiling | None = None,
     interpret: bool | None = None, poison_outputs: bool = False, fused_replay: bool = False,
+    backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Same contract as `jaxmamba.ops.scan_reference.selective_scan_reference`.
 
@@ -136,10 +157,19 @@ def selective_scan_pallas(
     kernel saves the backward's states, so the backward replays nothing before its gradient
     kernel; those states, `(B, L/(S·stride), D, N)`, are then kept from the forward to the
     backward instead of living only inside the backward.
+    `backend`: "triton" or "mosaic" (Mosaic GPU, `mosaic_selective_scan.py`); None picks
+    `default_backend`, and float64 inputs compiled take Triton (`resolve_backend`). The Mosaic
+    kernels' tiling is a `MosaicTiling` (64-channel tiles).
     """
     dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, length, dim = u.shape
     n = A.shape[1]
+    interpret = resolve_interpret(interpret)
+    backend = resolve_backend(backend, interpret, dict(
+        u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+        initial_state=initial_state))
+    if backend == "mosaic":
+        tiling = as_mosaic(tiling or default_mosaic_tiling(batch, length, dim, n))
     tiling = tiling or default_tiling(batch, length, dim, n)
     lp = -(-length // tiling.chunk) * tiling.chunk
     tile_d = max(tiling.block_d, tiling.bwd_block_d)
@@ -147,7 +177,7 @@ def selective_scan_pallas(
     np_ = padded_state(n)
     st = sc.ScanStatics(tiling=tiling, length=length, padded_length=lp,
                         delta_softplus=bool(delta_softplus), reverse=bool(reverse),
-                        has_z=z is not None, interpret=resolve_interpret(interpret),
+                        has_z=z is not None, interpret=interpret,
                         poison_outputs=poison_outputs, fused_replay=bool(fused_replay))
 
     u_p, dt_p = _pad(_pad(u, 1, lp), 2, dp), _pad(_pad(delta, 1, lp), 2, dp)
@@ -159,5 +189,6 @@ def selective_scan_pallas(
     h0 = (jnp.zeros((batch, dim, n), dtype) if initial_state is None
           else initial_state.astype(dtype))
     h0_p = _pad(_pad(h0, 1, dp), 2, np_)
-    y, h_last = _jitted_scan(st, u_p, dt_p, z_p, a_p, b_p, c_p, d_p, bias_p, h0_p)
+    scan = mosaic.scan if backend == "mosaic" else _jitted_scan
+    y, h_last = scan(st, u_p, dt_p, z_p, a_p, b_p, c_p, d_p, bias_p, h0_p)
     return y[:, :length, :dim], h_last[:, :dim, :n]

@@ -31,15 +31,16 @@ _warned_fallback = False
 
 
 def _pallas_unavailable() -> str | None:
-    """Why the compiled Pallas kernels cannot run on this GPU (None when they can)."""
-    from jaxmamba.kernels.triton_backend import unavailable_reason
+    """Why no compiled Pallas backend (Triton, Mosaic GPU) can run on this GPU (None when one
+    can; which one runs is `jaxmamba.kernels.backends.compiled_backend`)."""
+    from jaxmamba.kernels.backends import pallas_unavailable
 
-    return unavailable_reason()
+    return pallas_unavailable()
 
 
 def _load(name: str) -> Callable:
     """The implementation called `name`; "pallas" is imported on first use only (and its Triton
-    backend only when it compiles, on a GPU)."""
+    or Mosaic GPU backend only when it compiles, on a GPU)."""
     if name in _BUILTIN:
         return _BUILTIN[name]
     try:
@@ -52,14 +53,15 @@ def _load(name: str) -> Callable:
     if jax.default_backend() == "gpu" and (reason := _pallas_unavailable()):
         raise ValueError(
             f"selective_scan: implementation={name!r} cannot compile on this GPU: {reason}; "
-            "use implementation='xla' (or None), or a JAX whose Pallas ships the Triton lowering."
+            "use implementation='xla' (or None), a JAX whose Pallas ships the Triton lowering, "
+            "or a Hopper (sm_90) or newer GPU for Pallas' Mosaic GPU."
         )
     return selective_scan_pallas
 
 
 def default_implementation() -> str:
-    """`pallas` on a GPU when its kernels can compile, else `xla`; a GPU that falls back to `xla`
-    warns once."""
+    """`pallas` on a GPU when its kernels can compile (on Triton or on Mosaic GPU, silently
+    either), else `xla`; a GPU that falls back to `xla` warns once."""
     global _warned_fallback
     if jax.default_backend() != "gpu":
         return "xla"
