@@ -14,8 +14,11 @@ measurement's (cross-entropy on the full-resolution output, plain SGD;
 data-parallel weak scaling: the same per-device batch on a `data` mesh of each size (global batch
 = batch x devices), efficiency = time on 1 device / time on n; on several devices it also times a
 gradient-sized all-reduce alone. Imports neither grain nor nibabel,
-so it runs on the GPU image. The `pallas` scan runs on the kernels a GPU gets by default (the
-row's `pallas_backend`); `JAXMAMBA_PALLAS_BACKEND=triton` or `mosaic` picks them.
+so it runs on the GPU image. `--mamba-precision bf16` runs the Mamba blocks as the reference's
+MultiSegMamba does (model.mamba_precision). Each row records the size of the lowered step
+(`jaxmamba.kernels.lowered.module_size`) beside its compile time. The `pallas` scan runs on the
+kernels a GPU gets by default (the row's `pallas_backend`); `JAXMAMBA_PALLAS_BACKEND=triton` or
+`mosaic` picks them.
 
     python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
         --optimizer radam_cosine --devices 1 2 4 --json $OUT/scaling.json
@@ -47,9 +50,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from jaxmamba.choices import DEFAULT_REMAT, RECIPES, REMAT  # noqa: E402
+from jaxmamba.choices import DEFAULT_REMAT, MAMBA_PRECISIONS, RECIPES, REMAT  # noqa: E402
 from jaxmamba.config import OptimConfig  # noqa: E402
 from jaxmamba.kernels.backends import compiled_backend  # noqa: E402
+from jaxmamba.kernels.lowered import module_size  # noqa: E402
 from jaxmamba.layers import MambaOptions  # noqa: E402
 from jaxmamba.models import (  # noqa: E402
     VARIANTS,
@@ -133,11 +137,13 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     plan = plan.replace(patch_size=tuple(args.patch or plan.patch_size),
                         batch_size=args.batch or plan.batch_size)
     batch = plan.batch_size * n_devices  # weak scaling: the per-device batch stays
-    kw = dict(precision=args.precision, mamba=MambaOptions(args.scan, args.remat))
+    kw = dict(precision=args.precision,
+              mamba=MambaOptions(args.scan, args.remat, args.mamba_precision))
     device = jax.devices()[0]
     mesh = make_mesh(n_devices)
     row = {"variant": args.variant, "dataset": plan.dataset_name, "patch": list(plan.patch_size),
            "batch": batch, "devices": n_devices, "precision": args.precision,
+           "mamba_precision": args.mamba_precision,
            "scan": args.scan or "default", "remat": args.remat, "loss": args.loss,
            "optimizer": args.optimizer, "pallas_backend": (  # pallas' kernels, where it runs
                compiled_backend() if jax.default_backend() == "gpu" else None),
@@ -162,11 +168,16 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
     labels = jax.random.randint(key_y, (batch, *plan.patch_size), 0, plan.num_classes)
     image, labels = jax.device_put((image, labels), batch_sharding(mesh))
     t0 = time.perf_counter()
-    compiled = step.lower(state, image, labels).compile()
-    row["step_compile_s"] = time.perf_counter() - t0
+    lowered = step.lower(state, image, labels)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+    row["step_compile_s"] = time.perf_counter() - t0  # lowering included
+    row["step_lower_s"] = lower_s
+    row["step_module"] = module_size(lowered.as_text()).as_dict()  # what XLA was handed
     step_est = estimate(compiled)
     row["preflight_step_GiB"] = step_est.total / GIB if step_est else None
-    print(f"train step compiled in {row['step_compile_s']:.1f} s; its estimate "
+    print(f"train step ({row['step_module']['operations']} operations) lowered and compiled in "
+          f"{row['step_compile_s']:.1f} s; its estimate "
           f"{_gib(row['preflight_step_GiB'])}", flush=True)
 
     times, losses = [], []
@@ -213,6 +224,9 @@ def main() -> None:
     parser.add_argument("--patch", type=int, nargs=3, help="patch size (default: the plan's)")
     parser.add_argument("--batch", type=int, help="batch size (default: the plan's)")
     parser.add_argument("--precision", choices=["float32", "bf16"], default="float32")
+    parser.add_argument("--mamba-precision", choices=MAMBA_PRECISIONS, default="float32",
+                        help="the Mamba blocks' computation (model.mamba_precision): bf16 "
+                             "projections, conv and scan inputs with float32 state, or float32")
     parser.add_argument("--scan", choices=["xla", "pallas", "reference"],
                         help="selective-scan implementation (default: fastest available)")
     parser.add_argument("--remat", choices=REMAT, default=DEFAULT_REMAT,
@@ -241,12 +255,13 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print("| variant | patch | batch | devices | precision | scan | remat | loss + optimizer | "
+    print("| variant | patch | batch | devices | precision (Mamba) | scan | remat | "
+          "loss + optimizer | "
           "preflight fwd+bwd | preflight step | peak | step (median) | all-reduce | efficiency | "
           "device | jax |")
     for row in rows:
         print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['devices']} | "
-              f"{row['precision']} | {row['scan']} | {row['remat']} | "
+              f"{row['precision']} ({row['mamba_precision']}) | {row['scan']} | {row['remat']} | "
               f"{row['loss']} + {row['optimizer']} | "
               f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
               f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | "

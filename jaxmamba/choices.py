@@ -4,9 +4,8 @@
 Each choice is a `Literal` type and the tuple of its values. `jaxmamba.config` types its fields
 with the `Literal`s (so its errors and `--print-config` list the values), the command line offers
 the tuples, and the library checks what it is given against the same tuples (`check`); no second
-list exists to drift. A new option of the Mamba path (e.g. a Mamba-path precision) is one
-`Literal` here, one field of `ModelConfig` and the field of the same name in
-`jaxmamba.layers.options.MambaOptions`.
+list exists to drift. A new option of the Mamba path is one `Literal` here, one field of
+`ModelConfig` and the field of the same name in `jaxmamba.layers.options.MambaOptions`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,10 @@ Variant = Literal["plainconvunet", "resencunet", "segmamba", "bisegmamba", "segm
                   "multisegmamba"]
 #: Computation dtype of convolutions and norms (`jaxmamba.models.precision`).
 Precision = Literal["float32", "bf16"]
+#: Computation dtype of the Mamba block (`jaxmamba.layers.mamba.Mamba`): "float32" throughout (the
+#: reference's SegMamba, BiSegMamba, SegMambaSkip), or "bf16" projections, causal conv and scan
+#: inputs with float32 state and sums (the reference's MultiSegMamba under fp16 autocast).
+MambaPrecision = Literal["float32", "bf16"]
 #: Implementations of the selective scan (`jaxmamba.ops.selective_scan`).
 ScanImplementation = Literal["reference", "xla", "pallas"]
 #: What a Mamba layer keeps for the backward (`jaxmamba.layers.remat`).
@@ -31,6 +34,7 @@ Accumulate = Literal["auto", "device", "host"]
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+MAMBA_PRECISIONS: tuple[str, ...] = get_args(MambaPrecision)
 SCAN_IMPLEMENTATIONS: tuple[str, ...] = get_args(ScanImplementation)
 REMAT: tuple[str, ...] = get_args(Remat)
 RECIPES: tuple[str, ...] = get_args(Recipe)

@@ -25,6 +25,7 @@ from jaxmamba.atomic import write_text
 from jaxmamba.choices import (
     DEFAULT_REMAT,
     BundledDataset,
+    MambaPrecision,
     Precision,
     Recipe,
     Remat,
@@ -69,11 +70,15 @@ class ModelConfig:
     (the choices of each are `jaxmamba.choices`')."""
 
     variant: Variant = "segmamba"
-    precision: Precision = "float32"  # convolutions; Mamba always float32
+    precision: Precision = "float32"  # convolutions and norms (Mamba: mamba_precision)
     scan_implementation: ScanImplementation | None = None  # None = fastest
     # what the Mamba layers keep for the backward (jaxmamba.layers.remat): "none" everything,
     # "scan" the scan's output and chunk states, "states" only the chunk states (least memory)
     remat: Remat = DEFAULT_REMAT
+    # the Mamba block's computation: "float32" throughout (the reference's SegMamba, BiSegMamba,
+    # SegMambaSkip), "bf16" projections, causal conv and scan inputs with float32 state and sums
+    # (as the reference's MultiSegMamba runs under fp16 autocast)
+    mamba_precision: MambaPrecision = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

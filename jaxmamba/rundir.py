@@ -20,9 +20,10 @@ RUN_DIR/
   final_validation/<set>/, final_validation/results.json   `jaxmamba.train.validate`'s results
 ```
 `<epoch>` counts completed epochs. `meta` holds the epoch, the variant, the plan
-(`Plan.to_record`), and the network's other build argument, the precision: as `precision` (a
-converted run) or in the run's `config` (a trained run, whose meta also holds the step, the
-process count and the logger's history).
+(`Plan.to_record`), and the network's other build arguments, the precisions: as `precision` and
+`mamba_precision` (a converted run) or in the run's `config` (a trained run: `model.precision`,
+`model.mamba_precision`; its meta also holds the step, the process count and the logger's
+history); a run without `mamba_precision` computes its Mamba path in float32.
 
 This module owns the names, finding a checkpoint (`find_checkpoint`, `steps`), a run's weights
 with its plan and build arguments (`save_run`, `load_run`), the plan checks (`check_run_plan`,
@@ -242,7 +243,7 @@ class LoadedRun:
 
 
 def save_run(out_dir: str | Path, model: UNet, plan: Plan, *, source: str) -> Path:
-    """Write `model`'s parameters, variant, precision and plan as a new run directory (a `best`
+    """Write `model`'s parameters, variant, precisions and plan as a new run directory (a `best`
     checkpoint of epoch 0, `source` recorded in its meta); returns its path."""
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -256,7 +257,7 @@ def save_run(out_dir: str | Path, model: UNet, plan: Plan, *, source: str) -> Pa
     plan = plan.with_network(VARIANTS[canonical_variant(model.variant)].reference_name)
     plan.save(out / PLANS_FILE, out / DATASET_FILE)
     meta = {"epoch": 0, "variant": model.variant, "precision": model.precision,
-            "plan": plan.to_record(), "source": source}
+            "mamba_precision": model.mamba_precision, "plan": plan.to_record(), "source": source}
     with ocp.CheckpointManager(checkpoint_dir(out, BEST), item_names=ITEMS[BEST],
                                options=ocp.CheckpointManagerOptions(create=True)) as manager:
         manager.save(0, args=ocp.args.Composite(
@@ -304,6 +305,7 @@ def _restore(folder: Path) -> tuple[UNet, Plan]:
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from jaxmamba.layers import MambaOptions
     from jaxmamba.models import build_model
 
     step = int(folder.name)
@@ -312,9 +314,13 @@ def _restore(folder: Path) -> tuple[UNet, Plan]:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         plan = Plan.from_record(meta["plan"], source=str(folder / "meta"))
         check_run_plan(folder.parents[2], plan)
-        precision = meta.get("precision") or meta.get("config", {}).get("model", {}).get(
-            "precision", "float32")
-        model = nnx.eval_shape(lambda: build_model(meta["variant"], plan, precision=precision))
+        model_cfg = meta.get("config", {}).get("model", {})
+        precision = meta.get("precision") or model_cfg.get("precision", "float32")
+        # the Mamba blocks compute as they trained (runs written before the option: float32)
+        mamba = MambaOptions(mamba_precision=meta.get("mamba_precision") or model_cfg.get(
+            "mamba_precision", "float32"))
+        model = nnx.eval_shape(lambda: build_model(meta["variant"], plan, precision=precision,
+                                                   mamba=mamba))
         device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                               nnx.state(model, nnx.Param))

@@ -49,6 +49,8 @@ def test_resolved_config_round_trips(tmp_path):
                               "'resencunet'"),
     (["optim.recipe=adam"], "optim.recipe = 'adam': expected one of"),
     (["model.remat=all"], "model.remat = 'all': expected one of 'none', 'scan', 'states'"),
+    (["model.mamba_precision=fp16"], "model.mamba_precision = 'fp16': expected one of "
+                                     "'float32', 'bf16'"),
     (["optim.onecycle_beta1=[0.9]"], "optim.onecycle_beta1 = \\[0.9\\]: expected 2 entries"),
     (["train=3"], "train must be a mapping"),
     (["train.epochs=0"], "train.epochs = 0: must be > 0"),

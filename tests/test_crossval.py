@@ -78,8 +78,8 @@ def test_data_fold_is_a_number_or_all():
 def test_training_record_keeps_the_sessions_whose_epochs_stay(tmp_path):
     """A resume adds a session; one that started where a later one starts again (it saved no
     epoch that is kept), or any before a fresh start, is dropped."""
-    cfg = types.SimpleNamespace(model=types.SimpleNamespace(variant="segmamba",
-                                                            precision="bf16"))
+    cfg = types.SimpleNamespace(model=types.SimpleNamespace(variant="segmamba", precision="bf16",
+                                                            mamba_precision="bf16"))
     plan = types.SimpleNamespace(patch_size=(8, 16, 16), batch_size=2)
     params = {"a": np.zeros((3, 4)), "b": [np.zeros(5)]}
 
@@ -92,6 +92,7 @@ def test_training_record_keeps_the_sessions_whose_epochs_stay(tmp_path):
     record = add(3)
     assert [s["start_epoch"] for s in record["sessions"]] == [0, 3]
     assert record["parameters"] == 17 and record["sessions"][1]["train_step_bytes"] is None
+    assert (record["precision"], record["mamba_precision"]) == ("bf16", "bf16")
     assert json.loads((tmp_path / "training.json").read_text()) == record
     assert [s["start_epoch"] for s in add(0)["sessions"]] == [0]
 

@@ -31,18 +31,18 @@ def functional(module):
     return (lambda p, x: nnx.merge(graphdef, p, rest)(x)), params
 
 
-def layer_saved(kind, remat, scan="pallas"):
+def layer_saved(kind, remat, scan="pallas", mamba_precision="float32"):
     make, _ = KINDS[kind]
-    layer = nnx.eval_shape(lambda: make(d_state=N, options=MambaOptions(scan, remat),
-                                        rngs=nnx.Rngs(0)))
+    options = MambaOptions(scan, remat, mamba_precision)
+    layer = nnx.eval_shape(lambda: make(d_state=N, options=options, rngs=nnx.Rngs(0)))
     f, params = functional(layer)
     return saved_bytes(f, params, jax.ShapeDtypeStruct((*SHAPE, C), jnp.bfloat16))
 
 
-def expected_saved(kind, remat):
+def expected_saved(kind, remat, mamba_precision="float32"):
     """Per scan direction, float32: the Pallas forward's chunk states (B, L/T, D_p, N_p) and Σδ
-    per chunk (B, L/T, D_p); with "scan" also the scan output (B, L, E). Nothing else: the
-    layer input is an argument, everything token-sized is recomputed."""
+    per chunk (B, L/T, D_p); with "scan" also the scan output (B, L, E), bf16 with a bf16 Mamba
+    path. Nothing else: the layer input is an argument, everything token-sized is recomputed."""
     b, length, e = SHAPE[0], int(np.prod(SHAPE[1:])), 2 * C
     tiling = default_tiling(b, length, e, N)
     chunks = -(-length // tiling.chunk)
@@ -50,14 +50,16 @@ def expected_saved(kind, remat):
     d_p = -(-e // tile_d) * tile_d
     per_direction = b * chunks * d_p * (padded_state(N) + 1) * 4
     if remat == "scan":
-        per_direction += b * length * e * 4
+        per_direction += b * length * e * (2 if mamba_precision == "bf16" else 4)
     return KINDS[kind][1] * per_direction
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("remat", ["scan", "states"])
-def test_saved_bytes_are_the_formula(kind, remat):
-    assert layer_saved(kind, remat) == expected_saved(kind, remat)
+@pytest.mark.parametrize("mamba_precision", ["float32", "bf16"])
+def test_saved_bytes_are_the_formula(kind, remat, mamba_precision):
+    assert layer_saved(kind, remat, mamba_precision=mamba_precision) == expected_saved(
+        kind, remat, mamba_precision)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -105,11 +107,15 @@ def test_outputs_and_gradients_do_not_depend_on_remat(monkeypatch):
 def test_unknown_remat_lists_the_choices():
     with pytest.raises(ValueError, match="remat='all': expected one of 'none', 'scan', 'states'"):
         MambaOptions(remat="all")
+    with pytest.raises(ValueError, match="mamba_precision='fp16': expected one of 'float32', "
+                                         "'bf16'"):
+        MambaOptions(mamba_precision="fp16")
 
 
 def test_options_are_the_config_model_fields():
     from jaxmamba.config import ModelConfig
 
     assert MambaOptions.of(ModelConfig()) == MambaOptions()
-    assert MambaOptions.of(ModelConfig(scan_implementation="xla", remat="scan")) == MambaOptions(
-        scan_implementation="xla", remat="scan")
+    assert MambaOptions.of(ModelConfig(scan_implementation="xla", remat="scan",
+                                       mamba_precision="bf16")) == MambaOptions(
+        scan_implementation="xla", remat="scan", mamba_precision="bf16")

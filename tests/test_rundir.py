@@ -203,3 +203,17 @@ def test_save_run_writes_the_layout_and_refuses_a_used_directory(tmp_path):
     with pytest.raises(RunDirError, match="already holds checkpoints; choose a new output") as err:
         rundir.save_run(out, loaded.model, plan, source="test")
     assert err.value.path == out
+
+
+def test_a_run_keeps_its_mamba_precision(tmp_path):
+    """A network with a bf16 Mamba path loads with one (prediction computes as training did)."""
+    from flax import nnx
+
+    from jaxmamba.layers import MambaOptions
+    from jaxmamba.models import build_model
+    plan = _plan()
+    model = nnx.jit(lambda: build_model("segmamba", plan, rngs=0, mamba=MambaOptions(
+        mamba_precision="bf16")))()
+    loaded = rundir.load_run(rundir.save_run(tmp_path / "run", model, plan, source="test"))
+    assert loaded.model.mamba_precision == "bf16"
+    assert loaded.model.encoder.mamba_layers[0].mamba.mamba.options.mamba_precision == "bf16"

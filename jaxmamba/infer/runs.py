@@ -34,8 +34,8 @@ from jaxmamba.train.data import cache_dir
 
 #: Config keys whose values should agree between the folds of one cross-validation (they are
 #: noted, not refused, when they differ).
-COMPARED_SETTINGS = ("model.precision", "model.remat", "optim", "train.epochs",
-                     "train.iters_per_epoch", "seed")
+COMPARED_SETTINGS = ("model.precision", "model.mamba_precision", "model.remat", "optim",
+                     "train.epochs", "train.iters_per_epoch", "seed")
 
 
 @dataclasses.dataclass(frozen=True)

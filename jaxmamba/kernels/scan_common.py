@@ -74,8 +74,11 @@ def call(kernel, statics: ScanStatics, batch: int, dim: int, block_d: int, *, in
     if not statics.interpret:
         params["compiler_params"] = triton_backend.compiler_params(warps)
     if not statics.poison_outputs:
-        return pl.pallas_call(kernel, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, **params)
+        # jitted, so that a kernel whose outputs nothing uses leaves the program: JAX 0.10's DCE
+        # rule keeps a bare `pallas_call` even when dead (the recomputed output kernel of a
+        # remat="scan" backward, tests/test_lowered_step.py), a dead `jit` goes whole
+        return jax.jit(pl.pallas_call(kernel, in_specs=in_specs, out_specs=out_specs,
+                                      out_shape=out_shape, **params))
     outs = list(out_shape) if isinstance(out_shape, list | tuple) else [out_shape]
     out_specs_l = list(out_specs) if isinstance(out_specs, list | tuple) else [out_specs]
     n_in, n_out = len(in_specs), len(outs)

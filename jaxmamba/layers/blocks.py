@@ -69,8 +69,9 @@ def _tokens(x: jax.Array) -> jax.Array:
 class MultiMambaTrans(nnx.Module):
     """MultiSegMamba's block: the mean over 4 axis orders of a `PanMambaTrans` scan each.
 
-    Input and output (B, S0, S1, S2, C); runs in float32. No outer LayerNorm (TamingMambas'
-    MultiSegMamba.py).
+    Input and output (B, S0, S1, S2, C); runs in float32, its Mamba blocks in
+    `options.mamba_precision` (the reference runs them under fp16 autocast: "bf16" is the
+    closest, `jaxmamba.layers.mamba.Mamba`). No outer LayerNorm (TamingMambas' MultiSegMamba.py).
     `options.remat` is what the backward keeps (`jaxmamba.layers.remat`); the transposed volumes are
     recomputed from the input, one per axis order, shared by its forward and reverse scans.
     Under a `spatial` mesh axis each permuted volume is resharded (an all-to-all) along its new
@@ -105,7 +106,8 @@ class MambaLayer(nnx.Module):
 
     The block is `MambaTrans` (SegMamba) or `PanMambaTrans` (`bidirectional=True`: BiSegMamba,
     SegMambaSkip). It computes in float32 whatever the input dtype, as the reference's
-    `autocast(enabled=False)`, and returns the input's dtype. `options.remat` is what the
+    `autocast(enabled=False)` (its Mamba blocks in `options.mamba_precision`, "float32" by
+    default as the reference), and returns the input's dtype. `options.remat` is what the
     backward keeps (`jaxmamba.layers.remat`).
     """
 

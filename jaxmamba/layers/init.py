@@ -19,11 +19,13 @@ def uniform(bound: float):
 
 
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
-                 weight_bound: float | None = None) -> nnx.Linear:
-    """`nn.Linear`: weight and bias `U(-1/√in, 1/√in)`. Kernel is `(in, out)`."""
+                 weight_bound: float | None = None, dtype=None) -> nnx.Linear:
+    """`nn.Linear`: weight and bias `U(-1/√in, 1/√in)`. Kernel is `(in, out)`, float32; `dtype`
+    (None: the input's) is the computation dtype, to which input, kernel and bias are cast."""
     bound = 1.0 / math.sqrt(in_features)
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, rngs=rngs, param_dtype=jnp.float32,
+        dtype=dtype,
         kernel_init=uniform(bound if weight_bound is None else weight_bound),
         bias_init=uniform(bound),
     )

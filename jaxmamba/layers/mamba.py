@@ -42,13 +42,27 @@ def dt_bias_init(key, dim: int, dt_min: float, dt_max: float, dt_init_floor: flo
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+#: `MambaOptions.mamba_precision` -> computation dtype of the block's projections, causal conv
+#: and scan inputs (None: the input's, float32 in the networks).
+COMPUTE_DTYPES = {"float32": None, "bf16": jnp.bfloat16}
+
+
 class Mamba(nnx.Module):
     """mamba_ssm `Mamba(d_model, d_state, d_conv, expand)` with its default initialisation.
 
     `__call__(x (B, L, C), reverse=False) -> (B, L, C)`; `options` (`MambaOptions`) chooses the
-    scan's implementation. With `reverse=True` the causal conv looks
+    scan's implementation and the computation dtype. With `reverse=True` the causal conv looks
     forward and the scan runs from the last token, so `m(x, reverse=True) == flip(m(flip(x)))`
     without copying flips (what a backward direction needs).
+
+    `options.mamba_precision="bf16"` is the reference's MultiSegMamba under fp16 autocast
+    (TamingMambas' `MultiSegMamba.py` has no `autocast(enabled=False)`; mamba_ssm's
+    `mamba_inner_fn` casts its weights to the autocast dtype): the in-, x-, dt- and
+    out-projections run on bf16 operands (float32 accumulation, bf16 results), the causal conv
+    takes and returns bf16 (float32 sums), and the scan gets bf16 `u, delta, B, C, z` with float32
+    `A, D, delta_bias`, keeping its state and sums in float32 and returning bf16; the output is
+    bf16. Parameters stay float32; the LayerNorms, heads and residual sums around the block
+    (`jaxmamba.layers.blocks`) stay float32.
     """
 
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -59,9 +73,11 @@ class Mamba(nnx.Module):
         self.d_inner, self.d_state = d_inner, d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.options = options
-        self.in_proj = torch_linear(d_model, 2 * d_inner, use_bias=bias, rngs=rngs)
+        dtype = COMPUTE_DTYPES[options.mamba_precision]
+        self.in_proj = torch_linear(d_model, 2 * d_inner, use_bias=bias, rngs=rngs, dtype=dtype)
         self.conv1d = DepthwiseConv1d(d_inner, d_conv, use_bias=conv_bias, rngs=rngs)
-        self.x_proj = torch_linear(d_inner, self.dt_rank + 2 * d_state, use_bias=False, rngs=rngs)
+        self.x_proj = torch_linear(d_inner, self.dt_rank + 2 * d_state, use_bias=False, rngs=rngs,
+                                   dtype=dtype)
         self.dt_proj = torch_linear(self.dt_rank, d_inner, use_bias=True, rngs=rngs,
                                     weight_bound=self.dt_rank**-0.5)
         self.dt_proj.bias = nnx.Param(
@@ -70,7 +86,7 @@ class Mamba(nnx.Module):
         # S4D-real: A = -(1..N) for every channel
         self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(a[None, :], (d_inner, d_state))))
         self.D = nnx.Param(jnp.ones((d_inner,), jnp.float32))
-        self.out_proj = torch_linear(d_inner, d_model, use_bias=bias, rngs=rngs)
+        self.out_proj = torch_linear(d_inner, d_model, use_bias=bias, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, *, reverse: bool = False) -> jax.Array:
         r, n = self.dt_rank, self.d_state
@@ -78,7 +94,8 @@ class Mamba(nnx.Module):
         xc = self.conv1d(xs, reverse=reverse)  # SiLU(causal conv), (B, L, E)
         x_dbl = self.x_proj(xc)  # (B, L, R + 2N)
         dt, b, c = x_dbl[..., :r], x_dbl[..., r:r + n], x_dbl[..., r + n:]
-        dt = dt @ self.dt_proj.kernel[...]  # (B, L, E); the bias enters the scan as delta_bias
+        # (B, L, E) in x_dbl's dtype; the bias enters the scan as delta_bias
+        dt = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (E, N)
         y = selective_scan(xc, dt, a, b, c, D=self.D[...], z=z,
                            delta_bias=self.dt_proj.bias[...], delta_softplus=True,

@@ -1,6 +1,6 @@
 # The Mamba path's options as one value, taken by the network builder and every Mamba layer.
 """`MambaOptions`: how the Mamba layers compute (the config's `model.scan_implementation`,
-`model.remat`).
+`model.remat`, `model.mamba_precision`).
 
 One frozen value travels from `jaxmamba.models.build_model` through `MambaLayer` /
 `MultiMambaTrans`, `PanMambaTrans` and `MambaTrans` to `Mamba`, instead of one keyword per option
@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from jaxmamba import choices
-from jaxmamba.choices import DEFAULT_REMAT, Remat, ScanImplementation
+from jaxmamba.choices import DEFAULT_REMAT, MambaPrecision, Remat, ScanImplementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +27,16 @@ class MambaOptions:
     scan_implementation: ScanImplementation | None = None
     #: what each Mamba layer keeps for the backward (`jaxmamba.layers.remat`)
     remat: Remat = DEFAULT_REMAT
+    #: computation dtype of the Mamba block: "float32" throughout, or "bf16" projections, causal
+    #: conv and scan inputs with float32 state and sums (`jaxmamba.layers.mamba.Mamba`)
+    mamba_precision: MambaPrecision = "float32"
 
     def __post_init__(self):
         if self.scan_implementation is not None:
             choices.check(self.scan_implementation, choices.SCAN_IMPLEMENTATIONS,
                           "scan_implementation")
         choices.check(self.remat, choices.REMAT, "remat")
+        choices.check(self.mamba_precision, choices.MAMBA_PRECISIONS, "mamba_precision")
 
     @classmethod
     def of(cls, section: Any) -> MambaOptions:

@@ -100,8 +100,9 @@ def build_model(variant: str, plan: Plan, *, precision: str = "float32",
     """The network `variant` for `plan`, initialised as the reference's `get_*_from_plans`.
 
     `precision` ("float32" or "bf16") is the computation dtype of convolutions and norms;
-    parameters and the Mamba path stay float32. `mamba` is how every Mamba layer computes (the
-    scan's implementation, what the backward keeps: `jaxmamba.layers.options.MambaOptions`).
+    parameters stay float32, the Mamba path too unless `mamba.mamba_precision` says "bf16". `mamba`
+    is how every Mamba layer computes (the scan's implementation, what the backward keeps, the
+    Mamba blocks' precision: `jaxmamba.layers.options.MambaOptions`).
     Use `nnx.eval_shape(lambda: build_model(...))` for shapes only.
     """
     name = canonical_variant(variant)
@@ -123,7 +124,8 @@ def build_model(variant: str, plan: Plan, *, precision: str = "float32",
     decoder = UNetDecoder(features, plan.kernel_sizes, plan.strides, plan.n_blocks_decoder,
                           plan.num_classes, residual=spec.residual_decoder,
                           deep_supervision=deep_supervision, dtype=dtype, rngs=rngs)
-    return UNet(encoder, decoder, variant=name, precision=precision)
+    return UNet(encoder, decoder, variant=name, precision=precision,
+                mamba_precision=mamba.mamba_precision)
 
 
 def count_parameters(model: nnx.Module) -> int:

@@ -1,8 +1,10 @@
 """The precision policy: one switch for the computation dtype of convolutions and norms.
 
-Parameters are always float32. The Mamba path always computes in float32, as the reference's
-`autocast(enabled=False)` (TamingMambas `MambaLayer`): `jaxmamba.layers` casts at its own
-boundary, so nothing here or in the networks casts anywhere else. Norm statistics are float32 too.
+Parameters are always float32. The Mamba path computes in float32, as the reference's
+`autocast(enabled=False)` (TamingMambas `MambaLayer`), whatever this switch says: `jaxmamba.layers`
+casts at its own boundary, so nothing here or in the networks casts anywhere else; its Mamba
+blocks have their own switch (`MambaOptions.mamba_precision`, `model.mamba_precision`). Norm
+statistics are float32 too.
 """
 
 from __future__ import annotations

@@ -139,12 +139,12 @@ class UNet(nnx.Module):
     resolution first (one entry unless `deep_supervision`)."""
 
     def __init__(self, encoder: ResidualEncoder | PlainConvEncoder, decoder: UNetDecoder, *,
-                 variant: str,
-                 precision: str):
+                 variant: str, precision: str, mamba_precision: str = "float32"):
         self.encoder = encoder
         self.decoder = decoder
         self.variant = variant
-        self.precision = precision
+        self.precision = precision  # convolutions and norms
+        self.mamba_precision = mamba_precision  # the Mamba blocks (MambaOptions)
 
     @property
     def deep_supervision(self) -> bool:

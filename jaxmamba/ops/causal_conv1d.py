@@ -19,6 +19,9 @@ def causal_conv1d(
     With `reverse=True` the convolution looks at the current and *following* tokens, so that
     `causal_conv1d(x, reverse=True) == flip(causal_conv1d(flip(x)))` without copying flips.
 
+    Products and sums are float32 for bf16/fp16 inputs (as mamba_ssm's `causal_conv1d` kernel
+    computes in float32 whatever its input dtype); the output has x's dtype.
+
     Under a mesh with a `spatial` axis the token axis is split over it, with a (W-1)-token halo
     exchanged between neighbouring devices (`jaxmamba.ops.spatial.conv_over_tokens`).
 
@@ -41,14 +44,15 @@ def causal_conv1d(
 
 def _local_conv(x, weight, bias, *, activation, reverse):
     width, length = weight.shape[0], x.shape[1]
-    w = weight.astype(x.dtype)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32 sums for bf16 / fp16 inputs
+    w = weight.astype(dtype)
     pad = ((0, 0), (0, width - 1) if reverse else (width - 1, 0), (0, 0))
     xp = jnp.pad(x, pad)
-    y = jnp.zeros_like(x)
+    y = jnp.zeros(x.shape, dtype)
     for k in range(width):
         # Forward: tap k reads token t - (W-1) + k. Reverse: it reads token t + (W-1) - k.
         start = width - 1 - k if reverse else k
-        y = y + xp[:, start:start + length] * w[k][None, None, :]
+        y = y + xp[:, start:start + length].astype(dtype) * w[k][None, None, :]
     if bias is not None:
-        y = y + bias.astype(x.dtype)[None, None, :]
-    return jax.nn.silu(y) if activation == "silu" else y
+        y = y + bias.astype(dtype)[None, None, :]
+    return (jax.nn.silu(y) if activation == "silu" else y).astype(x.dtype)

@@ -89,6 +89,7 @@ def add_session(run_dir: str | Path, cfg: Config, plan: Plan, params, *, start_e
     earlier = [s for s in record.get("sessions", []) if s.get("start_epoch", 0) < start_epoch]
     record.update(parameters=int(sum(x.size for x in jax.tree.leaves(params))),
                   variant=cfg.model.variant, precision=cfg.model.precision,
+                  mamba_precision=cfg.model.mamba_precision,
                   patch_size=list(plan.patch_size), batch_size=plan.batch_size)
     record["sessions"] = [*earlier, session]
     write_text(Path(run_dir) / TRAINING_FILE, json.dumps(record, indent=1) + "\n")
