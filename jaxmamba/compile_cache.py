@@ -13,6 +13,11 @@ own settings alone (no cache unless `JAX_COMPILATION_CACHE_DIR` asks for one). J
 variables for the thresholds below (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, ...) win over
 jaxmamba's values. The cache is not bounded (JAX's `jax_compilation_cache_max_size` needs the
 `filelock` package): delete the directory to empty it.
+
+One exception: a run of several processes on the CPU with JAX >= 0.12.1 compiles every program
+(`off_for_cpu_processes`). There, an executable that process 0 loads from the cache waits forever
+in its first cross-process all-reduce (gloo); process 1 loading the same file works, and JAX
+0.10.2 and 0.12.0.1 load both (measured 2026-12-07, tests/test_multiprocess.py).
 """
 
 from __future__ import annotations
@@ -59,3 +64,24 @@ def enable(setting: str | bool | None = "auto") -> Path | None:
         if option.upper() not in os.environ:
             jax.config.update(option, value)
     return path
+
+
+#: The first JAX with the CPU multi-process cache deadlock (module docstring)
+CPU_PROCESSES_DEADLOCK_FROM = (0, 12, 1)
+
+
+def off_for_cpu_processes() -> str | None:
+    """Turn JAX's persistent cache off for a multi-process CPU run on a JAX that deadlocks on
+    executables loaded from it (module docstring); call after `jax.distributed.initialize` and
+    before the first compilation. Returns the note to print, None when nothing changed."""
+    import jax
+
+    if (jax.process_count() == 1 or jax.default_backend() != "cpu"
+            or jax.__version_info__ < CPU_PROCESSES_DEADLOCK_FROM
+            or not jax.config.jax_enable_compilation_cache
+            or not jax.config.jax_compilation_cache_dir):
+        return None
+    jax.config.update("jax_enable_compilation_cache", False)
+    return (f"note: the compilation cache is off for this run: JAX {jax.__version__} deadlocks "
+            f"in gloo when several CPU processes load cached executables, so every program is "
+            f"compiled (jaxmamba/compile_cache.py)")

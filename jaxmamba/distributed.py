@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from jaxmamba import peers
+from jaxmamba import compile_cache, peers
 from jaxmamba.errors import UserError, brief
 
 JOIN_TIMEOUT_ENV = "JAXMAMBA_JOIN_TIMEOUT"
@@ -56,7 +56,9 @@ class BackendError(UserError, RuntimeError):
 
 def initialize() -> None:
     """Join the other processes when launched as several (see the module docstring), then
-    check that JAX can start its backend (`BackendError` in one line if not)."""
+    check that JAX can start its backend (`BackendError` in one line if not); several CPU
+    processes on a JAX that deadlocks on cached executables compile everything
+    (`compile_cache.off_for_cpu_processes`)."""
     if jax.distributed.is_initialized():
         return
     _join()
@@ -69,6 +71,9 @@ def initialize() -> None:
         raise BackendError(f"{what} on this machine ({brief(err)}); install the jaxlib plugin "
                            f"it needs (e.g. pip install 'jax[cuda12]') or set JAX_PLATFORMS to "
                            f"a backend this machine has (cpu)") from err
+    note = compile_cache.off_for_cpu_processes()
+    if note and is_main():
+        print(note, flush=True)
 
 
 def _join() -> None:
