@@ -44,9 +44,10 @@ def card() -> str:
     return getattr(dev, "device_kind", str(dev))
 
 
-def stamp(commit: str) -> dict:
-    """The fields every row of this run carries."""
-    return dict(card=card(), jax=jax.__version__, date=time.strftime("%Y-%m-%d"), commit=commit)
+def stamp(commit: str, card_name: str | None = None) -> dict:
+    """The fields every row of this run carries (`card_name` saves starting JAX's backend)."""
+    return dict(card=card_name or card(), jax=jax.__version__, date=time.strftime("%Y-%m-%d"),
+                commit=commit)
 
 
 def slug(text: str) -> str:
@@ -56,8 +57,8 @@ def slug(text: str) -> str:
 class RunFile:
     """`write(row)` appends `row`, stamped, to this run's file; `close()` gives it its name."""
 
-    def __init__(self, folder: Path, kind: str, commit: str):
-        self.stamp = stamp(commit)
+    def __init__(self, folder: Path, kind: str, commit: str, card_name: str | None = None):
+        self.stamp = stamp(commit, card_name)
         folder.mkdir(parents=True, exist_ok=True)
         base = f"{self.stamp['date']}_{slug(self.stamp['card'])}_{kind}"
 

@@ -1,7 +1,16 @@
 """Memory preflight and one measured train step of a network at an nnU-Net plan.
 
     python benchmarks/train_step.py --variant segmamba --plans PLANS.json --batch 2 \
-        --patch 48 192 192 --json $OUT/train_step.json
+        --patch 48 192 192
+
+Every row runs in a child process of its own, one after another (rows compiled at once slowed
+each compile 3x; each peak is the row's own), and is written, stamped with card, JAX version,
+date and commit, to this run's JSON-lines file in `--out` (default benchmarks/results/,
+`DATE_CARD_train-step.jsonl`: `result_rows.py`). `--variant`, `--remat` and `--mamba-precision`
+take several values: one row per combination, so a table and its baseline (`--remat states
+none`) are timed on the same card in the same call. A row whose child fails or outlives
+`--row-timeout` is written with its `error` (a compile that did not finish is a result too); the
+script then exits 1.
 
 Prints the compiled memory estimate of forward + backward
 (`jaxmamba.train.preflight.memory_preflight`) and of the whole step (what training checks before
@@ -21,12 +30,12 @@ kernels a GPU gets by default (the row's `pallas_backend`); `JAXMAMBA_PALLAS_BAC
 `mosaic` picks them.
 
     python benchmarks/train_step.py --variant segmamba --precision bf16 --loss dc_ce \
-        --optimizer radam_cosine --devices 1 2 4 --json $OUT/scaling.json
+        --optimizer radam_cosine --devices 1 2 4
 
-Compiling is most of a row's time (1-3 min on a GPU). `--gate DIR --gate-count N` lets N processes
-(one row each, started together) compile at once and then time one at a time: each waits until
-all N have compiled (or died), then times its step holding a lock in DIR, so no two steps share
-the device while timed. Start them with `XLA_PYTHON_CLIENT_PREALLOCATE=false`, so that each
+Compiling is most of a row's time (1-3 min on a GPU). `--gate DIR --gate-count N` lets N
+separately started runs compile at once and then time one at a time: each waits until all N
+have compiled (or died), then times its step holding a lock in DIR, so no two steps share the
+device while timed. Start them with `XLA_PYTHON_CLIENT_PREALLOCATE=false`, so that each
 process's peak is its own.
 """
 
@@ -35,10 +44,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +61,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import result_rows  # noqa: E402
 
 from jaxmamba.choices import DEFAULT_REMAT, MAMBA_PRECISIONS, RECIPES, REMAT  # noqa: E402
 from jaxmamba.config import OptimConfig  # noqa: E402
@@ -146,8 +163,7 @@ def measure(args: argparse.Namespace, n_devices: int = 1) -> dict:
            "mamba_precision": args.mamba_precision,
            "scan": args.scan or "default", "remat": args.remat, "loss": args.loss,
            "optimizer": args.optimizer, "pallas_backend": (  # pallas' kernels, where it runs
-               compiled_backend() if jax.default_backend() == "gpu" else None),
-           "device": device.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+               compiled_backend() if jax.default_backend() == "gpu" else None)}
 
     abstract = nnx.eval_shape(lambda: build_model(args.variant, plan, **kw))
     row["params"] = count_parameters(abstract)
@@ -216,21 +232,91 @@ def allreduce_ms(n_values: int, mesh, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def main() -> None:
+def measure_rows(args: argparse.Namespace) -> list[dict]:
+    """The rows of one child: its combination on each mesh size of `args.devices`."""
+    rows = []
+    for n in args.devices:
+        row = measure(args, n)
+        row["efficiency"] = rows[0]["step_ms"] / row["step_ms"] if rows else 1.0
+        rows.append(row)
+    return rows
+
+
+def run_child(argv: list[str], combo: dict, timeout_s: float) -> list[dict]:
+    """Run one combination in a child process, its output passed on as it comes; its rows, or
+    one row with its `error`."""
+    tail = [f"--{k.replace('_', '-')}={v}" for k, v in combo.items()]
+    timed_out = threading.Event()
+    rows, card = [], "unknown (the process ended before starting JAX's backend)"
+    with tempfile.TemporaryFile("w+") as err, \
+            subprocess.Popen([sys.executable, __file__, *argv, *tail, "--child"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=err, text=True) as child:
+        timer = threading.Timer(timeout_s, lambda: (timed_out.set(), child.kill()))
+        timer.start()
+        for line in child.stdout:
+            if line.startswith(ROW):
+                rows.append(json.loads(line[len(ROW):]))
+            elif line.startswith(CARD):
+                card = line[len(CARD):].strip()
+            else:
+                print(line, end="", flush=True)
+        child.wait()
+        timer.cancel()
+        err.seek(0)
+        errors = err.read()
+    if timed_out.is_set():
+        return [{**combo, "card": card, "error": f"not finished in {timeout_s:.0f} s"}]
+    if child.returncode != 0 or not rows:
+        print(errors[-3000:], file=sys.stderr)
+        last = (errors.strip().splitlines() or ["no output"])[-1]
+        return [{**combo, "card": card, "error": f"exit code {child.returncode}: {last}"}]
+    return [{**row, "card": card} for row in rows]
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| variant | patch | batch | devices | precision (Mamba) | scan | remat | "
+          "loss + optimizer | preflight fwd+bwd | preflight step | peak | step (median) | "
+          "compile | all-reduce | efficiency | card | jax |")
+    for row in rows:
+        head = (f"| {row['variant']} | {row.get('patch', '')} | {row.get('batch', '')} | "
+                f"{row.get('devices', '')} | ")
+        if "error" in row:
+            print(f"{head}({row['mamba_precision']}) | | {row['remat']} | | "
+                  f"{row['error']} | | | | | | | {row['card']} | {row['jax']} |")
+            continue
+        print(f"{head}{row['precision']} ({row['mamba_precision']}) | {row['scan']} | "
+              f"{row['remat']} | {row['loss']} + {row['optimizer']} | "
+              f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
+              f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | "
+              f"{row['step_compile_s']:.0f} s | {row.get('allreduce_ms', 0):.1f} ms | "
+              f"{row['efficiency']:.2f} | {row['card']} | {row['jax']} |")
+
+
+#: how a child hands its card and its rows to the parent: one stdout line each
+CARD, ROW = "CARD ", "ROW "
+#: the options with one row per value
+SWEPT = ("variant", "remat", "mamba_precision")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="segmamba")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), nargs="+", default=["segmamba"],
+                        help="one row per network")
     parser.add_argument("--plans", type=Path, default=DEFAULT_PLANS,
                         help="nnUNetPlans.json (dataset.json beside it); default Synapse")
     parser.add_argument("--patch", type=int, nargs=3, help="patch size (default: the plan's)")
     parser.add_argument("--batch", type=int, help="batch size (default: the plan's)")
     parser.add_argument("--precision", choices=["float32", "bf16"], default="float32")
-    parser.add_argument("--mamba-precision", choices=MAMBA_PRECISIONS, default="float32",
+    parser.add_argument("--mamba-precision", choices=MAMBA_PRECISIONS, nargs="+",
+                        default=["float32"],
                         help="the Mamba blocks' computation (model.mamba_precision): bf16 "
-                             "projections, conv and scan inputs with float32 state, or float32")
+                             "projections, conv and scan inputs with float32 state, or float32; "
+                             "one row per value")
     parser.add_argument("--scan", choices=["xla", "pallas", "reference"],
                         help="selective-scan implementation (default: fastest available)")
-    parser.add_argument("--remat", choices=REMAT, default=DEFAULT_REMAT,
-                        help="what the Mamba layers keep for the backward (model.remat)")
+    parser.add_argument("--remat", choices=REMAT, nargs="+", default=[DEFAULT_REMAT],
+                        help="what the Mamba layers keep for the backward (model.remat); one "
+                             "row per value")
     parser.add_argument("--loss", choices=sorted(LOSSES), default="ce")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     parser.add_argument("--devices", type=int, nargs="+", default=[1],
@@ -240,34 +326,38 @@ def main() -> None:
                              "(a second compile; the step's own estimate is always printed)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="append the result as one JSON line here")
+    parser.add_argument("--out", type=Path, default=result_rows.RESULTS, help="folder for this "
+                        "run's JSON-lines file (default: benchmarks/results/)")
+    parser.add_argument("--commit", help="what tree is measured, for the rows (default: its git "
+                        "branch@sha, +uncommitted when tracked files changed)")
+    parser.add_argument("--row-timeout", type=float, default=1800.0,
+                        help="seconds one row's process may take (an error row after that)")
     parser.add_argument("--gate", type=Path, help="compile alongside other processes, then time "
                         "one at a time (a folder they share; see the module docstring)")
     parser.add_argument("--gate-count", type=int, default=1,
                         help="how many processes share --gate")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    rows = []
-    for n in args.devices:
-        row = measure(args, n)
-        row["efficiency"] = rows[0]["step_ms"] / row["step_ms"] if rows else 1.0
-        rows.append(row)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    print("| variant | patch | batch | devices | precision (Mamba) | scan | remat | "
-          "loss + optimizer | "
-          "preflight fwd+bwd | preflight step | peak | step (median) | all-reduce | efficiency | "
-          "device | jax |")
-    for row in rows:
-        print(f"| {row['variant']} | {row['patch']} | {row['batch']} | {row['devices']} | "
-              f"{row['precision']} ({row['mamba_precision']}) | {row['scan']} | {row['remat']} | "
-              f"{row['loss']} + {row['optimizer']} | "
-              f"{_gib(row.get('preflight_fwd_bwd_GiB'))} | {_gib(row['preflight_step_GiB'])} | "
-              f"{_gib(row['peak_GiB'])} | {row['step_ms']:.0f} ms | "
-              f"{row.get('allreduce_ms', 0):.1f} ms | {row['efficiency']:.2f} | "
-              f"{row['device']} | {row['jax']} |")
+    if args.child:  # one combination (the last value of each swept option): rows on stdout
+        for name in SWEPT:
+            setattr(args, name, getattr(args, name)[-1])
+        print(CARD + result_rows.card(), flush=True)
+        for row in measure_rows(args):
+            print(ROW + json.dumps(row), flush=True)
+        return 0
+    # the file is named after the first child's card: this process leaves the GPU to the
+    # children (starting JAX's backend here would take its memory)
+    commit, out, rows = args.commit or result_rows.commit_of(ROOT), None, []
+    for values in itertools.product(*(getattr(args, name) for name in SWEPT)):
+        combo = dict(zip(SWEPT, values, strict=True))
+        print(f"== {', '.join(f'{k} {v}' for k, v in combo.items())}", flush=True)
+        for row in run_child(sys.argv[1:], combo, args.row_timeout):
+            out = out or result_rows.RunFile(args.out, "train-step", commit, row["card"])
+            rows.append(out.write(row))
+    print(f"rows: {out.close()}")
+    print_table(rows)
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
