@@ -17,6 +17,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -102,19 +103,24 @@ def run_command(name: str, argv: list[str], *, prog: str | None = None,
 def bounded_exit(status: int, grace_s: float = 60.0) -> None:
     """After an error, the interpreter's exit waits for every non-daemon thread: a library's
     background writer that never returns (orbax's save threads) would hang the process after
-    its `error:` line. From the exit on, give them `grace_s` seconds, then end with `status`."""
+    its `error:` line. From the exit on, give them `grace_s` seconds, then end with `status`.
+
+    The watching thread starts now, idle until the exit begins: Python 3.12 refuses to start a
+    thread from the exit's own hooks ("can't create new thread at interpreter shutdown")."""
     import threading
 
-    def watch() -> None:
-        if any(t.is_alive() and not t.daemon for t in threading.enumerate()
-               if t is not threading.main_thread()):
-            timer = threading.Timer(grace_s, _leave_now, (status, grace_s))
-            timer.daemon = True
-            timer.start()
+    if _watching:
+        return
+    _watching.append(status)
+    exiting = threading.Event()
 
-    if not _watching:
-        _watching.append(status)
-        threading._register_atexit(watch)  # noqa: SLF001 (runs before the threads are joined)
+    def watch() -> None:
+        exiting.wait()
+        time.sleep(grace_s)  # a clean exit ends this daemon thread first
+        _leave_now(status, grace_s)
+
+    threading.Thread(target=watch, name="jaxmamba-bounded-exit", daemon=True).start()
+    threading._register_atexit(exiting.set)  # noqa: SLF001 (runs before the threads are joined)
 
 
 _watching: list[int] = []
