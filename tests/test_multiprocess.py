@@ -25,8 +25,8 @@ from jaxmamba.train import loop, validate
 
 # one xdist worker for the module: its training fixture runs once, and no two gloo jobs compete
 pytestmark = [pytest.mark.slow, pytest.mark.newest_jax, pytest.mark.xdist_group("multiprocess")]
-#: seconds a launch may take before it counts as a hang (a 2 x 2 run took 82 s on CI's loaded
-#: 2-core AMD EPYC, compiling everything)
+#: seconds a launch may take before it counts as a hang (a 2 x 2 run took 82 s on a loaded
+#: 2-core AMD EPYC VM, compiling everything)
 LIMIT = 400
 
 
